@@ -1,0 +1,98 @@
+# Pretraining template. `make help` lists the targets and variables.
+# Every target creates .venv on first use; it is refreshed when pyproject.toml changes.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# the contract's variables (README, `make help`); empty means "the config's value"
+CONFIG ?= configs/experiment/default.yaml
+MODEL ?=
+TEXT ?=
+HF ?=
+TOKENIZER ?=
+DEVICES ?=
+NNODES ?=
+PRECISION ?=
+MAX_STEPS ?=
+RUN ?=
+RESUME ?=
+CKPT ?=
+PROMPT ?=
+ARGS ?=
+PYTEST_ARGS ?=
+
+# values reach the program through the environment and "$$VAR", so quotes and spaces in them survive
+export TEXT HF TOKENIZER RUN RESUME CKPT PROMPT
+CLI_ARGS = --config $(CONFIG) \
+	$(if $(MODEL),--model.config=configs/model/$(MODEL).yaml) \
+	$(if $(TEXT),--data.text="$$TEXT") \
+	$(if $(HF),--data.hf="$$HF") \
+	$(if $(TOKENIZER),--data.tokenizer="$$TOKENIZER") \
+	$(if $(DEVICES),--trainer.devices=$(DEVICES)) \
+	$(if $(NNODES),--trainer.num_nodes=$(NNODES)) \
+	$(if $(PRECISION),--trainer.precision=$(PRECISION)) \
+	$(if $(MAX_STEPS),--trainer.max_steps=$(MAX_STEPS)) \
+	$(if $(RUN),--run="$$RUN") \
+	$(if $(RESUME),--resume="$$RESUME")
+
+.DEFAULT_GOAL := help
+.PHONY: help install prepare train sample test lint format clean
+
+help:
+	@echo "Pretrain decoder-only Transformers. Targets:"
+	@echo "  make install     .venv with the project and its dev extras (every target does this first)"
+	@echo "  make prepare     text -> tokenizer -> packed token shards in data/ (cached)"
+	@echo "  make train       prepare if needed, then train; default: tiny model, embedded corpus, CPU, W&B offline"
+	@echo "  make sample      generated text: make sample CKPT=runs/<name>/checkpoints/last.ckpt PROMPT=\"...\""
+	@echo "  make test        the test suite (PYTEST_ARGS= passes options to pytest)"
+	@echo "  make lint        ruff"
+	@echo "Variables (empty: the config's value):"
+	@echo "  MODEL=           a preset in configs/model/: tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, llama-1b, llama-7b"
+	@echo "  TEXT=            local text: a .txt, .jsonl or .parquet file, a folder or a glob (default: the embedded corpus)"
+	@echo "  HF=              a Hugging Face Hub dataset, name[:config]"
+	@echo "  TOKENIZER=       a tokenizer.json (default: train a byte-level BPE on the data)"
+	@echo "  DEVICES=         processes per node (default 1)"
+	@echo "  NNODES=          nodes (default 1)"
+	@echo "  PRECISION=       32-true, bf16-mixed or 16-mixed (default: 32-true on CPU, bf16-mixed on GPU)"
+	@echo "  MAX_STEPS=       optimizer steps"
+	@echo "  RUN=             run folder (default runs/<experiment>-<time>)"
+	@echo "  RESUME=          auto (latest complete checkpoint in RUN) or a checkpoint path"
+	@echo "  CONFIG=          an experiment YAML (default configs/experiment/default.yaml)"
+	@echo "  ARGS=            further overrides, passed to the CLI as is, e.g. ARGS=\"--model.config.n_layer=6\""
+	@echo "  CKPT=, PROMPT=   checkpoint and prompt for make sample"
+	@echo "  TORCH=           the torch requirement installed first (default $(TORCH))"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,hf]"
+	touch $@
+
+install: $(STAMP)
+
+prepare: $(STAMP)
+	$(PY) -m llm prepare $(CLI_ARGS) $(ARGS)
+
+train: $(STAMP)
+	$(PY) -m llm fit $(CLI_ARGS) $(ARGS)
+
+sample: $(STAMP)
+	$(PY) -m llm sample --ckpt="$$CKPT" --prompt="$$PROMPT" $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check llm tests scripts
+	$(PY) -m ruff format --check llm tests scripts
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix llm tests scripts
+	$(PY) -m ruff format llm tests scripts
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache  # never data/ or runs/: they hold work

@@ -1,0 +1,204 @@
+"""Fixed-length blocks of prepared tokens, sampled deterministically from (step, rank).
+
+Training sample number i (counted over the whole run, all ranks) starts at a position drawn by a
+counter-based hash of (seed, i). Rank r's k-th micro-batch holds samples (k·W + r)·B ... + B - 1,
+so the batch a rank sees at a given step depends on nothing but the step: a resumed run sees exactly
+the data an uninterrupted run would have, whatever the number of loader workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from llm.data.prepare import PrepareConfig, load_meta, prepare, prepared_dir
+from llm.data.tokenizer import EOT
+
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """A well-mixed 64-bit hash of x (Steele et al., SplitMix64): sample i's offset, from i alone."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+class TokenBlocks(Dataset):
+    """Block number i: block_size + 1 tokens (inputs and their next-token targets) from a memmap.
+
+    `offsets`: "random" draws the start from (seed, i) for training; "spread" places `length`
+    blocks evenly over the file, the same every time, for validation."""
+
+    def __init__(
+        self,
+        path: Path,
+        dtype: str,
+        n_tokens: int,
+        block_size: int,
+        seed: int = 0,
+        offsets: Literal["random", "spread"] = "random",
+        length: int | None = None,
+    ):
+        if n_tokens < block_size + 1:
+            raise ValueError(f"{path} holds {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}")
+        self.path, self.dtype, self.n_tokens = path, dtype, n_tokens
+        self.block_size, self.seed, self.offsets, self.length = block_size, seed, offsets, length
+        self._data = None  # opened lazily, once per loader worker
+
+    def __len__(self) -> int:
+        return self.length if self.length is not None else 2**62  # training: indexed by sample number
+
+    def start(self, i: int) -> int:
+        span = self.n_tokens - self.block_size  # valid starts: 0 .. span-1
+        if self.offsets == "spread":
+            return (i * span) // max(self.length, 1)
+        return splitmix64((self.seed << 40) ^ i) % span
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._data is None:
+            self._data = np.memmap(self.path, dtype=self.dtype, mode="r")[: self.n_tokens]
+        s = self.start(i)
+        return torch.from_numpy(self._data[s : s + self.block_size + 1].astype(np.int64))
+
+
+class StepSampler(Sampler[int]):
+    """Sample numbers of one rank for micro-batches start_batch .. end_batch - 1.
+
+    Its length counts the whole run (end_batch micro-batches) even when it starts later: Lightning
+    restores how many batches a resumed epoch has done and expects the loader's length to count
+    them too, while the data itself must continue where the checkpoint left off."""
+
+    def __init__(self, batch_size: int, rank: int, world_size: int, start_batch: int, end_batch: int):
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.start_batch, self.end_batch = start_batch, end_batch
+
+    def __iter__(self):
+        for k in range(self.start_batch, self.end_batch):
+            first = (k * self.world_size + self.rank) * self.batch_size
+            yield from range(first, first + self.batch_size)
+
+    def __len__(self) -> int:
+        return self.end_batch * self.batch_size
+
+
+class StepDataLoader(DataLoader):
+    """A DataLoader that Lightning may treat as resumable: it is, because the train dataloader is
+    rebuilt from the restored global step (see StepSampler), so there is no other state to keep."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class TokenDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        text: str | None = None,
+        hf: str | None = None,
+        hf_split: str = "train",
+        hf_streaming: bool = False,
+        hf_max_documents: int | None = None,
+        text_field: str = "text",
+        tokenizer: str | None = None,
+        vocab_size: int = 8192,
+        eot_token: str = EOT,
+        val_fraction: float = 0.1,
+        split: Literal["auto", "document", "tail"] = "auto",
+        cache_dir: str = "data",
+        num_proc: int | None = None,
+        block_size: int = 256,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        val_batches: int = 20,
+        seed: int = 1234,
+    ):
+        """Args:
+        text: local text: a .txt, .jsonl or .parquet file, a folder or a glob (TEXT=); none: the embedded corpus
+        hf: a Hugging Face Hub dataset, name[:config] (HF=), or a local dataset folder
+        hf_split: the Hub split to read
+        hf_streaming: stream the Hub dataset instead of downloading it whole
+        hf_max_documents: read at most this many documents from the Hub dataset
+        text_field: the column that holds the text (.jsonl, .parquet and Hub datasets)
+        tokenizer: a tokenizer.json (TOKENIZER=); none: train a byte-level BPE on the train split
+        vocab_size: vocabulary of the trained BPE
+        eot_token: the token written after every document
+        val_fraction: share of the text held out for validation
+        split: "document" holds out whole documents, "tail" the end of each one; "auto" picks by document count
+        cache_dir: where prepared data is kept, one folder per distinct input
+        num_proc: processes for tokenization (default: all CPUs)
+        block_size: tokens per training sequence (linked to model.config.block_size)
+        batch_size: sequences per micro-batch per device
+        num_workers: DataLoader worker processes
+        val_batches: micro-batches per validation run per device, the same blocks every time
+        seed: seed of the training sample positions
+        """
+        super().__init__()
+        self.prepare_config = PrepareConfig(
+            text=text,
+            hf=hf,
+            hf_split=hf_split,
+            hf_streaming=hf_streaming,
+            hf_max_documents=hf_max_documents,
+            text_field=text_field,
+            tokenizer=tokenizer,
+            vocab_size=vocab_size,
+            eot_token=eot_token,
+            val_fraction=val_fraction,
+            split=split,
+            cache_dir=cache_dir,
+            num_proc=num_proc,
+        )
+        self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
+        self.val_batches, self.seed = val_batches, seed
+        self.folder: Path | None = None
+        self.meta: dict | None = None
+
+    def prepare_data(self) -> None:
+        # the CLI has prepared already, before any process group existed: this finds the cache
+        prepare(self.prepare_config, log=lambda *_: None)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.folder = prepared_dir(self.prepare_config)
+        self.meta = load_meta(self.folder)
+
+    def _blocks(self, split: str, **kwargs) -> TokenBlocks:
+        info = self.meta["splits"][split]
+        return TokenBlocks(self.folder / info["file"], self.meta["dtype"], info["tokens"], self.block_size, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches
+        # resume: continue at the micro-batch after the checkpoint's last optimizer step
+        start = trainer.global_step * accumulate
+        return self.train_loader(trainer.global_rank, trainer.world_size, start, trainer.max_steps * accumulate)
+
+    def train_loader(self, rank: int, world_size: int, start_batch: int, end_batch: int) -> DataLoader:
+        """Micro-batches start_batch .. end_batch - 1 of this rank."""
+        sampler = StepSampler(self.batch_size, rank, world_size, start_batch, end_batch)
+        return self._loader(self._blocks("train", seed=self.seed, offsets="random"), sampler, StepDataLoader)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        n = self.val_batches * self.batch_size * world
+        blocks = self._blocks("val", offsets="spread", length=n)
+        return self._loader(blocks, list(range(rank, n, world)))  # disjoint share per rank
+
+    def _loader(self, dataset, sampler, loader_class=DataLoader) -> DataLoader:
+        return loader_class(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            prefetch_factor=4 if self.num_workers > 0 else None,
+        )

@@ -1,0 +1,271 @@
+"""text -> tokenizer -> packed token shards + meta.json, cached by a hash of the inputs.
+
+The result is a folder `<cache_dir>/<source>-<hash>/` holding `train.bin` and `val.bin` (every
+document's tokens followed by an end-of-text token, back to back, as a flat `np.memmap` of uint16
+when the vocabulary fits, else uint32), the `tokenizer.json` that made them and `meta.json`. The
+folder appears in one rename once complete, so an interrupted preparation leaves nothing that a
+later run could mistake for prepared data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from llm.data.sources import Source, load_documents, resolve_source
+from llm.data.tokenizer import EOT, load_tokenizer, train_bpe
+from llm.errors import ConfigError
+
+FORMAT_VERSION = 1
+MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 100  # fewer documents: each one's tail goes to validation
+
+
+@dataclass
+class PrepareConfig:
+    """What to prepare. The DataModule's arguments of the same names fill it in."""
+
+    text: str | None = None
+    hf: str | None = None
+    hf_split: str = "train"
+    hf_streaming: bool = False
+    hf_max_documents: int | None = None
+    text_field: str = "text"
+    tokenizer: str | None = None
+    vocab_size: int = 8192
+    eot_token: str = EOT
+    val_fraction: float = 0.1
+    split: Literal["auto", "document", "tail"] = "auto"
+    cache_dir: str = "data"
+    num_proc: int | None = None
+
+    def check(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must lie between 0 and 1, e.g. 0.1")
+        if self.tokenizer is None and not 256 < self.vocab_size <= 2**32:
+            raise ConfigError(
+                f"data.vocab_size={self.vocab_size}: a byte-level BPE needs more than 256 tokens, e.g. 8192"
+            )
+
+
+def cache_key(cfg: PrepareConfig, source: Source) -> str:
+    tokenizer = {"train_bpe": cfg.vocab_size}
+    if cfg.tokenizer:
+        tokenizer = {"sha256": hashlib.sha256(Path(cfg.tokenizer).expanduser().read_bytes()).hexdigest()}
+    key = {
+        "format": FORMAT_VERSION,
+        "source": source.fingerprint(),
+        "tokenizer": tokenizer,
+        "text_field": cfg.text_field,
+        "hf_split": cfg.hf_split,
+        "hf_max_documents": cfg.hf_max_documents,
+        "eot_token": cfg.eot_token,
+        "val_fraction": cfg.val_fraction,
+        "split": cfg.split,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def prepared_dir(cfg: PrepareConfig, source: Source | None = None) -> Path:
+    source = source or resolve_source(cfg.text, cfg.hf)
+    return Path(cfg.cache_dir) / f"{source.name}-{cache_key(cfg, source)[:12]}"
+
+
+def load_meta(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / "meta.json").read_text())
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def _doc_is_val(texts: list[str], val_fraction: float) -> list[bool]:
+    # by content: the same document always lands in the same split, duplicates included
+    out = []
+    for t in texts:
+        h = int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+        out.append(h / 2**64 < val_fraction)
+    return out
+
+
+def split_documents(docs, cfg: PrepareConfig, num_proc: int | None):
+    """(train, val) datasets. Per document when there are enough of them, else each document's
+    last `val_fraction` of characters goes to validation (one long text file: nanoGPT's 90/10)."""
+    mode = cfg.split
+    if mode == "auto":
+        mode = "document" if len(docs) >= MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT else "tail"
+    if mode == "document":
+        flagged = docs.map(
+            lambda b: {"is_val": _doc_is_val(b["text"], cfg.val_fraction)},
+            batched=True,
+            num_proc=num_proc,
+            desc="splitting",
+        )
+        train = flagged.filter(lambda b: [not v for v in b["is_val"]], batched=True, num_proc=num_proc)
+        val = flagged.filter(lambda b: b["is_val"], batched=True, num_proc=num_proc)
+        return train.remove_columns("is_val"), val.remove_columns("is_val"), mode
+
+    def head(b):
+        return {"text": [t[: int(len(t) * (1 - cfg.val_fraction))] for t in b["text"]]}
+
+    def tail(b):
+        return {"text": [t[int(len(t) * (1 - cfg.val_fraction)) :] for t in b["text"]]}
+
+    return docs.map(head, batched=True), docs.map(tail, batched=True), mode
+
+
+def _tokenize(ds, tokenizer, eot_id: int, num_proc: int | None, cache_file: Path, fingerprint: str, desc: str):
+    def encode(batch):
+        ids = [enc.ids + [eot_id] for enc in tokenizer.encode_batch(batch["text"], add_special_tokens=False)]
+        return {"ids": ids, "n_tokens": [len(x) for x in ids], "n_bytes": [len(t.encode()) for t in batch["text"]]}
+
+    return ds.map(
+        encode,
+        batched=True,
+        batch_size=64,
+        num_proc=num_proc,
+        remove_columns=["text"],
+        cache_file_name=str(cache_file),
+        new_fingerprint=fingerprint,
+        desc=desc,
+    )
+
+
+def _write_shard(ds, path: Path, dtype: np.dtype) -> tuple[int, int]:
+    """Write every document's tokens back to back into one memmap; return (tokens, bytes)."""
+    from tqdm.auto import tqdm
+
+    total = int(np.sum(ds["n_tokens"], dtype=np.int64))
+    arr = np.memmap(path, dtype=dtype, mode="w+", shape=(max(total, 1),))
+    pos = 0
+    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"writing {path.name}") as bar:
+        for table in ds.with_format("arrow").iter(batch_size=1024):
+            flat = table["ids"].combine_chunks().flatten().to_numpy()
+            arr[pos : pos + len(flat)] = flat
+            pos += len(flat)
+            bar.update(len(flat))
+    arr.flush()
+    return total, int(np.sum(ds["n_bytes"], dtype=np.int64))
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Nats per token of `tokens` under their own unigram distribution."""
+    counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def prepare(cfg: PrepareConfig, log=print) -> Path:
+    """Prepare the data once; return its folder. A second call with the same inputs reads nothing."""
+    cfg.check()
+    source = resolve_source(cfg.text, cfg.hf)
+    if cfg.tokenizer:
+        load_tokenizer(cfg.tokenizer, cfg.eot_token)  # fail on a bad tokenizer before reading any text
+    out = prepared_dir(cfg, source)
+    if (out / "meta.json").is_file():
+        log(f"prepared data: {out} (cached)")
+        return out
+
+    started = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _prepare_into(tmp, cfg, source, log)
+        meta = load_meta(tmp)
+        meta["seconds"] = round(time.perf_counter() - started, 1)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        for f in tmp.glob("*.arrow"):
+            f.unlink()
+        tmp.rename(out)  # atomic: the folder exists only once complete
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    split = meta["splits"]
+    log(
+        f"prepared data: {out} (train {split['train']['tokens']:,} tokens, val {split['val']['tokens']:,} tokens, "
+        f"{meta['seconds']:.0f} s)"
+    )
+    return out
+
+
+def _prepare_into(tmp: Path, cfg: PrepareConfig, source: Source, log) -> None:
+    docs = load_documents(source, cfg.text_field, cfg.hf_split, cfg.hf_streaming, cfg.hf_max_documents)
+    docs = docs.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
+    field = {"stdlib": "corpus", "local": f"data.text={cfg.text}", "hf": f"data.hf={cfg.hf}"}[source.kind]
+    if len(docs) == 0:
+        raise ConfigError(f"{field}: holds no text (0 non-empty documents); point it at files that contain text")
+    num_proc = min(cfg.num_proc or os.cpu_count() or 1, len(docs))
+    num_proc = num_proc if num_proc > 1 else None
+    train, val, mode = split_documents(docs, cfg, num_proc)
+    if len(train) == 0 or len(val) == 0:
+        raise ConfigError(
+            f"data.val_fraction={cfg.val_fraction}: leaves the {'train' if len(train) == 0 else 'val'} "
+            f"split of {field} empty ({len(docs)} documents); change data.val_fraction"
+        )
+    log(f"documents: {len(docs):,} ({mode} split: {len(train):,} train, {len(val):,} val)")
+
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.eot_token)
+    else:
+        t0 = time.perf_counter()
+        log(f"training a byte-level BPE tokenizer ({cfg.vocab_size} tokens) on the train split")
+        tokenizer = train_bpe(
+            (b["text"] for b in train.iter(batch_size=256)),
+            cfg.vocab_size,
+            num_texts=math.ceil(len(train) / 256),
+            eot_token=cfg.eot_token,
+        )
+        log(f"tokenizer trained in {time.perf_counter() - t0:.1f} s")
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    eot_id = tokenizer.token_to_id(cfg.eot_token)
+    dtype = token_dtype(vocab_size)
+
+    # tokenizers parallelises inside encode_batch; with several processes each one runs single-threaded
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if num_proc else "true")
+    splits = {}
+    key = tmp.name
+    for name, ds in (("train", train), ("val", val)):
+        t0 = time.perf_counter()
+        encoded = _tokenize(
+            ds, tokenizer, eot_id, num_proc, tmp / f"{name}.arrow", f"{key}-{name}", f"tokenizing {name}"
+        )
+        tokens, n_bytes = _write_shard(encoded, tmp / f"{name}.bin", dtype)
+        seconds = time.perf_counter() - t0
+        splits[name] = {"file": f"{name}.bin", "tokens": tokens, "documents": len(ds), "bytes": n_bytes}
+        rate = tokens / seconds
+        log(f"{name}: {tokens:,} tokens from {len(ds):,} documents in {seconds:.1f} s ({rate:,.0f} tokens/s)")
+
+    val_tokens = np.memmap(tmp / "val.bin", dtype=dtype, mode="r")[: splits["val"]["tokens"]]
+    meta = {
+        "format": FORMAT_VERSION,
+        "source": {
+            "kind": source.kind,
+            "name": source.name,
+            "text": cfg.text,
+            "hf": cfg.hf,
+            "files": len(source.files),
+        },
+        "config": asdict(cfg),
+        "input_hash": cache_key(cfg, source),
+        "tokenizer": "tokenizer.json",
+        "tokenizer_source": cfg.tokenizer or f"trained byte-level BPE, {cfg.vocab_size} tokens",
+        "vocab_size": vocab_size,
+        "eot_token": cfg.eot_token,
+        "eot_id": eot_id,
+        "dtype": dtype.name,
+        "split_mode": mode,
+        "splits": splits,
+        "unigram_val_entropy": unigram_entropy(np.asarray(val_tokens), vocab_size),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

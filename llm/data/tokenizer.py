@@ -1,0 +1,48 @@
+"""Tokenizers: load a `tokenizer.json`, or train a byte-level BPE on the training documents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from llm.errors import ConfigError
+
+EOT = "<|endoftext|>"  # separates documents, as in GPT-2
+
+
+def load_tokenizer(path: str | Path, eot_token: str = EOT) -> Tokenizer:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data.tokenizer={path}: no such file; give a tokenizer.json, or leave it empty to train one")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise ConfigError(
+            f"data.tokenizer={path}: not a Hugging Face tokenizer.json ({exc}); save one with tokenizer.save(...)"
+        ) from exc
+    if tok.token_to_id(eot_token) is None:
+        raise ConfigError(
+            f"data.tokenizer={path}: has no {eot_token!r} token to separate documents; set data.eot_token to one it has"
+        )
+    return tok
+
+
+def tokenizer_vocab_size(path: str | Path, eot_token: str = EOT) -> int:
+    """Vocabulary size including added tokens: ids run from 0 to this minus one."""
+    return load_tokenizer(path, eot_token).get_vocab_size(with_added_tokens=True)
+
+
+def train_bpe(texts, vocab_size: int, num_texts: int | None = None, eot_token: str = EOT) -> Tokenizer:
+    """A byte-level BPE (GPT-2's scheme: any byte sequence encodes, nothing is unknown)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[eot_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
+        show_progress=True,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=num_texts)
+    return tok

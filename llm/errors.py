@@ -1,0 +1,37 @@
+"""Bad input is answered with one line, never a traceback.
+
+ConfigError's message names the field, the value and the fix, e.g.
+`data.text=notes.txt: no such file or folder; give a .txt, .jsonl or .parquet file, a folder or a glob`.
+The entry point prints it as `error: <message>` on stderr and exits with status 2; the argument
+parsers answer their own errors the same way.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+
+class ConfigError(ValueError):
+    """A bad input, found before any expensive work."""
+
+
+def one_line(message: str) -> str:
+    """An argument parser's message, on one line; a missing config file gets its own wording."""
+    text = re.sub(r"\s+", " ", str(message)).strip()
+    missing = re.search(r'Parser key "([\w.]+)": Unable to load config [\'"]([^\'"]+)[\'"]', text)
+    if missing:  # e.g. MODEL=nope becomes --model.config=configs/model/nope.yaml
+        key, path = missing.groups()
+        folder = path.rsplit("/", 1)[0] if "/" in path else "."
+        return f"{key}={path}: no such config file; see {folder}/ for the ones there are"
+    return text if len(text) < 400 else text[:397] + "..."
+
+
+class OneLineErrors:
+    """Mixin for jsonargparse parsers: `error: <message>` on stderr, exit status 2, no usage dump."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not getattr(self, "exit_on_error", True):
+            return super().error(message, ex)
+        sys.stderr.write(f"error: {one_line(message)}\n")
+        sys.exit(2)

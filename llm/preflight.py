@@ -1,0 +1,105 @@
+"""Every input checked before anything expensive starts, and the values derived from them.
+
+Each bad input raises ConfigError with one line that names the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from llm import ranks, run
+from llm.data.prepare import PrepareConfig, load_meta, prepare, prepared_dir
+from llm.data.sources import resolve_source
+from llm.data.tokenizer import tokenizer_vocab_size
+from llm.errors import ConfigError
+from llm.model import ModelConfig
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+
+
+def model_config(cfg) -> ModelConfig:
+    fields = {k: v for k, v in vars(cfg.model.config).items() if not k.startswith("__")}
+    try:
+        return ModelConfig(**fields)
+    except ValueError as exc:
+        raise ConfigError(f"model.config.{exc}") from exc
+
+
+def prepare_config(cfg) -> PrepareConfig:
+    names = PrepareConfig.__dataclass_fields__
+    return PrepareConfig(**{k: v for k, v in vars(cfg.data).items() if k in names})
+
+
+def round_up(n: int, multiple: int = 64) -> int:
+    return -(-n // multiple) * multiple
+
+
+def check(cfg, command: str) -> None:
+    """Check the parsed config; fill in the model's vocabulary size and the precision."""
+    model = model_config(cfg)
+    data = prepare_config(cfg)
+    data.check()
+    resolve_source(data.text, data.hf)  # the input exists
+    vocab = tokenizer_vocab_size(data.tokenizer, data.eot_token) if data.tokenizer else data.vocab_size
+    if model.vocab_size is None:
+        # a multiple of 64 makes the embedding and output matmuls faster; the extra rows are never used
+        cfg.model.config.vocab_size = round_up(vocab)
+    elif model.vocab_size < vocab:
+        source = f"data.tokenizer={data.tokenizer}" if data.tokenizer else f"data.vocab_size={data.vocab_size}"
+        raise ConfigError(
+            f"model.config.vocab_size={model.vocab_size} is smaller than the tokenizer's {vocab} tokens ({source}); "
+            f"set model.config.vocab_size to at least {vocab}, or null to follow the tokenizer"
+        )
+    if command == "prepare":
+        return
+    check_trainer(cfg.trainer)
+    run.check(cfg)
+
+
+def check_trainer(trainer) -> None:
+    gpu = torch.cuda.is_available()
+    if trainer.accelerator in ("gpu", "cuda") and not gpu:
+        raise ConfigError(f"trainer.accelerator={trainer.accelerator}: no GPU is visible here; use auto or cpu")
+    on_gpu = gpu and trainer.accelerator in ("auto", "gpu", "cuda")
+    if trainer.precision is None:
+        trainer.precision = "bf16-mixed" if on_gpu else "32-true"
+    precision = str(trainer.precision)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision}: unknown; use one of {', '.join(PRECISIONS)}")
+    if precision == "16-mixed" and not on_gpu:
+        raise ConfigError(
+            "trainer.precision=16-mixed: fp16 mixed precision needs a GPU; on CPU use 32-true or bf16-mixed"
+        )
+    devices = trainer.devices
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if isinstance(devices, int):
+        available = torch.cuda.device_count() if on_gpu else (os.cpu_count() or 1)
+        kind = "GPUs" if on_gpu else "CPU cores"
+        if devices < 1 or devices > available:
+            raise ConfigError(f"trainer.devices={devices}: this machine has {available} {kind}; use 1 to {available}")
+    if trainer.max_steps is None or trainer.max_steps < 1:
+        raise ConfigError(
+            f"trainer.max_steps={trainer.max_steps}: training is counted in optimizer steps; set a positive number"
+        )
+
+
+def prepare_data(cfg) -> Path:
+    """Prepare (or find) the data before any process group exists; the first process on each node
+    does the work, the others find it through the datamodule's prepare_data barrier."""
+    data = prepare_config(cfg)
+    if not ranks.is_first_on_node():
+        return prepared_dir(data)
+    folder = prepare(data)
+    meta = load_meta(folder)
+    block = cfg.model.config.block_size
+    for split, info in meta["splits"].items():
+        if info["tokens"] < block + 1:
+            raise ConfigError(
+                f"model.config.block_size={block}: the {split} split holds only {info['tokens']} tokens; "
+                "use a smaller block_size or more text"
+            )
+    return folder

@@ -1,0 +1,193 @@
+"""The run folder: its name, what goes in it (loggers, checkpoints), resuming from it, its summary.
+
+runs/<name>/
+  config.yaml      the resolved config (LightningCLI's SaveConfigCallback)
+  checkpoints/     last.ckpt and best.ckpt
+  metrics.csv      every logged metric (CSVLogger)
+  wandb/           the W&B run
+  summary.json     written at the end of training
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+
+from llm import ranks
+from llm.errors import ConfigError
+from llm.model import count_params
+
+RUN_ENV = "LLM_RUN_DIR"  # hands the run folder to the processes a launcher starts after this one
+
+
+def resolve_run_dir(cfg) -> Path:
+    if cfg.run:
+        return Path(cfg.run)
+    if RUN_ENV in os.environ:
+        return Path(os.environ[RUN_ENV])
+    return Path("runs") / f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check(cfg) -> Path:
+    """Decide the run folder and refuse to reuse one by accident; creates nothing."""
+    run_dir = resolve_run_dir(cfg)
+    cfg.run = str(run_dir)
+    if ranks.is_first_process():
+        holds_run = run_dir.is_dir() and any(run_dir.iterdir())
+        if holds_run and cfg.resume is None:
+            raise ConfigError(
+                f"run={run_dir}: already holds a run; continue it with RESUME=auto, or choose another RUN"
+            )
+        if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
+            raise ConfigError(f"resume={cfg.resume}: no such checkpoint; give a checkpoint path, or auto")
+    return run_dir
+
+
+def create(cfg) -> Path:
+    """Create the run folder (first process) and hand its name to the processes started later."""
+    run_dir = Path(cfg.run)
+    os.environ[RUN_ENV] = str(run_dir)
+    if ranks.is_first_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A whole checkpoint file (torch.save writes a zip whose directory comes last), or a DeepSpeed
+    checkpoint folder whose `latest` tag names a written step."""
+    if path.is_file():
+        return zipfile.is_zipfile(path)
+    if path.is_dir() and (path / "latest").is_file():
+        return (path / (path / "latest").read_text().strip()).is_dir()
+    return False
+
+
+def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
+    if resume is None:
+        return None
+    if resume != "auto":
+        return resume
+    folder = run_dir / "checkpoints"
+    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    # last.ckpt first: it is the newest state; best.ckpt may be older
+    candidates.sort(key=lambda p: p.name != "last.ckpt")
+    for path in candidates:
+        if is_complete_checkpoint(path):
+            print(f"resuming from {path}")
+            return str(path)
+    print(f"resume=auto: no checkpoint in {folder} yet, starting from scratch")
+    return None
+
+
+class ValidateAtEnd(Callback):
+    """Validate (and so checkpoint) after the final step too, not only every `eval_every` steps.
+    Lightning validates when a run is asked to stop, so ask at the last step."""
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
+class LoggingStepOnResume(Callback):
+    """Lightning (2.6) restores the step it logs under one behind the global step when the checkpoint
+    was written at a validation, so a resumed run would log step n+1 under n and overwrite a row of
+    metrics.csv. With one optimizer the two counters are equal by definition; make them so."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        if loop._batches_that_stepped != trainer.global_step:
+            loop._batches_that_stepped = trainer.global_step
+
+
+class RunInfo(Callback):
+    """Make every checkpoint self-contained: the resolved config and the tokenizer go inside it."""
+
+    def __init__(self, config: dict, data_folder: Path):
+        self.config = config
+        self.data_folder = Path(data_folder)
+        self.start_step, self.train_seconds = 0, 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start_step, self._started = trainer.global_step, time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.train_seconds = time.perf_counter() - self._started
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["llm_config"] = self.config
+        checkpoint["tokenizer_json"] = (self.data_folder / "tokenizer.json").read_text()
+        checkpoint["data_meta"] = json.loads((self.data_folder / "meta.json").read_text())
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, counting the run's batches rather than epochs (a run here is
+    one pass of max_steps, so "Epoch 0/-2" would say nothing)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'train':{len(self.validation_description)}}"
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        items["step"] = trainer.global_step
+        return items
+
+
+def callbacks(config: dict, run_dir: Path, data_folder: Path) -> list:
+    checkpoint = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"),
+        filename="best",
+        monitor="val/loss",
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    return [checkpoint, ValidateAtEnd(), LoggingStepOnResume(), RunInfo(config, data_folder), ProgressBar()]
+
+
+def write_summary(trainer: L.Trainer, datamodule, model, seconds: float) -> dict:
+    """summary.json: what the run did and reached; printed as well. Rank 0 writes it."""
+    meta = datamodule.meta
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    tokens_per_step = (
+        trainer.accumulate_grad_batches * datamodule.batch_size * datamodule.block_size * trainer.world_size
+    )
+    checkpoint = trainer.checkpoint_callback
+    info = next(c for c in trainer.callbacks if isinstance(c, RunInfo))
+    session_tokens = (trainer.global_step - info.start_step) * tokens_per_step
+    summary = {
+        "steps": trainer.global_step,
+        "tokens": trainer.global_step * tokens_per_step,
+        "wall_seconds": round(seconds, 2),
+        "tokens_per_second": round(session_tokens / max(info.train_seconds, 1e-9), 1),
+        "final_train_loss": metrics.get("train/loss", math.nan),
+        "final_val_loss": metrics.get("val/loss", math.nan),
+        "unigram_val_entropy": meta["unigram_val_entropy"],
+        "best_checkpoint": checkpoint.best_model_path or None,
+        "last_checkpoint": checkpoint.last_model_path or None,
+        "params": count_params(model.config),
+        "world_size": trainer.world_size,
+        "strategy": type(trainer.strategy).__name__,
+        "precision": str(trainer.precision),
+        "data": str(datamodule.folder),
+    }
+    if trainer.is_global_zero:
+        run_dir = Path(trainer.default_root_dir)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        width = max(len(k) for k in summary)
+        print(f"\nsummary ({run_dir / 'summary.json'}):")
+        for key, value in summary.items():
+            if isinstance(value, float):
+                shown = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
+            else:
+                shown = f"{value:,}" if isinstance(value, int) else value
+            print(f"  {key:<{width}}  {shown}")
+    return summary

@@ -1,0 +1,78 @@
+"""Shared fixtures: the shared data beside the project, and the real entry point in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# a model and run small enough for a 2-core CPU: a few seconds of training
+TINY = [
+    "--model.config.n_layer=2",
+    "--model.config.n_head=2",
+    "--model.config.n_embd=64",
+    "--model.config.block_size=64",
+    "--data.batch_size=8",
+    "--data.val_batches=2",
+    "--data.num_workers=0",
+]
+
+
+def shared(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the shared test data lives beside the project in ../shared/data")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    return shared("tinyshakespeare.txt")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer() -> Path:
+    return shared("gpt2/tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One prepared-data cache for the whole session: the same inputs are prepared once."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_env(tmp_path_factory):
+    """No network in tests, W&B offline, and the datasets cache out of the user's home."""
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("hf-datasets"))
+    os.environ.pop("WANDB_API_KEY", None)
+
+
+def run_llm(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
+    """`python -m llm <args>` as a user runs it; returns the CompletedProcess (text output)."""
+    return subprocess.run(
+        [sys.executable, "-m", "llm", *args],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under folder with its size, modification time and bytes: to prove nothing changed."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

@@ -1,0 +1,176 @@
+"""Data preparation and sampling: round trips, end-of-text separation, dtypes, caching, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from llm.data.datamodule import StepSampler, TokenBlocks, TokenDataModule
+from llm.data.prepare import PrepareConfig, load_meta, prepare, unigram_entropy
+from llm.data.sources import stdlib_files
+from llm.errors import ConfigError
+
+
+def decoded_documents(folder: Path, split: str) -> list[str]:
+    """The documents of a prepared split, decoded back to text, split at the end-of-text tokens."""
+    meta = load_meta(folder)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r")[: meta["splits"][split]["tokens"]]
+    eot = meta["eot_id"]
+    assert ids[-1] == eot, "every document, the last included, ends with end-of-text"
+    ends = np.flatnonzero(ids == eot)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [tokenizer.decode(ids[s:e].tolist(), skip_special_tokens=False) for s, e in zip(starts, ends, strict=True)]
+
+
+@pytest.fixture
+def documents() -> list[str]:
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "naïve", "日本", "x = 1\n", "\t", "  "]
+    return [" ".join(rng.choice(words, size=rng.integers(5, 40))) + f" doc {i}" for i in range(300)]
+
+
+def test_jsonl_documents_decode_back_exactly_split_per_document(tmp_path, documents):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    folder = prepare(PrepareConfig(text=str(path), vocab_size=300, cache_dir=str(tmp_path / "cache")))
+    meta = load_meta(folder)
+    train, val = decoded_documents(folder, "train"), decoded_documents(folder, "val")
+    assert meta["split_mode"] == "document"
+    assert sorted(train + val) == sorted(documents)
+    assert 0.05 < len(val) / len(documents) < 0.2  # val_fraction 0.1, by a hash of each document
+    assert meta["splits"]["val"]["documents"] == len(val)
+
+
+def test_text_file_tail_split_decodes_back_to_the_file(tmp_path, shakespeare, gpt2_tokenizer):
+    folder = prepare(PrepareConfig(text=str(shakespeare), tokenizer=str(gpt2_tokenizer), cache_dir=str(tmp_path)))
+    meta = load_meta(folder)
+    (train,), (val,) = decoded_documents(folder, "train"), decoded_documents(folder, "val")
+    assert train + val == shakespeare.read_text()
+    assert meta["split_mode"] == "tail"
+    # nanoGPT's 90/10 split of this file with the GPT-2 tokenizer: 301,966 and 36,059 tokens, plus end-of-text
+    assert meta["splits"]["train"]["tokens"] == 301_966 + 1
+    assert meta["splits"]["val"]["tokens"] == 36_059 + 1
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 50257 and meta["eot_id"] == 50256
+
+
+def test_end_of_text_separates_documents_and_appears_nowhere_else(tmp_path):
+    docs = [f"document number {i} says hello" for i in range(120)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    folder = prepare(PrepareConfig(text=str(path), vocab_size=300, cache_dir=str(tmp_path / "c")))
+    meta = load_meta(folder)
+    for split in ("train", "val"):
+        ids = np.fromfile(folder / f"{split}.bin", dtype=meta["dtype"])
+        assert (ids == meta["eot_id"]).sum() == meta["splits"][split]["documents"]
+
+
+def big_vocab_tokenizer(path: Path, size: int = 70_000) -> Path:
+    vocab = {f"w{i}": i for i in range(size - 1)} | {"<|endoftext|>": size - 1}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
+    return path
+
+
+def test_vocabulary_over_65535_is_stored_as_uint32(tmp_path):
+    tokenizer = big_vocab_tokenizer(tmp_path / "tokenizer.json")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i}" for i in (1, 65_535, 65_536, 69_998) * 50))
+    folder = prepare(PrepareConfig(text=str(text), tokenizer=str(tokenizer), cache_dir=str(tmp_path / "c")))
+    meta = load_meta(folder)
+    assert meta["dtype"] == "uint32"
+    ids = np.fromfile(folder / "train.bin", dtype=np.uint32)
+    assert {1, 65_535, 65_536, 69_998} <= set(ids.tolist())  # nothing wrapped around at 2^16
+
+
+def test_same_inputs_are_prepared_once_and_changed_inputs_again(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    cfg = PrepareConfig(text=str(text), vocab_size=300, cache_dir=str(tmp_path / "c"))
+    first = prepare(cfg)
+    stamp = (first / "train.bin").stat().st_mtime_ns
+    assert prepare(cfg) == first
+    assert (first / "train.bin").stat().st_mtime_ns == stamp, "a cached preparation rewrote its shard"
+    text.write_text("a different text entirely\n" * 200)
+    second = prepare(cfg)
+    assert second != first and first.is_dir()
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted([first.name, second.name])  # no leftovers
+
+
+def test_unigram_entropy_of_a_known_distribution():
+    assert unigram_entropy(np.array([0, 1, 2, 3] * 10), 8) == pytest.approx(np.log(4))
+    assert unigram_entropy(np.array([5] * 10), 8) == 0.0
+
+
+def test_embedded_corpus_is_the_standard_library():
+    files = stdlib_files()
+    assert len(files) > 500
+    assert all(f.suffix == ".py" and "site-packages" not in f.parts for f in files)
+    assert sum(f.stat().st_size for f in files) > 5e6
+
+
+def test_empty_corpus_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    (tmp_path / "empty" / "b.txt").write_text("  \n\n")
+    with pytest.raises(ConfigError, match=r"data.text=.*empty: holds no text"):
+        prepare(PrepareConfig(text=str(tmp_path / "empty"), cache_dir=str(tmp_path / "c")))
+    assert not any((tmp_path / "c").glob("*")), "a failed preparation left files behind"
+
+
+def blocks_file(tmp_path: Path, n: int = 5000) -> TokenBlocks:
+    data = np.arange(n, dtype=np.uint16)
+    data.tofile(tmp_path / "train.bin")
+    return TokenBlocks(tmp_path / "train.bin", "uint16", n, block_size=16, seed=7)
+
+
+def batches(dataset, sampler, workers: int) -> list[torch.Tensor]:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=workers)
+    return list(loader)
+
+
+def test_batches_depend_only_on_step_and_rank_whatever_the_worker_count(tmp_path):
+    dataset = blocks_file(tmp_path)
+    one = batches(dataset, StepSampler(4, rank=1, world_size=2, start_batch=0, end_batch=6), workers=0)
+    three = batches(dataset, StepSampler(4, rank=1, world_size=2, start_batch=0, end_batch=6), workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(one, three, strict=True))
+    # a resumed loader that starts at batch 4 sees what the uninterrupted one saw at batch 4
+    resumed = batches(dataset, StepSampler(4, rank=1, world_size=2, start_batch=4, end_batch=6), workers=2)
+    assert torch.equal(resumed[0], one[4]) and torch.equal(resumed[1], one[5])
+    # the other rank sees other blocks
+    rank0 = batches(dataset, StepSampler(4, rank=0, world_size=2, start_batch=0, end_batch=6), workers=0)
+    assert not any(torch.equal(a, b) for a, b in zip(one, rank0, strict=True))
+
+
+def test_blocks_are_contiguous_windows_of_the_token_stream(tmp_path):
+    dataset = blocks_file(tmp_path)
+    starts = {dataset.start(i) for i in range(2000)}
+    for i in range(50):
+        block = dataset[i]
+        assert block.shape == (17,) and torch.equal(block, torch.arange(block[0], block[0] + 17))
+    assert min(starts) >= 0 and max(starts) <= 5000 - 17
+    assert len(starts) > 1500, "sample positions should spread over the file"
+
+
+def test_datamodule_serves_the_prepared_tokens(tmp_path, shakespeare, gpt2_tokenizer):
+    dm = TokenDataModule(
+        text=str(shakespeare),
+        tokenizer=str(gpt2_tokenizer),
+        cache_dir=str(tmp_path),
+        block_size=32,
+        batch_size=4,
+        num_workers=0,
+        val_batches=3,
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    (batch,) = list(dm.train_loader(rank=0, world_size=1, start_batch=0, end_batch=1))
+    assert batch.shape == (4, 33) and batch.dtype == torch.long and batch.max() < 50257
+    val = list(dm.val_dataloader())
+    assert len(val) == 3 and torch.equal(val[0], list(dm.val_dataloader())[0])  # the same blocks each time

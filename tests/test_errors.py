@@ -1,0 +1,114 @@
+"""Bad input: one line on stderr naming the field, the value and the fix; exit status 2; nothing
+on disk touched."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import REPO, TINY, run_llm, snapshot
+
+
+@pytest.fixture
+def existing(tmp_path):
+    """A run folder and a data cache that already hold work, which a bad command must not touch."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"not really a checkpoint")
+    (run / "metrics.csv").write_text("step,train/loss\n0,9.0\n")
+    cache = tmp_path / "data"
+    (cache / "prepared-0123").mkdir(parents=True)
+    (cache / "prepared-0123" / "meta.json").write_text("{}")
+    return run, cache
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    # make adds its own "make: *** [train] Error 2" after the program's answer
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("make: ***")]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr[-2000:]}"
+    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def fit_into(existing, *args):
+    run, cache = existing
+    before = snapshot(run.parent)
+    result = run_llm(
+        "fit",
+        "--config",
+        "configs/experiment/default.yaml",
+        *TINY,
+        f"--run={run}",
+        "--resume=auto",
+        f"--data.cache_dir={cache}",
+        "--trainer.max_steps=2",
+        *args,
+    )
+    assert snapshot(run.parent) == before, "a refused command changed files on disk"
+    return result
+
+
+def test_missing_text_path(existing, tmp_path):
+    result = fit_into(existing, f"--data.text={tmp_path}/nope.txt")
+    assert_one_line_error(result, f"data.text={tmp_path}/nope.txt", "no such file or folder", "give a .txt")
+
+
+def test_n_embd_not_divisible_by_n_head(existing):
+    result = fit_into(existing, "--model.config.n_embd=100", "--model.config.n_head=3")
+    assert_one_line_error(result, "model.config.n_embd=100 is not divisible by n_head=3", "choose n_embd")
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(existing, gpt2_tokenizer):
+    result = fit_into(existing, f"--data.tokenizer={gpt2_tokenizer}", "--model.config.vocab_size=1000")
+    assert_one_line_error(result, "model.config.vocab_size=1000", "50257", "at least 50257")
+
+
+def test_empty_corpus(existing, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n   \n")
+    result = fit_into(existing, f"--data.text={tmp_path}/empty.txt")
+    assert_one_line_error(result, "empty.txt", "holds no text")
+
+
+def test_missing_tokenizer_file(existing, tmp_path):
+    result = fit_into(existing, f"--data.tokenizer={tmp_path}/tok.json")
+    assert_one_line_error(result, f"data.tokenizer={tmp_path}/tok.json", "no such file")
+
+
+def test_16_mixed_on_cpu(existing):
+    result = fit_into(existing, "--trainer.precision=16-mixed")
+    assert_one_line_error(result, "trainer.precision=16-mixed", "needs a GPU", "bf16-mixed")
+
+
+def test_a_run_folder_in_use_is_not_reused_without_resume(existing):
+    run, cache = existing
+    before = snapshot(run)
+    result = run_llm(
+        "fit",
+        "--config",
+        "configs/experiment/default.yaml",
+        *TINY,
+        f"--run={run}",
+        f"--data.cache_dir={cache}",
+        "--trainer.max_steps=2",
+    )
+    assert_one_line_error(result, f"run={run}", "already holds a run", "RESUME=auto")
+    assert snapshot(run) == before
+
+
+def test_unknown_option(existing):
+    assert_one_line_error(fit_into(existing, "--trainer.max_stepz=3"), "max_stepz")
+
+
+def test_unknown_model_preset_through_make(tmp_path):
+    result = subprocess.run(
+        ["make", "-s", "train", "MODEL=gpt5", f"RUN={tmp_path}/r"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_one_line_error(result, "model.config=configs/model/gpt5.yaml", "no such config file", "configs/model/")
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,166 @@
+"""The Transformer: shapes, causality, attention against a written-out reference, KV cache, presets."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from llm.model import KVCache, ModelConfig, Transformer, count_params
+
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+GPT2 = dict(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32)
+LLAMA = dict(GPT2, position="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, n_kv_head=2)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def config(request) -> ModelConfig:
+    return ModelConfig(**(GPT2 if request.param == "gpt2" else LLAMA))
+
+
+def test_output_shape(config):
+    model = Transformer(config)
+    logits = model(torch.randint(0, config.vocab_size, (3, 17)))
+    assert logits.shape == (3, 17, config.vocab_size)
+
+
+def test_changing_a_token_never_changes_earlier_logits(config):
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    idx = torch.randint(0, config.vocab_size, (1, 20))
+    base = model(idx)
+    for t in (0, 7, 19):
+        changed = idx.clone()
+        changed[0, t] = (changed[0, t] + 1) % config.vocab_size
+        out = model(changed)
+        assert torch.equal(out[0, :t], base[0, :t]), f"logits before position {t} moved"
+        assert not torch.allclose(out[0, t], base[0, t]), f"position {t} itself did not move"
+
+
+def reference_attention(attn, x):
+    """Multi-head attention written out: softmax(QK^T / sqrt(d) + causal mask) V, each key/value
+    head shared by n_head / n_kv_head query heads."""
+    B, T, C = x.shape
+    H, K, Q = attn.n_head, attn.n_kv_head, attn.head_dim
+    q = (x @ attn.q_proj.weight.T + attn.q_proj.bias).view(B, T, H, Q).transpose(1, 2)
+    kv = (x @ attn.kv_proj.weight.T + attn.kv_proj.bias).view(B, T, 2, K, Q)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(Q)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+    return y @ attn.out_proj.weight.T + attn.out_proj.bias
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_attention_equals_written_out_multi_head_attention(n_kv_head):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**dict(GPT2, n_kv_head=n_kv_head))).eval()
+    attn = model.blocks[0].attn
+    assert attn.kv_proj.out_features == 2 * n_kv_head * 8
+    x = torch.randn(2, 11, 32)
+    torch.testing.assert_close(attn(x), reference_attention(attn, x), atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_gives_the_logits_of_a_full_forward(config):
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    idx = torch.randint(0, config.vocab_size, (2, 12))
+    full = model(idx)
+    cache = KVCache(config, 2, config.block_size, "cpu", torch.float32)
+    steps = [model(idx[:, :5], cache)] + [model(idx[:, t : t + 1], cache) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embeddings_share_one_matrix_and_count_once():
+    tied = Transformer(ModelConfig(**GPT2))
+    untied = Transformer(ModelConfig(**dict(GPT2, tie_embeddings=False)))
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    assert untied.num_params() - tied.num_params() == 101 * 32
+
+
+def test_residual_projections_are_scaled_at_init():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, n_layer=8, n_embd=256, n_head=4, block_size=16))
+    plain = model.blocks[0].attn.q_proj.weight.std().item()
+    scaled = model.blocks[0].attn.out_proj.weight.std().item()
+    assert plain == pytest.approx(0.02, rel=0.05)
+    assert scaled == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.05)
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    config = ModelConfig(**GPT2)  # learned positions: 32 x 32 position parameters are excluded
+    model = Transformer(config)
+    n = model.num_params() - 32 * 32
+    assert model.flops_per_token() == 6 * n + 12 * 2 * 4 * 8 * 32
+    assert model.flops_per_token(seq_len=8) == 6 * n + 12 * 2 * 4 * 8 * 8
+
+
+def test_gradients_reach_every_parameter_with_activation_checkpointing(config):
+    model = Transformer(config)
+    model.activation_checkpointing = True
+    model(torch.randint(0, config.vocab_size, (2, 8))).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# preset -> the parameter count its name stands for, and the tolerance. GPT-2 XL and Llama 2 7B
+# are named by their authors after 1.56B and 6.74B, Llama 3.2 1B after 1.24B: the presets
+# reproduce those architectures exactly, so they are checked against the published counts.
+PUBLISHED = {
+    "gpt2-124m": 124e6,  # GPT-2 small; 124.4M with the 50257 vocabulary, 124.5M padded to 50304
+    "gpt2-350m": 350e6,  # GPT-2 medium, 354.8M / 355M
+    "gpt2-774m": 774e6,  # GPT-2 large
+    "gpt2-1.5b": 1558e6,  # GPT-2 XL: OpenAI's "1.5B" is 1,557.6M
+    "llama-1b": 1235.8e6,  # Llama 3.2 1B: Meta's "1B" is 1,235.8M
+    "llama-7b": 6738.4e6,  # Llama 2 7B: Meta's "7B" is 6,738.4M
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_preset_parameter_count_matches_its_model(preset):
+    config = ModelConfig(**yaml.safe_load((PRESETS / f"{preset}.yaml").read_text()))
+    assert count_params(config) == pytest.approx(PUBLISHED[preset], rel=0.02)
+
+
+def test_tiny_preset_is_one_to_three_million_parameters_with_the_default_tokenizer():
+    fields = yaml.safe_load((PRESETS / "tiny.yaml").read_text())
+    assert fields["vocab_size"] is None  # follows the tokenizer
+    assert 1e6 <= count_params(ModelConfig(**dict(fields, vocab_size=8192))) <= 3e6
+
+
+def test_every_preset_file_is_tested():
+    assert {p.stem for p in PRESETS.glob("*.yaml")} == set(PUBLISHED) | {"tiny"}
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(n_embd=100, n_head=3), "n_embd=100 is not divisible by n_head=3"),
+        (dict(n_head=4, n_kv_head=3), "n_kv_head=3 does not divide n_head=4"),
+        (dict(vocab_size=0), "vocab_size=0 must be positive"),
+    ],
+)
+def test_bad_config_names_the_field_and_value(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**fields)
+
+
+def test_derived_sizes_follow_overrides():
+    # the MLP width and key/value heads are derived at use, so n_embd=256 moves the MLP to 1024
+    assert ModelConfig(n_embd=256).mlp_hidden == 1024
+    assert ModelConfig(n_embd=256, n_head=8).kv_heads == 8
+    assert ModelConfig(n_embd=4096, mlp="swiglu").mlp_hidden == 11008  # Llama 7B's width
+
+
+def test_cross_entropy_at_init_is_near_uniform():
+    # GPT-2 initialisation: the first loss is close to ln(V), the model starts from no preference
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**dict(GPT2, vocab_size=1000)))
+    idx, targets = torch.randint(0, 1000, (2, 4, 32))
+    loss = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    assert loss.item() == pytest.approx(math.log(1000), abs=0.1)
