@@ -136,7 +136,7 @@ class ProgressBar(RichProgressBar):
     def get_metrics(self, trainer, pl_module):
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
-        items["step"] = trainer.global_step
+        items["step"] = str(trainer.global_step)  # a number would be shown as 500.000
         return items
 
 
@@ -186,7 +186,7 @@ def write_summary(trainer: L.Trainer, datamodule, model, seconds: float) -> dict
         print(f"\nsummary ({run_dir / 'summary.json'}):")
         for key, value in summary.items():
             if isinstance(value, float):
-                shown = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
+                shown = f"{value:.4f}" if key.endswith(("loss", "entropy")) else f"{value:,.1f}"
             else:
                 shown = f"{value:,}" if isinstance(value, int) else value
             print(f"  {key:<{width}}  {shown}")
