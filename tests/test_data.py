@@ -174,3 +174,42 @@ def test_datamodule_serves_the_prepared_tokens(tmp_path, shakespeare, gpt2_token
     assert batch.shape == (4, 33) and batch.dtype == torch.long and batch.max() < 50257
     val = list(dm.val_dataloader())
     assert len(val) == 3 and torch.equal(val[0], list(dm.val_dataloader())[0])  # the same blocks each time
+
+
+@pytest.fixture
+def parquet_dataset(tmp_path, documents) -> Path:
+    """A dataset folder as the Hub serves them: parquet files with a text column and another one."""
+    import datasets
+
+    folder = tmp_path / "hub-like" / "data"
+    folder.mkdir(parents=True)
+    ds = datasets.Dataset.from_dict({"content": documents, "id": list(range(len(documents)))})
+    ds.select(range(150)).to_parquet(str(folder / "train-00000-of-00002.parquet"))
+    ds.select(range(150, 300)).to_parquet(str(folder / "train-00001-of-00002.parquet"))
+    return folder.parent
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hub_loading_path_reads_a_dataset_folder(tmp_path, parquet_dataset, documents, streaming):
+    # the same datasets.load_dataset call that fetches name[:config] from the Hub, on local files
+    cfg = PrepareConfig(
+        hf=str(parquet_dataset),
+        hf_streaming=streaming,
+        hf_max_documents=200 if streaming else None,
+        text_field="content",
+        vocab_size=300,
+        cache_dir=str(tmp_path / "c"),
+    )
+    folder = prepare(cfg)
+    docs = decoded_documents(folder, "train") + decoded_documents(folder, "val")
+    expected = documents[:200] if streaming else documents
+    assert sorted(docs) == sorted(expected)
+    assert load_meta(folder)["source"]["kind"] == "hf"
+
+
+def test_local_parquet_and_a_missing_text_column(tmp_path, parquet_dataset, documents):
+    files = str(parquet_dataset / "data" / "*.parquet")
+    folder = prepare(PrepareConfig(text=files, text_field="content", vocab_size=300, cache_dir=str(tmp_path / "c")))
+    assert sorted(decoded_documents(folder, "train") + decoded_documents(folder, "val")) == sorted(documents)
+    with pytest.raises(ConfigError, match=r"has no column data.text_field=text \(columns: content, id\)"):
+        prepare(PrepareConfig(text=files, vocab_size=300, cache_dir=str(tmp_path / "c")))
