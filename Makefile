@@ -14,6 +14,8 @@ MODEL ?=
 TEXT ?=
 HF ?=
 TOKENIZER ?=
+DS ?=
+NVME_PATH ?=
 DEVICES ?=
 NNODES ?=
 PRECISION ?=
@@ -22,16 +24,22 @@ RUN ?=
 RESUME ?=
 CKPT ?=
 PROMPT ?=
+OUT ?=
+GPUS ?=
+GPU_MEM ?=
+CPU_MEM ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
 # values reach the program through the environment and "$$VAR", so quotes and spaces in them survive
-export TEXT HF TOKENIZER RUN RESUME CKPT PROMPT
+export TEXT HF TOKENIZER NVME_PATH RUN RESUME CKPT PROMPT OUT
 CLI_ARGS = --config $(CONFIG) \
 	$(if $(MODEL),--model.config=configs/model/$(MODEL).yaml) \
 	$(if $(TEXT),--data.text="$$TEXT") \
 	$(if $(HF),--data.hf="$$HF") \
 	$(if $(TOKENIZER),--data.tokenizer="$$TOKENIZER") \
+	$(if $(DS),--deepspeed=$(DS)) \
+	$(if $(NVME_PATH),--nvme_path="$$NVME_PATH") \
 	$(if $(DEVICES),--trainer.devices=$(DEVICES)) \
 	$(if $(NNODES),--trainer.num_nodes=$(NNODES)) \
 	$(if $(PRECISION),--trainer.precision=$(PRECISION)) \
@@ -40,7 +48,7 @@ CLI_ARGS = --config $(CONFIG) \
 	$(if $(RESUME),--resume="$$RESUME")
 
 .DEFAULT_GOAL := help
-.PHONY: help install prepare train sample test lint format clean
+.PHONY: help install prepare train sample eval export-fp32 plan test lint format clean
 
 help:
 	@echo "Pretrain decoder-only Transformers. Targets:"
@@ -48,12 +56,17 @@ help:
 	@echo "  make prepare     text -> tokenizer -> packed token shards in data/ (cached)"
 	@echo "  make train       prepare if needed, then train; default: tiny model, embedded corpus, CPU, W&B offline"
 	@echo "  make sample      generated text: make sample CKPT=runs/<name>/checkpoints/last.ckpt PROMPT=\"...\""
+	@echo "  make eval        validation loss, perplexity and bits per byte of CKPT= on its run's data"
+	@echo "  make export-fp32 a DeepSpeed checkpoint folder CKPT= as one fp32 file OUT="
+	@echo "  make plan        memory per ZeRO stage and offload, and the preset to use: MODEL= GPUS= NNODES= GPU_MEM= [CPU_MEM=]"
 	@echo "  make test        the test suite (PYTEST_ARGS= passes options to pytest)"
 	@echo "  make lint        ruff"
 	@echo "Variables (empty: the config's value):"
 	@echo "  MODEL=           a preset in configs/model/: tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, llama-1b, llama-7b"
 	@echo "  TEXT=            local text: a .txt, .jsonl or .parquet file, a folder or a glob (default: the embedded corpus)"
 	@echo "  HF=              a Hugging Face Hub dataset, name[:config]"
+	@echo "  DS=              DeepSpeed preset in configs/deepspeed/: zero1, zero2, zero2_offload, zero3, zero3_offload, zero3_nvme (empty: DDP)"
+	@echo "  NVME_PATH=       folder on a fast local disk for DS=zero3_nvme"
 	@echo "  TOKENIZER=       a tokenizer.json (default: train a byte-level BPE on the data)"
 	@echo "  DEVICES=         processes per node (default 1)"
 	@echo "  NNODES=          nodes (default 1)"
@@ -63,7 +76,8 @@ help:
 	@echo "  RESUME=          auto (latest complete checkpoint in RUN) or a checkpoint path"
 	@echo "  CONFIG=          an experiment YAML (default configs/experiment/default.yaml)"
 	@echo "  ARGS=            further overrides, passed to the CLI as is, e.g. ARGS=\"--model.config.n_layer=6\""
-	@echo "  CKPT=, PROMPT=   checkpoint and prompt for make sample"
+	@echo "  CKPT=, PROMPT=   checkpoint (a file or a DeepSpeed folder) and prompt for make sample / eval / export-fp32"
+	@echo "  GPUS=, GPU_MEM=, CPU_MEM=  GPUs per node, GiB per GPU, GiB of CPU memory per node, for make plan"
 	@echo "  TORCH=           the torch requirement installed first (default $(TORCH))"
 
 $(STAMP): pyproject.toml
@@ -82,6 +96,16 @@ train: $(STAMP)
 
 sample: $(STAMP)
 	$(PY) -m llm sample --ckpt="$$CKPT" --prompt="$$PROMPT" $(ARGS)
+
+eval: $(STAMP)
+	$(PY) -m llm eval --ckpt="$$CKPT" $(ARGS)
+
+export-fp32: $(STAMP)
+	$(PY) -m llm export-fp32 --ckpt="$$CKPT" --out="$$OUT" $(ARGS)
+
+plan: $(STAMP)
+	$(PY) -m llm plan $(if $(MODEL),--model=$(MODEL)) $(if $(GPUS),--gpus=$(GPUS)) $(if $(NNODES),--nnodes=$(NNODES)) \
+		$(if $(GPU_MEM),--gpu_mem=$(GPU_MEM)) $(if $(CPU_MEM),--cpu_mem=$(CPU_MEM)) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

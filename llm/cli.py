@@ -15,16 +15,31 @@ import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from llm import preflight, run
+from llm import preflight, ranks, run
 from llm.data.datamodule import TokenDataModule
 from llm.errors import OneLineErrors
-from llm.loggers import make_loggers, quiet_lightning
-from llm.model import count_params
+from llm.loggers import RunWandbLogger, make_loggers, quiet_lightning
+from llm.model import count_params, flops_per_token
 from llm.module import LanguageModel
+from llm.monitor import PerformanceMonitor
+from llm.strategy import build_strategy
 
 
 class ArgumentParser(OneLineErrors, LightningArgumentParser):
     """LightningCLI's parser, answering a bad argument with one line."""
+
+
+# the run's own options, beside LightningCLI's model, data and trainer sections: (name, type, default, help)
+RUN_ARGUMENTS = [
+    ("experiment", str, "default", "experiment name: run folder prefix, W&B group"),
+    ("run", str | None, None, "run folder (RUN=); default runs/<experiment>-<time>"),
+    ("resume", str | None, None, "auto: continue from the newest complete checkpoint in --run, if any; or a path"),
+    ("eval_every", int, 100, "validate and checkpoint every this many optimizer steps"),
+    ("deepspeed", str | None, None, "DeepSpeed preset in configs/deepspeed/ (DS=) or a .json; none: DDP"),
+    ("nvme_path", str | None, None, "folder for ZeRO NVMe offload (NVME_PATH=)"),
+    ("wandb_project", str, "llm", "W&B project"),
+    ("peak_flops", float | None, None, "peak FLOP/s of one device for MFU; default: GPU datasheet, measured on CPU"),
+]
 
 
 class LLMCLI(LightningCLI):
@@ -41,22 +56,8 @@ class LLMCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument(
-            "--experiment", type=str, default="default", help="experiment name: run folder prefix, W&B group"
-        )
-        parser.add_argument(
-            "--run", type=str | None, default=None, help="run folder (RUN=); default runs/<experiment>-<time>"
-        )
-        parser.add_argument(
-            "--resume",
-            type=str | None,
-            default=None,
-            help="auto: continue from the latest complete checkpoint in --run, if any; or a checkpoint path",
-        )
-        parser.add_argument(
-            "--eval_every", type=int, default=100, help="validate and checkpoint every this many optimizer steps"
-        )
-        parser.add_argument("--wandb_project", type=str, default="llm", help="W&B project")
+        for name, kind, default, help in RUN_ARGUMENTS:
+            parser.add_argument(f"--{name}", type=kind, default=default, help=help)
         parser.link_arguments("model.config.block_size", "data.block_size")
         parser.link_arguments(
             ("eval_every", "trainer.accumulate_grad_batches"),
@@ -87,22 +88,47 @@ class LLMCLI(LightningCLI):
         callbacks = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
         resolved = yaml.safe_load(self._parser(self.subcommand).dump(cfg, skip_check=True))
         callbacks += run.callbacks(resolved, self.run_dir, self.data_folder)
+        model = preflight.model_config(cfg)
+        callbacks.append(PerformanceMonitor(flops_per_token(model, model.block_size), cfg.peak_flops))
         loggers = make_loggers(self.run_dir, cfg.experiment, cfg.wandb_project)
-        return super().instantiate_trainer(logger=loggers, callbacks=callbacks, **kwargs)
+        strategy = build_strategy(cfg.deepspeed, cfg.nvme_path, cfg.data.batch_size, preflight.uses_gpu(cfg.trainer))
+        if strategy == "auto":
+            strategy = cfg.trainer.strategy
+        return super().instantiate_trainer(logger=loggers, callbacks=callbacks, strategy=strategy, **kwargs)
 
     def fit(self, model, datamodule, **kwargs) -> None:
         cfg = self._config()
         ckpt_path = run.resume_checkpoint(cfg.resume, self.run_dir)
-        c = model.config
-        block, batch, accumulate = c.block_size, datamodule.batch_size, self.trainer.accumulate_grad_batches
-        print(f"model: {count_params(c):,} parameters, {c.n_layer} layers, {c.n_embd} wide, vocab {c.vocab_size}")
-        print(
-            f"tokens per step: {accumulate * batch * block * self.trainer.world_size:,} "
-            f"({accumulate} x {batch} x {block} tokens x {self.trainer.world_size} processes); run: {self.run_dir}"
-        )
+        if ranks.is_first_process():
+            self.print_header(model.config, datamodule.batch_size)
+        info = next(c for c in self.trainer.callbacks if isinstance(c, run.RunInfo))
+        info.resumed_from = ckpt_path
+        for logger in self.trainer.loggers:
+            if isinstance(logger, RunWandbLogger):
+                logger.run_config = self.wandb_config(model.config, info.config)
         started = time.perf_counter()
         self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         run.write_summary(self.trainer, datamodule, model, time.perf_counter() - started)
+
+    def wandb_config(self, model_config, resolved: dict) -> dict:
+        """What W&B's run config holds: the resolved config and the figures a dashboard needs."""
+        return {
+            **resolved,
+            "params": count_params(model_config),
+            "flops_per_token": flops_per_token(model_config, model_config.block_size),
+            "world_size": self.trainer.world_size,
+            "strategy": run.strategy_label(self.trainer.strategy),
+        }
+
+    def print_header(self, c, batch: int) -> None:
+        """What the run will do, in numbers, before it starts (as nanoGPT prints them)."""
+        accumulate, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
+        print(f"model: {count_params(c):,} parameters, {c.n_layer} layers, {c.n_embd} wide, vocab {c.vocab_size}")
+        print(
+            f"tokens per step: {accumulate * batch * c.block_size * world:,} "
+            f"({accumulate} x {batch} x {c.block_size} tokens x {world} processes); "
+            f"strategy: {run.strategy_label(self.trainer.strategy)}; run: {self.run_dir}"
+        )
 
 
 def prepare_main() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from llm.checkpoint import load_for_inference
@@ -115,15 +113,3 @@ def sample(
             print(f"--- sample {i + 1} ---")
         print(text)
     return texts
-
-
-def sample_main(args: list[str]) -> None:
-    from jsonargparse import ArgumentParser, auto_cli
-
-    from llm.errors import OneLineErrors
-
-    class Parser(OneLineErrors, ArgumentParser):
-        pass
-
-    sys.stdout.reconfigure(errors="replace")
-    auto_cli(sample, args=args, parser_class=Parser, as_positional=False)

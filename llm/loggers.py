@@ -6,11 +6,17 @@ import csv
 import logging
 import netrc
 import os
+import re
+import secrets
+import string
 from pathlib import Path
 
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
-from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.loggers.logger import _DummyExperiment, rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+from llm import ranks
 
 
 def wandb_mode() -> str:
@@ -80,11 +86,94 @@ class RunCSVLogger(CSVLogger):
         pass  # config.yaml beside it holds them all
 
 
+SECRET_KEY = re.compile(r"api_?key|secret|password|passwd|credential|access_?token|auth_?token|hf_token", re.I)
+SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|[0-9a-f]{40}|sk-[A-Za-z0-9_-]{20,})$")
+
+
+def scrub(value):
+    """The config without secrets: values under secret-sounding keys, and values shaped like a
+    Hugging Face token, a W&B API key or an API secret, become "<redacted>"."""
+    if isinstance(value, dict):
+        return {k: "<redacted>" if SECRET_KEY.search(str(k)) else scrub(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub(v) for v in value]
+    if isinstance(value, str) and SECRET_VALUE.match(value):
+        return "<redacted>"
+    return value
+
+
 class RunWandbLogger(WandbLogger):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+    """Lightning's WandbLogger with three changes:
+    - the run id is kept in the run folder, so RESUME=auto continues the same W&B run;
+    - W&B's config is the run's resolved config and a few derived figures (`run_config`), scrubbed
+      of secrets, rather than the module's hyperparameters;
+    - if W&B fails to start or to write, training goes on with metrics.csv, and says so once."""
+
+    def __init__(self, run_dir: Path, **kwargs):
+        super().__init__(id=self.run_id(run_dir), resume="allow", save_dir=str(run_dir), **kwargs)
         # Lightning passes anonymous=None, which this wandb release warns about on every run
         self._wandb_init.pop("anonymous", None)
+        self.run_config: dict = {}
+        self.failed = False
+
+    @staticmethod
+    def run_id(run_dir: Path) -> str | None:
+        """The W&B run id of this run folder: read, or chosen and written by the first process."""
+        path = run_dir / "wandb" / "run_id"
+        if path.is_file():
+            return path.read_text().strip()
+        if not ranks.is_first_process():
+            return None  # only rank zero talks to W&B
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's form
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(run_id + "\n")
+        except OSError:
+            pass  # W&B's own start will fail the same way, and say so
+        return run_id
+
+    def _give_up(self, exc: Exception) -> None:
+        if not self.failed:
+            self.failed = True
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            rank_zero_warn(f"W&B failed ({reason}); training continues, metrics go to metrics.csv only")
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self.failed:
+            return _DummyExperiment()
+        try:
+            return WandbLogger.experiment.fget(self)
+        except Exception as exc:  # wandb raises many kinds: bad mode, unwritable dir, network
+            self._give_up(exc)
+            return _DummyExperiment()
+
+    @rank_zero_only
+    def log_hyperparams(self, params=None) -> None:
+        if self.failed:
+            return
+        try:
+            self.experiment.config.update(scrub(self.run_config), allow_val_change=True)
+        except Exception as exc:
+            self._give_up(exc)
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step=None) -> None:
+        if self.failed:
+            return
+        try:
+            super().log_metrics(metrics, step)
+        except Exception as exc:
+            self._give_up(exc)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if not self.failed:
+            try:
+                super().finalize(status)
+            except Exception as exc:
+                self._give_up(exc)
 
 
 class _DropNoise(logging.Filter):
@@ -107,7 +196,4 @@ def quiet_lightning() -> None:
 
 def make_loggers(run_dir: Path, experiment: str, project: str) -> list:
     os.environ["WANDB_MODE"] = wandb_mode()  # the processes a launcher starts inherit the decision
-    return [
-        RunCSVLogger(str(run_dir)),
-        RunWandbLogger(project=project, name=run_dir.name, group=experiment, save_dir=str(run_dir)),
-    ]
+    return [RunCSVLogger(str(run_dir)), RunWandbLogger(run_dir, project=project, name=run_dir.name, group=experiment)]

@@ -220,18 +220,18 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
 
-    def _init_weights(self, module: nn.Module) -> None:
+    def _init_weights(self, module: nn.Module, generator: torch.Generator | None = None) -> None:
         # GPT-2: N(0, 0.02) everywhere; projections that add into the residual stream are scaled by
         # 1/sqrt(2L) so that the stream's variance does not grow with depth (2 additions per block)
         std = self.config.init_std
         if isinstance(module, nn.Linear):
             if getattr(module, "residual_projection", False):
                 std = std / math.sqrt(2 * self.config.n_layer)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T); with a cache, idx continues the cached sequence."""
@@ -263,13 +263,18 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token, forward and backward: 6N + 12·L·H·Q·T (PaLM, appendix B)."""
-        c = self.config
-        T = seq_len or c.block_size
-        return 6 * self.num_params(exclude_position_embeddings=True) + 12 * c.n_layer * c.n_head * c.head_dim * T
+        return flops_per_token(self.config, seq_len)
 
 
-def count_params(config: ModelConfig) -> int:
+def count_params(config: ModelConfig, exclude_position_embeddings: bool = False) -> int:
     """Parameter count of a config without allocating it (the model is built on the meta device)."""
     with torch.device("meta"):
-        return Transformer(config).num_params()
+        return Transformer(config).num_params(exclude_position_embeddings)
+
+
+def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
+    """Training FLOPs per token, forward and backward: 6N + 12·L·H·Q·T (PaLM, appendix B), N the
+    parameters without position embeddings, a tied matrix once; T the sequence length."""
+    T = seq_len or config.block_size
+    n = count_params(config, exclude_position_embeddings=True)
+    return 6 * n + 12 * config.n_layer * config.n_head * config.head_dim * T

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.model import ModelConfig, Transformer
+from llm.strategy import make_optimizer, reinit_partitioned
 
 
 @dataclass
@@ -22,6 +25,12 @@ class OptimizerConfig:
     eps: float = 1e-8
 
 
+def bits_per_byte(loss_nats, tokens: int, n_bytes: int):
+    """Nats per token to bits per byte of text, comparable across tokenizers: the split's tokens
+    carry its bytes, so loss·tokens/bytes is nats per byte."""
+    return loss_nats * tokens / (n_bytes * math.log(2))
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: weight matrices decay; norms, biases and embeddings do not."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -29,7 +38,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():  # yields a tied matrix once
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        dims = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 shard is flat; ds_shape is the full shape
+        (decay if dims >= 2 and id(p) not in embeddings else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -67,9 +77,19 @@ class LanguageModel(L.LightningModule):
 
     def configure_model(self) -> None:
         # built here rather than in __init__ so that DeepSpeed ZeRO-3 can partition it as it is created
-        if self.model is None:
-            self.model = Transformer(self.config)
-            self.model.activation_checkpointing = self.activation_checkpointing
+        if self.model is not None:
+            return
+        model = self.model = Transformer(self.config)
+        model.activation_checkpointing = self.activation_checkpointing
+        # initialise again from a generator of its own, seeded from the run's seed: the weights then
+        # depend on the seed alone, not on what building the model drew from the global generator
+        # (DeepSpeed's ZeRO-3 builds it differently), so every strategy starts from the same weights
+        generator = torch.Generator(self.device).manual_seed(torch.initial_seed())
+        init = functools.partial(model._init_weights, generator=generator)
+        if any(hasattr(p, "ds_id") for p in model.parameters()):  # partitioned by ZeRO-3 as built
+            reinit_partitioned(model, init)
+        else:
+            model.apply(init)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -92,12 +112,18 @@ class LanguageModel(L.LightningModule):
         self._val_losses.append(self._loss(batch).detach())
 
     def on_validation_epoch_end(self) -> None:
-        # every rank evaluates the same number of blocks, so the mean of rank means is the global mean
-        loss = self.all_gather(torch.stack(self._val_losses).mean()).mean()
-        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss.clamp(max=50.0))}, prog_bar=True)
+        # every rank evaluates the same number of blocks, so the mean of rank means is the global mean;
+        # logged with sync_dist so that Lightning knows every rank holds that same value
+        loss = self.trainer.strategy.reduce(torch.stack(self._val_losses).mean(), reduce_op="mean")
+        metrics = {"val/loss": loss, "val/ppl": torch.exp(loss.clamp(max=50.0))}
+        val = self.trainer.datamodule.meta["splits"]["val"] if self.trainer.datamodule else None
+        if val:
+            metrics["val/bpb"] = bits_per_byte(loss, val["tokens"], val["bytes"])
+        self.log_dict(metrics, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         o = self.optim
-        optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+        groups = param_groups(self.model, o.weight_decay)
+        optimizer = make_optimizer(groups, o.lr, o.betas, o.eps, self.trainer.strategy)
         scheduler = warmup_cosine(optimizer, o.warmup_steps, self.trainer.max_steps, o.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -16,6 +16,7 @@ from llm.data.sources import resolve_source
 from llm.data.tokenizer import tokenizer_vocab_size
 from llm.errors import ConfigError
 from llm.model import ModelConfig
+from llm.strategy import load_preset
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
@@ -56,14 +57,19 @@ def check(cfg, command: str) -> None:
     if command == "prepare":
         return
     check_trainer(cfg.trainer)
+    if cfg.deepspeed:
+        load_preset(cfg.deepspeed, cfg.nvme_path)  # an unknown preset, offload it cannot do, a bad NVMe path
     run.check(cfg)
 
 
+def uses_gpu(trainer) -> bool:
+    return torch.cuda.is_available() and trainer.accelerator in ("auto", "gpu", "cuda")
+
+
 def check_trainer(trainer) -> None:
-    gpu = torch.cuda.is_available()
-    if trainer.accelerator in ("gpu", "cuda") and not gpu:
+    if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={trainer.accelerator}: no GPU is visible here; use auto or cpu")
-    on_gpu = gpu and trainer.accelerator in ("auto", "gpu", "cuda")
+    on_gpu = uses_gpu(trainer)
     if trainer.precision is None:
         trainer.precision = "bf16-mixed" if on_gpu else "32-true"
     precision = str(trainer.precision)

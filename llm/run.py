@@ -11,7 +11,6 @@ runs/<name>/
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import zipfile
@@ -96,14 +95,19 @@ class ValidateAtEnd(Callback):
 
 
 class LoggingStepOnResume(Callback):
-    """Lightning (2.6) restores the step it logs under one behind the global step when the checkpoint
-    was written at a validation, so a resumed run would log step n+1 under n and overwrite a row of
-    metrics.csv. With one optimizer the two counters are equal by definition; make them so."""
+    """Lightning (2.6) restores the step it logs under off by one from the global step when the
+    checkpoint was written at a validation (behind, or ahead with DeepSpeed), so a resumed run would
+    log step n under n-1 or n+1 and overwrite or skip a row of metrics.csv. With one optimizer the
+    two counters are equal by definition: make them so at the first batch, after Lightning's own
+    restart bookkeeping."""
 
     def on_train_start(self, trainer, pl_module) -> None:
-        loop = trainer.fit_loop.epoch_loop
-        if loop._batches_that_stepped != trainer.global_step:
-            loop._batches_that_stepped = trainer.global_step
+        self._pending = True
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if self._pending:
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+            self._pending = False
 
 
 class RunInfo(Callback):
@@ -113,6 +117,7 @@ class RunInfo(Callback):
         self.config = config
         self.data_folder = Path(data_folder)
         self.start_step, self.train_seconds = 0, 0.0
+        self.resumed_from: str | None = None  # set by the CLI when it resumes
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start_step, self._started = trainer.global_step, time.perf_counter()
@@ -153,6 +158,17 @@ def callbacks(config: dict, run_dir: Path, data_folder: Path) -> list:
     return [checkpoint, ValidateAtEnd(), LoggingStepOnResume(), RunInfo(config, data_folder), ProgressBar()]
 
 
+def strategy_label(strategy) -> str:
+    """ "deepspeed zero2", "ddp", "single_device": what ran, as the user chose it."""
+    from llm.strategy import preset_of
+
+    preset = preset_of(strategy)
+    if preset:
+        return f"deepspeed {preset}"
+    name = type(strategy).__name__.removesuffix("Strategy")  # DDP, SingleDevice, FSDP, ...
+    return {"DDP": "ddp", "SingleDevice": "single_device"}.get(name, name.lower())
+
+
 def write_summary(trainer: L.Trainer, datamodule, model, seconds: float) -> dict:
     """summary.json: what the run did and reached; printed as well. Rank 0 writes it."""
     meta = datamodule.meta
@@ -167,15 +183,15 @@ def write_summary(trainer: L.Trainer, datamodule, model, seconds: float) -> dict
         "steps": trainer.global_step,
         "tokens": trainer.global_step * tokens_per_step,
         "wall_seconds": round(seconds, 2),
-        "tokens_per_second": round(session_tokens / max(info.train_seconds, 1e-9), 1),
-        "final_train_loss": metrics.get("train/loss", math.nan),
-        "final_val_loss": metrics.get("val/loss", math.nan),
+        "tokens_per_second": round(session_tokens / info.train_seconds, 1) if session_tokens else 0.0,
+        "final_train_loss": metrics.get("train/loss"),  # None when this session trained no step
+        "final_val_loss": metrics.get("val/loss"),
         "unigram_val_entropy": meta["unigram_val_entropy"],
         "best_checkpoint": checkpoint.best_model_path or None,
-        "last_checkpoint": checkpoint.last_model_path or None,
+        "last_checkpoint": checkpoint.last_model_path or info.resumed_from,
         "params": count_params(model.config),
         "world_size": trainer.world_size,
-        "strategy": type(trainer.strategy).__name__,
+        "strategy": strategy_label(trainer.strategy),
         "precision": str(trainer.precision),
         "data": str(datamodule.folder),
     }

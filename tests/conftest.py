@@ -76,3 +76,17 @@ def snapshot(folder: Path) -> dict:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+@pytest.fixture(scope="session")
+def code_corpus(tmp_path_factory) -> Path:
+    """~400 kB of Python source in one text file: quick to prepare, no shared data needed."""
+    import email
+    import json as json_module
+    import typing
+
+    path = tmp_path_factory.mktemp("corpus") / "code.txt"
+    sources = [Path(m.__file__).read_text() for m in (typing, json_module.decoder, json_module.encoder)]
+    sources += [p.read_text() for p in sorted(Path(email.__file__).parent.glob("*.py"))]
+    path.write_text("\n\n".join(sources))
+    return path

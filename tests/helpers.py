@@ -12,3 +12,27 @@ class StopAtStep(Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class EngineProbe(Callback):
+    """At the end of training, each rank writes what it holds into <run>/probe-rank<r>.pt: parameter
+    and optimizer-state elements (to see ZeRO's partitions), and the model's logits on a fixed input
+    (to compare with the consolidated checkpoint)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import torch
+
+        model = pl_module.model
+        params = list(model.parameters())
+        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        optimizer = trainer.optimizers[0]
+        base = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO optimizer wraps the real one
+        state = sum(t.numel() for s in base.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+        idx = (torch.arange(48) * 7 % model.config.vocab_size).view(2, 24).to(pl_module.device)
+        model.eval()
+        with torch.no_grad():
+            logits = model(idx).float().cpu()  # ZeRO-3 gathers each layer's shards on every rank here
+        model.train()
+        probe = {"params_held": held, "params_total": total, "optimizer_state": state, "logits": logits, "idx": idx}
+        torch.save(probe, f"{trainer.default_root_dir}/probe-rank{trainer.global_rank}.pt")

@@ -38,20 +38,6 @@ def metrics(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def code_corpus(tmp_path_factory) -> Path:
-    """~400 kB of Python source in one text file: quick to prepare, no shared data needed."""
-    import email
-    import json as json_module
-    import typing
-
-    path = tmp_path_factory.mktemp("corpus") / "code.txt"
-    sources = [Path(m.__file__).read_text() for m in (typing, json_module.decoder, json_module.encoder)]
-    sources += [p.read_text() for p in sorted(Path(email.__file__).parent.glob("*.py"))]
-    path.write_text("\n\n".join(sources))
-    return path
-
-
 @pytest.mark.slow
 def test_make_train_runs_the_default_job_and_leaves_the_run_folder(tmp_path, data_cache):
     run = tmp_path / "run"
@@ -93,6 +79,7 @@ def test_training_on_shakespeare_with_the_gpt2_tokenizer_learns(tmp_path, shakes
         f"--data.cache_dir={data_cache}",
         f"--run={run}",
         "--model.config.block_size=32",
+        "--model.config.tie_embeddings=false",  # learns context sooner than tied at this width (5.6 vs 5.9 nats)
         "--data.batch_size=16",
         "--data.val_batches=8",
         "--trainer.max_steps=400",

@@ -1,0 +1,218 @@
+"""Throughput, MFU, memory and gradient norm, logged every `log_every_n_steps`.
+
+Cheap by construction: between logging steps the monitor reads a clock twice per micro-batch and
+touches no device. On a logging step it synchronises the accelerator once (so the clock is
+right), gathers one small vector from every rank (memory is reported as the maximum and minimum
+across ranks: a lopsided rank is the usual sign of trouble), and hands the numbers to Lightning's
+loggers, which write them on rank zero. The rates come from Lightning's `Throughput` utility.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import resource
+import sys
+import time
+
+import psutil
+import torch
+from lightning.fabric.utilities.throughput import Throughput, get_available_flops
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+GiB = 2**30
+PRECISION_DTYPES = {
+    "bf16-mixed": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "16-true": torch.float16,
+}
+
+
+def training_dtype(precision: str) -> torch.dtype:
+    """The dtype the matmuls run in: what MFU's peak must be measured for."""
+    return PRECISION_DTYPES.get(str(precision), torch.float32)
+
+
+def cpu_matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 8) -> float:
+    """FLOP/s of the best of a few n×n matmuls on this CPU, with the threads torch uses: the peak
+    that MFU divides by on a CPU (no datasheet value applies to an arbitrary CPU)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up: thread pool and caches
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device, precision: str, override: float | None = None) -> float:
+    """Peak FLOP/s of one device for the training dtype: `override` if given, the datasheet value
+    of a known GPU (Lightning's table), else a matmul measured here."""
+    if override:
+        return float(override)
+    dtype = training_dtype(precision)
+    if device.type == "cuda":
+        known = get_available_flops(device, dtype)
+        if known:
+            return float(known)
+    return cpu_matmul_peak(dtype)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _glibc_mallinfo2():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        return libc.mallinfo2
+    except (OSError, AttributeError):  # not glibc (macOS), or glibc older than 2.33
+        return None
+
+
+_MALLINFO2 = _glibc_mallinfo2() if sys.platform.startswith("linux") else None
+
+
+def memory_bytes(device: torch.device) -> tuple[float, float, float, float]:
+    """(allocated, reserved, peak, host_rss) of this process in bytes.
+
+    On a GPU: torch's CUDA allocator (tensors in use, memory held from the driver, peak in use).
+    On a CPU the device memory is host memory: allocated and reserved are what glibc's malloc has
+    handed out and holds from the OS (mallinfo2; without glibc, both are the resident set), peak is
+    the resident set's high-water mark."""
+    rss = psutil.Process().memory_info().rss
+    if device.type == "cuda":
+        return (
+            torch.cuda.memory_allocated(device),
+            torch.cuda.memory_reserved(device),
+            torch.cuda.max_memory_allocated(device),
+            rss,
+        )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    if _MALLINFO2 is not None:
+        info = _MALLINFO2()
+        return info.uordblks + info.hblkhd, info.arena + info.hblkhd, peak, rss
+    return rss, rss, peak, rss
+
+
+class PerformanceMonitor(Callback):
+    def __init__(self, flops_per_token: int, peak_flops: float | None = None):
+        """Args:
+        flops_per_token: training FLOPs per token (6N + 12·L·H·Q·T)
+        peak_flops: peak FLOP/s of one device for MFU; none: the GPU's datasheet value, or measured on CPU
+        """
+        self.flops_per_token = flops_per_token
+        self.peak_override = peak_flops
+        self.peak: float | None = None
+
+    # --- the clock: training time excludes validation and checkpointing ---------------------------
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        data = trainer.datamodule
+        self.tokens_per_sample = data.block_size
+        self.tokens_per_step = trainer.accumulate_grad_batches * data.batch_size * data.block_size * trainer.world_size
+        self.peak = peak_flops(pl_module.device, trainer.precision, self.peak_override)
+        self.throughput = Throughput(available_flops=self.peak, world_size=trainer.world_size, window_size=2)
+        self.train_time = self.waited = 0.0
+        self.samples = 0  # sequences this rank trained on in this session
+        self.start_step = self.last_logged_step = self.last_step = trainer.global_step
+        self.throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
+        self.last_end: float | None = None  # end of the previous micro-batch; None after a pause
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self.last_end is not None:  # fetching this batch: the wait for the loader
+            self.waited += now - self.last_end
+            self.train_time += now - self.last_end
+        self.batch_start = now
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.last_end = None  # validation and the checkpoint after it are not training time
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.samples += len(batch)
+        stepped = trainer.global_step != self.last_step
+        self.last_step = trainer.global_step
+        if stepped and trainer.global_step % trainer.log_every_n_steps == 0:
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)  # the clock must see the finished work
+            self._log(trainer, pl_module, time.perf_counter())
+        now = time.perf_counter()
+        self.train_time += now - self.batch_start
+        self.last_end = now
+
+    # --- a logging step ------------------------------------------------------------------------------
+
+    def _log(self, trainer, pl_module, now: float) -> None:
+        train_time = self.train_time + now - self.batch_start
+        tokens = self.samples * self.tokens_per_sample  # this rank's, this session
+        new_tokens = tokens - self.throughput._lengths[-1]
+        self.throughput.update(
+            time=train_time,
+            batches=trainer.global_step - self.start_step,
+            samples=self.samples,
+            lengths=tokens,
+            flops=new_tokens * self.flops_per_token,
+        )
+        rates = self.throughput.compute()  # over the interval since the previous logging step
+        interval = self.throughput._time[-1] - self.throughput._time[0]
+        world = trainer.world_size
+        metrics = {
+            "train/tokens": trainer.global_step * self.tokens_per_step,
+            "perf/tokens_per_sec": rates["device/items_per_sec"] * world,
+            "perf/tokens_per_sec_per_device": rates["device/items_per_sec"],
+            "perf/samples_per_sec": rates["device/samples_per_sec"] * world,
+            "perf/step_time": interval / (trainer.global_step - self.last_logged_step),
+            "perf/mfu": rates["device/mfu"],
+            "perf/data_wait_frac": self.waited / interval,
+        }
+        metrics.update(self._memory(trainer, pl_module))
+        grad_norm = self._deepspeed_grad_norm(trainer)
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = grad_norm
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+        self.waited, self.last_logged_step = 0.0, trainer.global_step
+
+    def _memory(self, trainer, pl_module) -> dict:
+        own = torch.tensor(memory_bytes(pl_module.device), dtype=torch.float64, device=pl_module.device) / GiB
+        every = trainer.strategy.all_gather(own).reshape(-1, 4)  # (ranks, 4): one collective
+        high, low = every.max(dim=0).values.tolist(), every.min(dim=0).values.tolist()
+        out = {}
+        for i, name in enumerate(("allocated", "reserved", "peak", "host_rss")):
+            out[f"mem/{name}_max"], out[f"mem/{name}_min"] = high[i], low[i]
+        return out
+
+    # --- the gradient norm before clipping --------------------------------------------------------
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            return  # DeepSpeed keeps gradients in its own buffers; its engine reports the norm
+        if (trainer.global_step + 1) % trainer.log_every_n_steps:
+            return
+        norms = [p.grad.detach().norm() for p in pl_module.parameters() if p.grad is not None]
+        if norms:
+            pl_module.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, on_epoch=False)
+
+    @staticmethod
+    def _deepspeed_grad_norm(trainer) -> float | None:
+        if not isinstance(trainer.strategy, DeepSpeedStrategy):
+            return None
+        norm = trainer.strategy.deepspeed_engine.get_global_grad_norm()  # of the last step, before clipping
+        return None if norm is None else float(norm)

@@ -1,0 +1,175 @@
+"""The distribution strategy: DDP, or DeepSpeed ZeRO from a preset in configs/deepspeed/.
+
+A preset holds only what is DeepSpeed's own (stage, offload, buckets, overlap); micro batch,
+gradient accumulation, clipping and precision come from the trainer and data configs, which
+Lightning's DeepSpeedStrategy writes into the DeepSpeed config. On a GPU the strategy is
+Lightning's as it is; on CPU, `CPUDeepSpeedStrategy` lets the same ZeRO engine run over gloo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
+
+from llm.errors import ConfigError
+
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+# the trainer and data configs own these; a preset that sets them would make two sources of truth
+OWNED_ELSEWHERE = {
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "train_batch_size": "data.batch_size and trainer.accumulate_grad_batches",
+    "gradient_accumulation_steps": "trainer.accumulate_grad_batches",
+    "gradient_clipping": "trainer.gradient_clip_val",
+    "fp16": "trainer.precision",
+    "bf16": "trainer.precision",
+    "optimizer": "model.optimizer",
+    "scheduler": "model.optimizer",
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.json"))
+
+
+def load_preset(name: str, nvme_path: str | None = None) -> dict:
+    """The DeepSpeed config of a preset name (or a .json path), checked; NVMe paths filled in."""
+    path = Path(name) if name.endswith(".json") else PRESETS / f"{name}.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"deepspeed={name}: no such preset; use one of {', '.join(preset_names())} (DS=), "
+            "or a path to a DeepSpeed .json"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed={name}: {path} is not valid JSON ({exc})") from exc
+    for key, owner in OWNED_ELSEWHERE.items():
+        if key in config:
+            raise ConfigError(f"deepspeed={name}: sets {key}, which comes from {owner}; remove it from {path}")
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if zero.get("offload_param") and stage < 3:
+        raise ConfigError(
+            f"deepspeed={name}: offload_param (parameter offload) needs ZeRO stage 3, "
+            f"the preset has stage {stage}; use zero3_offload, or offload_optimizer only"
+        )
+    for section in ("offload_optimizer", "offload_param"):
+        offload = zero.get(section) or {}
+        if offload.get("device") == "nvme":
+            offload["nvme_path"] = check_nvme_path(nvme_path or offload.get("nvme_path"), name)
+    return config
+
+
+def check_nvme_path(path: str | None, preset: str) -> str:
+    if not path:
+        raise ConfigError(
+            f"nvme_path=: preset {preset} offloads to NVMe; set NVME_PATH= to a folder on a fast local disk"
+        )
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"nvme_path={path}: no such folder; create it on a fast local disk or choose another")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"nvme_path={path}: not writable ({exc.strerror}); choose a folder you can write to") from exc
+    return str(folder.resolve())
+
+
+def offloads_optimizer(config: dict) -> bool:
+    device = (config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device")
+    return device in ("cpu", "nvme")
+
+
+def preset_of(strategy: Strategy) -> str | None:
+    return getattr(strategy, "preset", None)
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy with the three places that assume CUDA relaxed, so the real ZeRO
+    engine runs on CPU processes over gloo (tests, and anyone without a GPU)."""
+
+    strategy_name = "deepspeed_cpu"
+
+    def setup_environment(self) -> None:
+        # DeepSpeedStrategy refuses any accelerator but CUDA here; the rest is DDP's setup
+        super(DeepSpeedStrategy, self).setup_environment()
+
+    def setup_distributed(self) -> None:
+        # as DeepSpeedStrategy does, less the check of device indices that CPU devices do not have
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        import deepspeed
+
+        # a CPU device has no index; DeepSpeed takes the local rank as the device rank instead
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, ds_optimizer
+
+
+def build_strategy(preset: str | None, nvme_path: str | None, batch_size: int, on_gpu: bool) -> Strategy | str:
+    """ "auto" without a preset (one device, or DDP for several), else a DeepSpeed strategy."""
+    if not preset:
+        return "auto"
+    config = load_preset(preset, nvme_path)
+    # Lightning derives the rest (accumulation, clipping, precision) from the trainer
+    config["train_micro_batch_size_per_gpu"] = batch_size
+    if on_gpu:
+        strategy = DeepSpeedStrategy(config=config)
+    else:
+        strategy = CPUDeepSpeedStrategy(config=config, process_group_backend="gloo")
+    strategy.preset = Path(preset).stem
+    return strategy
+
+
+def make_optimizer(groups: list[dict], lr: float, betas, eps: float, strategy: Strategy) -> torch.optim.Optimizer:
+    """AdamW as the preset needs it: DeepSpeed's CPU Adam when ZeRO offloads the optimizer (DeepSpeed
+    rejects a torch optimizer there), its fused Adam for ZeRO on GPU, torch's AdamW otherwise."""
+    on_gpu = strategy.root_device.type == "cuda"
+    if isinstance(strategy, DeepSpeedStrategy):
+        if offloads_optimizer(strategy.config):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
+        if on_gpu:
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if on_gpu else None)
+
+
+def _post_order(module: torch.nn.Module):
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
+
+
+def reinit_partitioned(model: torch.nn.Module, init_fn) -> None:
+    """Under ZeRO-3 each module's parameters are partitioned as soon as the module is built, so an
+    initialisation applied afterwards would touch empty shards. Gather one module at a time (never
+    the whole model), initialise on rank 0, and let DeepSpeed scatter the result: the weights equal
+    those of the same seed without ZeRO."""
+    import deepspeed
+
+    for module in _post_order(model):  # the order of nn.Module.apply, so the random draws match
+        params = list(module.parameters(recurse=False))
+        if params:
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                init_fn(module)

@@ -1,0 +1,128 @@
+"""The memory planner against the ZeRO paper's formulas, DeepSpeed's estimators and hand arithmetic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+from conftest import REPO
+from llm.model import ModelConfig, count_params
+from llm.plan import OVERHEAD_BYTES, GiB, activation_bytes, largest_layer_params, load_model_config, plan, recommend
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    config = load_model_config("gpt2-124m")
+    return config, count_params(config)
+
+
+def by_preset(rows):
+    return {row.preset: row for row in rows}
+
+
+@pytest.mark.parametrize("gpus, nnodes", [(1, 1), (8, 1), (8, 4)])
+def test_model_states_follow_the_zero_paper(gpt2, gpus, nnodes):
+    config, psi = gpt2
+    n = gpus * nnodes
+    rows = by_preset(plan(config, gpus, nnodes, gpu_mem=80))
+    expected = {
+        "ddp": 16 * psi,
+        "zero1": 4 * psi + 12 * psi / n,
+        "zero2": 2 * psi + 14 * psi / n,
+        "zero3": 16 * psi / n,
+    }
+    for preset, nbytes in expected.items():
+        assert rows[preset].model_states_gib * GiB == pytest.approx(nbytes, rel=1e-12)
+    assert rows["ddp"].model_states_gib * GiB == 16 * 124_475_904  # 16 bytes per parameter
+
+
+def test_offload_rows_are_deepspeeds_estimates(gpt2):
+    config, psi = gpt2
+    rows = by_preset(plan(config, 4, 2, gpu_mem=80))
+    cpu, gpu = estimate_zero2_model_states_mem_needs(psi, 4, 2, cpu_offload=True)
+    assert (rows["zero2_offload"].model_states_gib * GiB, rows["zero2_offload"].cpu_per_node_gib * GiB) == (gpu, cpu)
+    largest = largest_layer_params(config)
+    assert largest == 50304 * 768  # the (tied) embedding
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(psi, largest, 4, 2, cpu_offload=True, cpu_offload_params=True)
+    assert (rows["zero3_offload"].model_states_gib * GiB, rows["zero3_offload"].cpu_per_node_gib * GiB) == (gpu, cpu)
+    assert rows["zero3_nvme"].nvme_per_node_gib * GiB == cpu and rows["zero3_nvme"].cpu_per_node_gib == 0
+
+
+def test_activations_by_hand():
+    config = ModelConfig(vocab_size=1000, n_layer=3, n_embd=64, n_head=4, block_size=128)
+    sbh = 128 * 2 * 64
+    assert (
+        activation_bytes(config, micro_batch=2, seq_len=128, checkpointing=False) == 34 * sbh * 3 + 10 * 128 * 2 * 1000
+    )
+    assert activation_bytes(config, 2, 128, checkpointing=True) == 2 * sbh * 3 + 34 * sbh + 10 * 128 * 2 * 1000
+
+
+def test_total_adds_activations_and_overhead(gpt2):
+    config, _ = gpt2
+    for row in plan(config, 8, 1, gpu_mem=80, micro_batch=4):
+        assert row.total_gib * GiB == pytest.approx(
+            row.model_states_gib * GiB + row.activations_gib * GiB + OVERHEAD_BYTES
+        )
+
+
+def test_recommendation_moves_to_more_sharding_as_gpu_memory_shrinks():
+    # GPT-2 XL (1.558B) on 8 GPUs, micro batch 4 x 1024 with activation checkpointing: 2.71 GiB of
+    # activations + 2 GiB overhead, and model states of 23.2 (DDP), 7.98 (ZeRO-1), 5.44 (ZeRO-2),
+    # 2.90 (ZeRO-3, and ZeRO-2 with offload) and 0.30 GiB (ZeRO-3 with offload)
+    config = load_model_config("gpt2-1.5b")
+    picks = [
+        getattr(recommend(plan(config, 8, 1, gpu_mem=m, micro_batch=4, checkpointing=True)), "preset", None)
+        for m in (80, 24, 12, 8, 6, 3)
+    ]
+    assert picks == ["ddp", "zero1", "zero2", "zero3", "zero3_offload", None]
+
+
+def test_cpu_memory_rules_out_offload():
+    config = load_model_config("gpt2-1.5b")
+    rows = by_preset(plan(config, 8, 1, gpu_mem=8, cpu_mem=16, micro_batch=4, checkpointing=True))
+    assert not rows["zero2_offload"].fits and not rows["zero3_offload"].fits
+    assert rows["zero3_nvme"].fits  # its states go to disk
+
+
+def test_make_plan_prints_json_and_a_table():
+    result = subprocess.run(
+        [
+            "make",
+            "-s",
+            "plan",
+            "MODEL=llama-7b",
+            "GPUS=8",
+            "NNODES=2",
+            "GPU_MEM=80",
+            "CPU_MEM=512",
+            "ARGS=--json_out=true --micro_batch=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout[result.stdout.index("{") :])
+    assert out["params"] == 6_738_415_616 and out["nnodes"] == 2 and len(out["rows"]) == 7
+    # 16 GPUs: ZeRO-1 holds 4Ψ + 12Ψ/16 = 29.8 GiB, with 17.0 GiB of activations, 1.2 of logits
+    # and 2 of overhead: 50 GiB, the first row under 80 (DDP would need 16Ψ = 100 GiB alone)
+    assert out["recommended"] == "zero1"
+    table = subprocess.run(
+        ["make", "-s", "plan", "MODEL=gpt2-124m", "GPUS=1", "GPU_MEM=80"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "recommended: DS=" in table.stdout and "zero3_offload" in table.stdout
+
+
+def test_unknown_model_is_one_line():
+    result = subprocess.run(["make", "-s", "plan", "MODEL=gpt5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("make: ***")]
+    assert result.returncode == 2 and lines == [lines[0]] and "model=gpt5: no such preset" in lines[0]
