@@ -48,7 +48,7 @@ CLI_ARGS = --config $(CONFIG) \
 	$(if $(RESUME),--resume="$$RESUME")
 
 .DEFAULT_GOAL := help
-.PHONY: help install prepare train sample eval export-fp32 plan test lint format clean
+.PHONY: help install prepare train sample eval export-fp32 plan bench plot dashboard test lint format clean
 
 help:
 	@echo "Pretrain decoder-only Transformers. Targets:"
@@ -59,6 +59,9 @@ help:
 	@echo "  make eval        validation loss, perplexity and bits per byte of CKPT= on its run's data"
 	@echo "  make export-fp32 a DeepSpeed checkpoint folder CKPT= as one fp32 file OUT="
 	@echo "  make plan        memory per ZeRO stage and offload, and the preset to use: MODEL= GPUS= NNODES= GPU_MEM= [CPU_MEM=]"
+	@echo "  make bench       the trainer against a raw PyTorch loop, and data preparation: a table and bench.json"
+	@echo "  make plot        PNG charts of a run's loss, throughput, MFU and memory: make plot RUN=runs/<name>"
+	@echo "  make dashboard   a run in W&B's terminal viewer (wandb leet): make dashboard RUN=runs/<name>"
 	@echo "  make test        the test suite (PYTEST_ARGS= passes options to pytest)"
 	@echo "  make lint        ruff"
 	@echo "Variables (empty: the config's value):"
@@ -106,6 +109,15 @@ export-fp32: $(STAMP)
 plan: $(STAMP)
 	$(PY) -m llm plan $(if $(MODEL),--model=$(MODEL)) $(if $(GPUS),--gpus=$(GPUS)) $(if $(NNODES),--nnodes=$(NNODES)) \
 		$(if $(GPU_MEM),--gpu_mem=$(GPU_MEM)) $(if $(CPU_MEM),--cpu_mem=$(CPU_MEM)) $(ARGS)
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py $(ARGS)
+
+plot: $(STAMP)
+	$(PY) -m llm plot --run="$$RUN" $(ARGS)
+
+dashboard: $(STAMP)
+	$(PY) -m llm dashboard --run="$$RUN"
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

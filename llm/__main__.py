@@ -1,5 +1,6 @@
-"""`python -m llm <command>`: fit | prepare | sample (see `make help`)."""
+"""`python -m llm <command>`: the entry point of every Make target (see `make help`)."""
 
+import importlib
 import os
 import sys
 
@@ -15,14 +16,19 @@ from llm.errors import ConfigError  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning
 
+# command -> (module, function, what it does). fit and prepare are LightningCLI entry points that
+# read sys.argv; the others are functions whose signature and docstring make their options.
 COMMANDS = {
-    "fit": "train (LightningCLI; --help lists every option)",
-    "prepare": "prepare and cache the data of a config",
-    "sample": "generate text from a checkpoint",
-    "eval": "validation loss, perplexity and bits per byte of a checkpoint",
-    "export-fp32": "consolidate a DeepSpeed checkpoint folder into one fp32 file",
-    "plan": "memory per ZeRO stage and offload for a model and cluster, and the preset to use",
+    "fit": ("llm.cli", "fit_main", "train (LightningCLI; --help lists every option)"),
+    "prepare": ("llm.cli", "prepare_main", "prepare and cache the data of a config"),
+    "sample": ("llm.generate", "sample", "generate text from a checkpoint"),
+    "eval": ("llm.evaluate", "evaluate", "validation loss, perplexity and bits per byte of a checkpoint"),
+    "export-fp32": ("llm.checkpoint", "export_fp32", "consolidate a DeepSpeed checkpoint folder into one fp32 file"),
+    "plan": ("llm.plan", "plan_main", "memory per ZeRO stage and offload, and the preset to use"),
+    "plot": ("llm.plot", "plot", "PNG charts of a run's loss, throughput, MFU and memory"),
+    "dashboard": ("llm.plot", "dashboard", "open a run in W&B's terminal viewer"),
 }
+READS_ARGV = {"fit", "prepare"}
 
 
 def function_cli(function, args: list[str]) -> None:
@@ -41,37 +47,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print("usage: python -m llm {" + ",".join(COMMANDS) + "} [options]", file=sys.stderr)
-        for name, what in COMMANDS.items():
+        for name, (_, _, what) in COMMANDS.items():
             print(f"  {name:<12} {what}", file=sys.stderr)
         sys.exit(2)
     sys.argv = [sys.argv[0], *argv]
     command, args = argv[0], argv[1:]
+    module, name, _ = COMMANDS[command]
     sys.stdout.reconfigure(errors="replace")
     try:
-        if command == "fit":
-            from llm.cli import fit_main
-
-            fit_main()
-        elif command == "prepare":
-            from llm.cli import prepare_main
-
-            prepare_main()
-        elif command == "sample":
-            from llm.generate import sample
-
-            function_cli(sample, args)
-        elif command == "eval":
-            from llm.evaluate import evaluate
-
-            function_cli(evaluate, args)
-        elif command == "export-fp32":
-            from llm.checkpoint import export_fp32
-
-            function_cli(export_fp32, args)
-        elif command == "plan":
-            from llm.plan import plan_main
-
-            function_cli(plan_main, args)
+        function = getattr(importlib.import_module(module), name)
+        function() if command in READS_ARGV else function_cli(function, args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -9,12 +9,13 @@ import os
 import re
 import secrets
 import string
+import sys
 from pathlib import Path
 
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.fabric.loggers.logger import _DummyExperiment, rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 
 from llm import ranks
 
@@ -135,8 +136,9 @@ class RunWandbLogger(WandbLogger):
     def _give_up(self, exc: Exception) -> None:
         if not self.failed:
             self.failed = True
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            rank_zero_warn(f"W&B failed ({reason}); training continues, metrics go to metrics.csv only")
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            message = f"warning: W&B failed ({reason}); training continues, metrics go to metrics.csv only"
+            print(message, file=sys.stderr)
 
     @property
     @rank_zero_experiment

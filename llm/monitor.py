@@ -130,16 +130,16 @@ class PerformanceMonitor(Callback):
         self.tokens_per_step = trainer.accumulate_grad_batches * data.batch_size * data.block_size * trainer.world_size
         self.peak = peak_flops(pl_module.device, trainer.precision, self.peak_override)
         self.throughput = Throughput(available_flops=self.peak, world_size=trainer.world_size, window_size=2)
-        self.train_time = self.waited = 0.0
+        self.train_time = 0.0
         self.samples = 0  # sequences this rank trained on in this session
         self.start_step = self.last_logged_step = self.last_step = trainer.global_step
         self.throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
+        self.waited_until = self._loader_wait(trainer)
         self.last_end: float | None = None  # end of the previous micro-batch; None after a pause
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
-        if self.last_end is not None:  # fetching this batch: the wait for the loader
-            self.waited += now - self.last_end
+        if self.last_end is not None:  # between batches: fetching this one, and the loop's own work
             self.train_time += now - self.last_end
         self.batch_start = now
 
@@ -181,14 +181,19 @@ class PerformanceMonitor(Callback):
             "perf/samples_per_sec": rates["device/samples_per_sec"] * world,
             "perf/step_time": interval / (trainer.global_step - self.last_logged_step),
             "perf/mfu": rates["device/mfu"],
-            "perf/data_wait_frac": self.waited / interval,
+            "perf/data_wait_frac": (self._loader_wait(trainer) - self.waited_until) / interval,
         }
         metrics.update(self._memory(trainer, pl_module))
         grad_norm = self._deepspeed_grad_norm(trainer)
         if grad_norm is not None:
             metrics["train/grad_norm"] = grad_norm
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
-        self.waited, self.last_logged_step = 0.0, trainer.global_step
+        self.waited_until, self.last_logged_step = self._loader_wait(trainer), trainer.global_step
+
+    @staticmethod
+    def _loader_wait(trainer) -> float:
+        """Seconds the loop has waited for training batches (StepDataLoader counts them)."""
+        return getattr(trainer.train_dataloader, "wait_seconds", 0.0)
 
     def _memory(self, trainer, pl_module) -> dict:
         own = torch.tensor(memory_bytes(pl_module.device), dtype=torch.float64, device=pl_module.device) / GiB

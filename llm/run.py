@@ -79,10 +79,16 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
     candidates.sort(key=lambda p: p.name != "last.ckpt")
     for path in candidates:
         if is_complete_checkpoint(path):
-            print(f"resuming from {path}")
+            say(f"resuming from {path}")
             return str(path)
-    print(f"resume=auto: no checkpoint in {folder} yet, starting from scratch")
+    say(f"resume=auto: no checkpoint in {folder} yet, starting from scratch")
     return None
+
+
+def say(line: str) -> None:
+    """Print once per job, from the first process."""
+    if ranks.is_first_process():
+        print(line)
 
 
 class ValidateAtEnd(Callback):
@@ -133,7 +139,12 @@ class RunInfo(Callback):
 
 class ProgressBar(RichProgressBar):
     """Lightning's rich progress bar, counting the run's batches rather than epochs (a run here is
-    one pass of max_steps, so "Epoch 0/-2" would say nothing)."""
+    one pass of max_steps, so "Epoch 0/-2" would say nothing), and refreshed on logging steps only:
+    reading the shown loss is a device sync, which the other steps are spared."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._refresh_rate = max(1, trainer.log_every_n_steps * trainer.accumulate_grad_batches)
 
     def _get_train_description(self, current_epoch: int) -> str:
         return f"{'train':{len(self.validation_description)}}"

@@ -8,6 +8,7 @@ the data an uninterrupted run would have, whatever the number of loader workers.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -89,8 +90,24 @@ class StepSampler(Sampler[int]):
 
 
 class StepDataLoader(DataLoader):
-    """A DataLoader that Lightning may treat as resumable: it is, because the train dataloader is
-    rebuilt from the restored global step (see StepSampler), so there is no other state to keep."""
+    """The training DataLoader. It counts the seconds the training loop spends waiting for it
+    (`wait_seconds`, read by the performance monitor), and Lightning may treat it as resumable: it
+    is, because it is rebuilt from the restored global step (see StepSampler), so it has no other
+    state to keep."""
+
+    wait_seconds = 0.0
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                self.wait_seconds += time.perf_counter() - start
+            yield batch
 
     def state_dict(self) -> dict:
         return {}

@@ -1,0 +1,402 @@
+"""`make bench`: the project's trainer against a raw PyTorch loop, and `make prepare` against a plain
+tokenizer loop, in one process; a table on the terminal and one JSON file.
+
+The two training sides run the same model, data, optimizer, schedule, clipping and precision,
+interleaved in blocks (project, raw, then raw, project, ...) after warm-up, because absolute
+times on a shared machine drift by 20% from one minute to the next and only a ratio taken side by
+side means anything. Step time is the wall time between the ends of consecutive optimizer steps,
+data loading included. The project side is Lightning's Trainer with the run's LanguageModel,
+TokenDataModule, PerformanceMonitor and CSV logging, without validation and checkpoints (they
+are not per-step costs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `python -m llm` sets it
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as `python -m llm` sets it
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # lightning 2.6 on torch 2.13
+
+from llm.model import ModelConfig, count_params, flops_per_token  # noqa: E402
+
+SHARED = Path(os.environ.get("LLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+MODELS = {  # name -> (architecture, sequences per micro-batch)
+    "tiny": ({**yaml.safe_load((REPO / "configs/model/tiny.yaml").read_text())}, 32),
+    "10m": ({"block_size": 128, "n_layer": 6, "n_head": 5, "n_embd": 320}, 16),  # 10.0M with 8192 tokens
+    "gpt2-124m": ({**yaml.safe_load((REPO / "configs/model/gpt2-124m.yaml").read_text())}, 16),
+}
+
+
+class StepClock:
+    """Wall-clock times at the end of each optimizer step (after a device sync on GPU)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.cpu: list[float] = []  # process CPU seconds (all threads): what steal time on a shared host leaves alone
+        self.peak = 0.0
+
+    def tick(self, device: torch.device) -> None:
+        from llm.monitor import memory_bytes
+
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.times.append(time.perf_counter())
+        usage = os.times()
+        self.cpu.append(usage.user + usage.system)
+        self.peak = max(self.peak, memory_bytes(device)[2 if device.type == "cuda" else 0])
+
+    def step_times(self, warmup: int, cpu: bool = False) -> list[float]:
+        ticks = self.cpu if cpu else self.times
+        return [b - a for a, b in zip(ticks[warmup:], ticks[warmup + 1 :], strict=False)]
+
+
+def project_block(config: ModelConfig, data_kwargs: dict, precision: str, steps: int, peak: float, tmp: Path):
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from llm.data.datamodule import TokenDataModule
+    from llm.loggers import RunCSVLogger
+    from llm.module import LanguageModel, OptimizerConfig
+    from llm.monitor import PerformanceMonitor
+
+    clock = StepClock()
+
+    class Tick(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            clock.tick(pl_module.device)
+
+    trainer = L.Trainer(
+        accelerator="auto",
+        devices=1,
+        precision=precision,
+        max_steps=steps,
+        gradient_clip_val=1.0,
+        logger=RunCSVLogger(str(tmp / f"csv-{time.monotonic_ns()}")),
+        log_every_n_steps=10,
+        callbacks=[Tick(), PerformanceMonitor(flops_per_token(config), peak)],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    model = LanguageModel(config, OptimizerConfig(lr=3e-3, warmup_steps=2))
+    trainer.fit(model, datamodule=TokenDataModule(**data_kwargs))
+    return clock
+
+
+def raw_block(config: ModelConfig, data_kwargs: dict, precision: str, steps: int):
+    from raw_loop import raw_training_steps
+
+    from llm.data.datamodule import TokenDataModule
+    from llm.model import Transformer
+    from llm.module import OptimizerConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    clock = StepClock()
+    data = TokenDataModule(**data_kwargs)
+    data.setup("fit")
+    loader = data.train_loader(rank=0, world_size=1, start_batch=0, end_batch=steps)
+    model = Transformer(config)
+    raw_training_steps(
+        model,
+        loader,
+        OptimizerConfig(lr=3e-3, warmup_steps=2),
+        precision,
+        steps,
+        device,
+        max_steps=steps,
+        on_step=lambda step, now: clock.tick(device),
+    )
+    return clock
+
+
+def compare(
+    name: str, precision: str, data_kwargs: dict, vocab: int, rounds: int, steps: int, warmup: int, tmp: Path
+) -> dict:
+    """Median step time, tokens/s, MFU and peak memory of the trainer and the raw loop, and their ratio."""
+    from llm.monitor import peak_flops
+
+    fields, batch = MODELS[name]
+    config = ModelConfig(**{**fields, "vocab_size": fields.get("vocab_size") or vocab})
+    data_kwargs = {**data_kwargs, "block_size": config.block_size, "batch_size": batch}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = peak_flops(device, precision)
+    times = {"project": [], "raw": []}
+    cpu_times = {"project": [], "raw": []}
+    memory = {"project": 0.0, "raw": 0.0}
+    paired = []  # project / raw per round: the two blocks of a round ran next to each other in time
+    for r in range(rounds):
+        medians = {}
+        for side in ("project", "raw") if r % 2 == 0 else ("raw", "project"):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if side == "project":
+                clock = project_block(config, data_kwargs, precision, steps + warmup, peak, tmp)
+            else:
+                clock = raw_block(config, data_kwargs, precision, steps + warmup)
+            times[side] += clock.step_times(warmup)
+            cpu_times[side] += clock.step_times(warmup, cpu=True)
+            medians[side] = statistics.median(clock.step_times(warmup))
+            memory[side] = max(memory[side], clock.peak)
+        paired.append(medians["project"] / medians["raw"])
+    tokens_per_step = batch * config.block_size
+    fpt = flops_per_token(config)
+    result = {
+        "model": name,
+        "params": count_params(config),
+        "precision": precision,
+        "batch": batch,
+        "block_size": config.block_size,
+        "tokens_per_step": tokens_per_step,
+        "flops_per_token": fpt,
+        "peak_flops": peak,
+        "steps_measured": len(times["project"]),
+    }
+    for side, values in times.items():
+        median = statistics.median(values)
+        q = statistics.quantiles(values, n=10) if len(values) > 1 else [median] * 9
+        result[side] = {
+            "median_step_seconds": median,
+            "p10_step_seconds": q[0],
+            "p90_step_seconds": q[-1],
+            "tokens_per_sec": tokens_per_step / median,
+            "mfu": tokens_per_step / median * fpt / peak,
+            "peak_memory_gib": memory[side] / 2**30,
+            "median_cpu_seconds_per_step": statistics.median(cpu_times[side]),
+        }
+    result["ratio_project_to_raw"] = result["project"]["median_step_seconds"] / result["raw"]["median_step_seconds"]
+    result["overhead_percent"] = 100 * (result["ratio_project_to_raw"] - 1)
+    result["paired_round_ratios"] = paired
+    result["cpu_time_ratio"] = (
+        result["project"]["median_cpu_seconds_per_step"] / result["raw"]["median_cpu_seconds_per_step"]
+    )
+    result["overhead_percent_paired_median"] = 100 * (statistics.median(paired) - 1)
+    return result
+
+
+def prepare_bench(corpus: Path | None, tmp: Path) -> dict:
+    """`make prepare` (datasets.map on every core) against one process calling tokenizer.encode."""
+    from tokenizers import Tokenizer
+
+    from llm.data.prepare import PrepareConfig, load_meta, prepare
+    from llm.data.sources import stdlib_files
+
+    tokenizer = SHARED / "gpt2" / "tokenizer.json"
+    if not tokenizer.is_file():
+        return {"skipped": f"{tokenizer} is absent (the GPT-2 tokenizer lives in ../shared/data)"}
+    files = [corpus] if corpus else stdlib_files()
+    text = str(corpus) if corpus else None
+    start = time.perf_counter()
+    config = PrepareConfig(text=text, tokenizer=str(tokenizer), cache_dir=str(tmp / "prep"))
+    folder = prepare(config, log=lambda *_: None)
+    prep_seconds = time.perf_counter() - start
+    meta = load_meta(folder)
+    prep_tokens = sum(s["tokens"] for s in meta["splits"].values())
+
+    tok = Tokenizer.from_file(str(tokenizer))
+    start, loop_tokens = time.perf_counter(), 0
+    for path in files:
+        loop_tokens += len(tok.encode(path.read_text(errors="replace")).ids) + 1
+    loop_seconds = time.perf_counter() - start
+    return {
+        "corpus": str(corpus) if corpus else "the embedded corpus (standard library .py files)",
+        "files": len(files),
+        "tokenizer": str(tokenizer),
+        "num_proc": os.cpu_count(),
+        "prepare": {"tokens": prep_tokens, "seconds": prep_seconds, "tokens_per_sec": prep_tokens / prep_seconds},
+        "plain_loop": {"tokens": loop_tokens, "seconds": loop_seconds, "tokens_per_sec": loop_tokens / loop_seconds},
+        "speedup": (prep_tokens / prep_seconds) / (loop_tokens / loop_seconds),
+    }
+
+
+def environment() -> dict:
+    import datasets
+    import deepspeed
+    import lightning
+    import tokenizers
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "deepspeed": deepspeed.__version__,
+        "datasets": datasets.__version__,
+        "tokenizers": tokenizers.__version__,
+        "platform": platform.platform(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def bench(
+    quick: bool = False,
+    out: str = "bench.json",
+    models: list[str] | None = None,
+    precisions: list[str] | None = None,
+    rounds: int | None = None,
+    steps: int | None = None,
+    warmup: int = 2,
+    num_workers: int = 0,
+) -> dict:
+    """Benchmark the trainer against a raw PyTorch loop, and data preparation against a plain loop.
+
+    Args:
+        quick: a few steps of the tiny model on a small text (what the tests run)
+        out: the JSON file to write
+        models: which of tiny, 10m, gpt2-124m (default: tiny and 10m; tiny alone when quick)
+        precisions: 32-true and/or bf16-mixed (default: both on CPU, bf16-mixed on GPU)
+        rounds: blocks per side, alternating which side goes first (default 4; 1 when quick)
+        steps: measured steps per block (default 10; 3 when quick)
+        warmup: steps per block before measuring
+        num_workers: DataLoader workers on both sides
+    """
+    import datasets
+
+    from llm.data.prepare import PrepareConfig, prepare
+    from llm.loggers import quiet_lightning
+
+    quiet_lightning()
+    datasets.disable_progress_bars()  # the bench prints its own lines
+    gpu = torch.cuda.is_available()
+    models = models or (["tiny"] if quick else ["gpt2-124m"] if gpu else ["tiny", "10m"])
+    precisions = precisions or (["bf16-mixed"] if gpu else ["32-true", "bf16-mixed"])
+    rounds, steps = rounds or (1 if quick else 4), steps or (3 if quick else 10)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        if quick:  # a small text and a small BPE
+            corpus = tmp / "small.txt"
+            corpus.write_text(
+                "\n\n".join(
+                    Path(json.__file__).parent.joinpath(f).read_text()
+                    for f in ("decoder.py", "encoder.py", "scanner.py")
+                )
+                * 4
+            )
+            data = {"text": str(corpus), "vocab_size": 512, "cache_dir": str(tmp / "data")}
+        else:  # the embedded corpus and tokenizer of `make train`, from its cache in data/
+            corpus, data = None, {"cache_dir": str(REPO / "data")}
+        folder = prepare(PrepareConfig(**data), log=lambda *_: None)
+        # in-process loading on both sides: on 2 cores a loader worker competes with the compute threads
+        # and its jitter would drown a difference of a few percent; --num_workers sets another count
+        data["num_workers"] = num_workers
+        vocab = json.loads((folder / "meta.json").read_text())["vocab_size"]
+        vocab = -(-vocab // 64) * 64
+        results = {
+            "settings": {
+                "quick": quick,
+                "rounds": rounds,
+                "steps_per_block": steps,
+                "warmup_steps": warmup,
+                "num_workers": data["num_workers"],
+                "data": str(folder),
+            },
+            "environment": environment(),
+            "training": [],
+            "data_preparation": None,
+        }
+        for name in models:
+            for precision in precisions:
+                print(f"bench: {name} {precision} ...", file=sys.stderr, flush=True)
+                results["training"].append(compare(name, precision, data, vocab, rounds, steps, warmup, tmp))
+        print("bench: data preparation ...", file=sys.stderr, flush=True)
+        shakespeare = SHARED / "tinyshakespeare.txt"
+        prep_corpus = shakespeare if quick and shakespeare.is_file() else None
+        results["data_preparation"] = prepare_bench(prep_corpus, tmp)
+    bf16 = {r["model"]: r for r in results["training"] if r["precision"] == "bf16-mixed"}
+    fp32 = {r["model"]: r for r in results["training"] if r["precision"] == "32-true"}
+    results["bf16_speedup"] = {
+        m: bf16[m]["project"]["tokens_per_sec"] / fp32[m]["project"]["tokens_per_sec"] for m in bf16 if m in fp32
+    }
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results, out)
+    return results
+
+
+def print_table(results: dict, out: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title="trainer against a raw PyTorch loop: median step, p10-p90; overhead of the medians, and the "
+        "median of the per-round ratios (paired)",
+        title_justify="left",
+    )
+    for column in (
+        "model",
+        "precision",
+        "side",
+        "step ms",
+        "p10-p90 ms",
+        "tokens/s",
+        "MFU",
+        "peak GiB",
+        "overhead",
+        "paired",
+    ):
+        table.add_column(column, justify="left" if column in ("model", "precision", "side") else "right")
+    for r in results["training"]:
+        for side in ("project", "raw"):
+            s = r[side]
+            table.add_row(
+                r["model"],
+                r["precision"],
+                side,
+                f"{s['median_step_seconds'] * 1e3:,.1f}",
+                f"{s['p10_step_seconds'] * 1e3:,.0f}-{s['p90_step_seconds'] * 1e3:,.0f}",
+                f"{s['tokens_per_sec']:,.0f}",
+                f"{s['mfu']:.1%}",
+                f"{s['peak_memory_gib']:.2f}",
+                f"{r['overhead_percent']:+.1f}%" if side == "project" else "",
+                f"{r['overhead_percent_paired_median']:+.1f}%" if side == "project" else "",
+            )
+    console = Console(width=max(Console().width, 110))
+    console.print(table)
+    for model, speedup in results["bf16_speedup"].items():
+        console.print(f"bf16-mixed / 32-true tokens/s, {model}: {speedup:.2f}x")
+    prep = results["data_preparation"]
+    if "skipped" in prep:
+        console.print(f"data preparation: skipped, {prep['skipped']}")
+    else:
+        console.print(
+            f"data preparation ({prep['files']} files, GPT-2 tokenizer): make prepare "
+            f"{prep['prepare']['tokens_per_sec']:,.0f} tokens/s on {prep['num_proc']} processes, a plain "
+            f"loop {prep['plain_loop']['tokens_per_sec']:,.0f} tokens/s ({prep['speedup']:.2f}x)"
+        )
+    env = results["environment"]
+    console.print(
+        f"{env['cpu']}, {env['cpu_count']} cores, torch {env['torch']} ({env['torch_threads']} threads), "
+        f"GPU: {env['gpu'] or 'none'}. Written: {out}"
+    )
+
+
+if __name__ == "__main__":
+    from jsonargparse import auto_cli
+
+    auto_cli(bench, as_positional=False)

@@ -1,0 +1,276 @@
+"""The metrics people watch: read back from W&B's own offline log (`wandb leet inspect --json`) and
+from metrics.csv, for a single-process run and a 2-process DeepSpeed run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY, run_llm
+from llm.loggers import scrub
+from llm.model import ModelConfig, count_params, flops_per_token
+from llm.monitor import cpu_matmul_peak
+
+pytestmark = pytest.mark.slow
+
+MEMORY = [f"mem/{name}_{side}" for name in ("allocated", "reserved", "peak", "host_rss") for side in ("max", "min")]
+PERF = [
+    "perf/tokens_per_sec",
+    "perf/tokens_per_sec_per_device",
+    "perf/samples_per_sec",
+    "perf/step_time",
+    "perf/mfu",
+    "perf/data_wait_frac",
+]
+KEYS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens", "val/loss", "val/ppl", "val/bpb", *PERF, *MEMORY]
+# secrets in the environment of the run, which nothing it writes may contain
+FAKE_HF_TOKEN = "hf_" + "Zq7WkP3xR9mT2vL8nB4yC6dF1gH5jK0s"
+FAKE_WANDB_KEY = "f00dfeed" * 5
+SECRETS = {"HF_TOKEN": FAKE_HF_TOKEN, "WANDB_API_KEY": FAKE_WANDB_KEY, "WANDB_MODE": "offline"}
+RUN = [*TINY, "--data.vocab_size=512", "--trainer.max_steps=8", "--trainer.log_every_n_steps=2", "--eval_every=4"]
+
+
+def fit(corpus: Path, run: Path, cache: Path, *extra: str, env: dict | None = None):
+    return run_llm(
+        "fit",
+        "--config",
+        "configs/experiment/default.yaml",
+        *RUN,
+        f"--data.text={corpus}",
+        f"--data.cache_dir={cache}",
+        f"--run={run}",
+        *extra,
+        env={**SECRETS, **(env or {})},
+    )
+
+
+def wandb_runs(run: Path) -> list[Path]:
+    return sorted((run / "wandb").glob("offline-run-*"))
+
+
+def wandb_records(wandb_run: Path) -> list[dict]:
+    wandb = Path(sys.executable).with_name("wandb")
+    out = subprocess.run(
+        [str(wandb), "leet", "inspect", "--json", str(wandb_run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def history(records: list[dict]) -> list[dict]:
+    return [r["history"]["item"] for r in records if r["type"] == "history"]
+
+
+def wandb_config(records: list[dict]) -> dict:
+    config = {}
+    for r in records:
+        if r["type"] == "config":
+            config.update(r["config"]["update"])
+    return config
+
+
+def csv_rows(run: Path) -> dict[int, dict]:
+    with open(run / "metrics.csv", newline="") as f:
+        return {int(r["step"]): r for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, code_corpus, data_cache) -> Path:
+    run = tmp_path_factory.mktemp("metrics") / "single"
+    result = fit(code_corpus, run, data_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def deepspeed(tmp_path_factory, code_corpus, data_cache) -> Path:
+    run = tmp_path_factory.mktemp("metrics") / "deepspeed"
+    result = fit(code_corpus, run, data_cache, "--trainer.devices=2", "--deepspeed=zero2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(params=["single", "deepspeed"])
+def run(request) -> Path:
+    return request.getfixturevalue(request.param)
+
+
+def test_every_metric_reaches_wandb_with_plausible_values(run):
+    (wandb_run,) = wandb_runs(run)
+    items = history(wandb_records(wandb_run))
+    logged = {k for item in items for k in item}
+    assert set(KEYS) <= logged, f"missing from W&B: {sorted(set(KEYS) - logged)}"
+    for item in items:
+        if "perf/tokens_per_sec" in item:
+            assert item["perf/tokens_per_sec"] > 0 and item["perf/samples_per_sec"] > 0 and item["perf/step_time"] > 0
+            assert 0 < item["perf/mfu"] < 1 and 0 <= item["perf/data_wait_frac"] < 1
+            assert item["perf/tokens_per_sec"] == pytest.approx(item["perf/tokens_per_sec_per_device"] * world(run))
+            for name in ("allocated", "reserved", "peak", "host_rss"):
+                assert 0 < item[f"mem/{name}_min"] <= item[f"mem/{name}_max"] < 64  # GiB
+            assert math.isfinite(item["train/loss"]) and 0 < item["train/grad_norm"] < 100
+            assert item["train/tokens"] == (item["trainer/global_step"] + 1) * 8 * 64 * world(run)
+        if "val/loss" in item:
+            assert math.isfinite(item["val/loss"]) and item["val/ppl"] == pytest.approx(math.exp(item["val/loss"]))
+            assert 0 < item["val/bpb"] < item["val/loss"] / math.log(2)  # several bytes per token
+
+
+def world(run: Path) -> int:
+    return json.loads((run / "summary.json").read_text())["world_size"]
+
+
+def test_metrics_csv_holds_what_wandb_received(run):
+    (wandb_run,) = wandb_runs(run)
+    rows = csv_rows(run)
+    compared = 0
+    for item in history(wandb_records(wandb_run)):
+        row = rows[int(item["trainer/global_step"])]
+        for key in set(KEYS) & set(item):
+            assert float(row[key]) == pytest.approx(item[key], rel=1e-6), key
+            compared += 1
+    assert compared >= len(KEYS)
+
+
+def test_wandb_config_is_the_resolved_config_and_holds_no_secret(run):
+    (wandb_run,) = wandb_runs(run)
+    config = wandb_config(wandb_records(wandb_run))
+    model = ModelConfig(**{k: v for k, v in config["model"]["config"].items() if k in ModelConfig.__dataclass_fields__})
+    assert config["params"] == count_params(model) and config["flops_per_token"] == flops_per_token(model)
+    assert config["world_size"] == world(run) and config["trainer"]["max_steps"] == 8
+    assert config["strategy"] == ("deepspeed zero2" if world(run) == 2 else "single_device")
+    for path in [*run.rglob("*")]:
+        if path.is_file():
+            data = path.read_bytes()
+            assert FAKE_HF_TOKEN.encode() not in data and FAKE_WANDB_KEY.encode() not in data, path
+
+
+def test_scrub_removes_secrets_by_name_and_by_shape():
+    data = {"hf_token": "y", "tokenizer": "gpt2/tokenizer.json", "eot_token": "<|endoftext|>", "text": FAKE_HF_TOKEN}
+    config = {"wandb_api_key": "x", "data": data, "list": [FAKE_WANDB_KEY]}
+    kept = {"tokenizer": "gpt2/tokenizer.json", "eot_token": "<|endoftext|>"}
+    assert scrub(config) == {
+        "wandb_api_key": "<redacted>",
+        "data": {"hf_token": "<redacted>", **kept, "text": "<redacted>"},
+        "list": ["<redacted>"],
+    }
+
+
+def test_resume_continues_the_same_wandb_run(tmp_path, code_corpus, data_cache):
+    run = tmp_path / "run"
+    stop = '--trainer.callbacks=[{"class_path": "tests.helpers.StopAtStep", "init_args": {"step": 4}}]'
+    assert fit(code_corpus, run, data_cache, stop).returncode == 0
+    resumed = fit(code_corpus, run, data_cache, "--resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    first, second = wandb_runs(run)
+    run_id = (run / "wandb" / "run_id").read_text().strip()
+    assert first.name.endswith(run_id) and second.name.endswith(run_id)
+    steps = [item["trainer/global_step"] for item in history(wandb_records(second))]
+    assert min(steps) >= 4 and max(steps) == 7
+
+
+@pytest.mark.parametrize("breakage", ["bad mode", "unwritable dir"])
+def test_training_goes_on_when_wandb_cannot_start(tmp_path, code_corpus, data_cache, breakage):
+    run = tmp_path / "run"
+    env, extra = {}, []
+    if breakage == "bad mode":
+        env["WANDB_MODE"] = "sideways"
+    else:
+        run.mkdir()
+        (run / "wandb").write_text("a file where W&B wants its folder")
+        extra.append("--resume=auto")
+    result = fit(code_corpus, run, data_cache, *extra, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.stdout + result.stderr).count("W&B failed") == 1
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+    assert any(r.get("perf/tokens_per_sec") for r in csv_rows(run).values())
+
+
+def test_flops_per_token_by_hand():
+    config = ModelConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=8)
+    # per block: 2 LayerNorms 2·16, q and out projections 2·(64+8), keys and values 128+16, MLP 256+32 and 256+8
+    block = 2 * 16 + 2 * 72 + 144 + 288 + 264
+    n = 100 * 8 + 2 * block + 16  # tied embedding once, final norm; the 16 x 8 position table is not counted
+    assert count_params(config) == n + 16 * 8
+    assert flops_per_token(config) == 6 * n + 12 * 2 * 2 * 4 * 16 == 18432
+
+
+def test_mfu_is_achieved_flops_over_peak(tmp_path, code_corpus, data_cache):
+    run = tmp_path / "run"
+    assert fit(code_corpus, run, data_cache, "--peak_flops=2e9").returncode == 0
+    config = ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64)
+    rows = [r for r in csv_rows(run).values() if r.get("perf/mfu")]
+    assert rows
+    for row in rows:
+        expected = float(row["perf/tokens_per_sec_per_device"]) * flops_per_token(config) / 2e9
+        assert float(row["perf/mfu"]) == pytest.approx(expected, rel=1e-5)
+    assert 1e8 < cpu_matmul_peak(__import__("torch").float32, n=256) < 1e14  # FLOP/s: a CPU, measured
+
+
+def test_make_plot_writes_png_charts(single):
+    result = subprocess.run(
+        ["make", "-s", "plot", f"RUN={single}"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("loss", "throughput", "mfu", "memory", "overview"):
+        png = single / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+
+
+def test_make_dashboard_opens_the_run_in_a_terminal(single):
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: make, as a user at a terminal types it
+        os.chdir(REPO)
+        os.environ["TERM"] = "xterm-256color"
+        os.execvp("make", ["make", "-s", "dashboard", f"RUN={single}"])
+    screen, deadline = b"", time.time() + 60
+    while time.time() < deadline and b"mem/" not in screen:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                screen += os.read(fd, 65536)
+            except OSError:
+                break
+    os.write(fd, b"q")
+    time.sleep(0.5)
+    os.killpg(os.getpgid(pid), signal.SIGTERM) if _alive(pid) else None
+    text = re.sub(rb"\x1b\[[0-9;?<>]*[a-zA-Z]", b"", screen).decode(errors="replace")
+    assert "offline-run" in text and "mem/" in text, text[-2000:]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return False
+
+
+def test_make_bench_quick_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        ["make", "-s", "bench", f"ARGS=--quick=true --out={out}"], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    bench = json.loads(out.read_text())
+    assert {r["precision"] for r in bench["training"]} == {"32-true", "bf16-mixed"}
+    for r in bench["training"]:
+        for side in ("project", "raw"):
+            assert r[side]["median_step_seconds"] > 0 and r[side]["tokens_per_sec"] > 0 and 0 < r[side]["mfu"] < 1
+        assert r["ratio_project_to_raw"] == pytest.approx(
+            r["project"]["median_step_seconds"] / r["raw"]["median_step_seconds"]
+        )
+    assert bench["bf16_speedup"]["tiny"] > 0 and bench["environment"]["torch"]
+    assert "trainer against a raw PyTorch loop" in result.stdout
