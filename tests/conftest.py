@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,15 @@ def run_llm(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict |
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+# make's own "make: *** [train] Error 2" (or "make[1]: ***" when make runs inside make, as in CI)
+MAKE_ERROR = re.compile(r"^make(\[\d+\])?: \*\*\*")
+
+
+def program_stderr(stderr: str) -> list[str]:
+    """The non-empty stderr lines the program wrote, without the ones make adds after it."""
+    return [line for line in stderr.splitlines() if line.strip() and not MAKE_ERROR.match(line)]
 
 
 def snapshot(folder: Path) -> dict:

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, TINY, run_llm, snapshot
+from conftest import REPO, TINY, program_stderr, run_llm, snapshot
 
 
 @pytest.fixture
@@ -25,8 +25,7 @@ def existing(tmp_path):
 
 def assert_one_line_error(result, *fragments: str) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
-    # make adds its own "make: *** [train] Error 2" after the program's answer
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("make: ***")]
+    lines = program_stderr(result.stderr)
     assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr[-2000:]}"
     assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
     for fragment in fragments:

@@ -9,7 +9,7 @@ import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from conftest import REPO
+from conftest import REPO, program_stderr
 from llm.model import ModelConfig, count_params
 from llm.plan import OVERHEAD_BYTES, GiB, activation_bytes, largest_layer_params, load_model_config, plan, recommend
 
@@ -124,5 +124,5 @@ def test_make_plan_prints_json_and_a_table():
 
 def test_unknown_model_is_one_line():
     result = subprocess.run(["make", "-s", "plan", "MODEL=gpt5"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("make: ***")]
+    lines = program_stderr(result.stderr)
     assert result.returncode == 2 and lines == [lines[0]] and "model=gpt5: no such preset" in lines[0]
