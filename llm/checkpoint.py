@@ -16,24 +16,9 @@ from llm.errors import ConfigError
 from llm.model import ModelConfig, Transformer
 from llm.module import LanguageModel  # noqa: F401  (allows the checkpoint's dataclasses in torch.load)
 
-# what DeepSpeed keeps beside the client state in a ZeRO checkpoint's model-states file
-DEEPSPEED_KEYS = {
-    "module",
-    "optimizer",
-    "lr_scheduler",
-    "csr_tensor_module_names",
-    "skipped_steps",
-    "global_steps",
-    "dp_world_size",
-    "mp_world_size",
-    "ds_config",
-    "ds_version",
-    "buffer_names",
-    "param_shapes",
-    "frozen_param_shapes",
-    "shared_params",
-    "frozen_param_fragments",
-}
+# what this project reads from rank 0's model-states file of a ZeRO checkpoint: what run.RunInfo
+# adds, and Lightning's step; the rest there is DeepSpeed's own (its partition, optimizer, ...)
+CLIENT_KEYS = ("llm_config", "tokenizer_json", "data_meta", "global_step")
 
 
 @dataclass
@@ -62,7 +47,7 @@ def _read_sharded(path: Path) -> dict:
     tag = (path / "latest").read_text().strip()
     states = sorted((path / tag).glob("*model_states.pt"))  # rank 0's sorts first
     client = torch.load(states[0], map_location="cpu", weights_only=False)
-    ckpt = {k: v for k, v in client.items() if k not in DEEPSPEED_KEYS}
+    ckpt = {k: client[k] for k in CLIENT_KEYS if k in client}
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports its progress on stdout
         ckpt["state_dict"] = get_fp32_state_dict_from_zero_checkpoint(str(path), tag)
     return ckpt

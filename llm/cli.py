@@ -100,7 +100,7 @@ class LLMCLI(LightningCLI):
         cfg = self._config()
         ckpt_path = run.resume_checkpoint(cfg.resume, self.run_dir)
         if ranks.is_first_process():
-            self.print_header(model.config, datamodule.batch_size)
+            self.print_header(model.config, datamodule)
         info = next(c for c in self.trainer.callbacks if isinstance(c, run.RunInfo))
         info.resumed_from = ckpt_path
         for logger in self.trainer.loggers:
@@ -120,13 +120,13 @@ class LLMCLI(LightningCLI):
             "strategy": run.strategy_label(self.trainer.strategy),
         }
 
-    def print_header(self, c, batch: int) -> None:
+    def print_header(self, c, datamodule) -> None:
         """What the run will do, in numbers, before it starts (as nanoGPT prints them)."""
         accumulate, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
         print(f"model: {count_params(c):,} parameters, {c.n_layer} layers, {c.n_embd} wide, vocab {c.vocab_size}")
         print(
-            f"tokens per step: {accumulate * batch * c.block_size * world:,} "
-            f"({accumulate} x {batch} x {c.block_size} tokens x {world} processes); "
+            f"tokens per step: {run.tokens_per_optimizer_step(self.trainer, datamodule):,} "
+            f"({accumulate} x {datamodule.batch_size} x {datamodule.block_size} tokens x {world} processes); "
             f"strategy: {run.strategy_label(self.trainer.strategy)}; run: {self.run_dir}"
         )
 

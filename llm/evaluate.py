@@ -29,8 +29,7 @@ def evaluate(
     """
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     loaded = load_for_inference(ckpt, device)
-    data = loaded.config["data"]
-    cfg = PrepareConfig(**{k: v for k, v in data.items() if k in PrepareConfig.__dataclass_fields__})
+    cfg = PrepareConfig.from_data_config(loaded.config["data"])
     folder = prepared_dir(cfg)
     if not (folder / "meta.json").is_file():
         folder = prepare(cfg)

@@ -20,6 +20,8 @@ from lightning.fabric.utilities.throughput import Throughput, get_available_flop
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from llm.run import tokens_per_optimizer_step
+
 GiB = 2**30
 PRECISION_DTYPES = {
     "bf16-mixed": torch.bfloat16,
@@ -127,7 +129,7 @@ class PerformanceMonitor(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         data = trainer.datamodule
         self.tokens_per_sample = data.block_size
-        self.tokens_per_step = trainer.accumulate_grad_batches * data.batch_size * data.block_size * trainer.world_size
+        self.tokens_per_step = tokens_per_optimizer_step(trainer, data)
         self.peak = peak_flops(pl_module.device, trainer.precision, self.peak_override)
         self.throughput = Throughput(available_flops=self.peak, world_size=trainer.world_size, window_size=2)
         self.train_time = 0.0

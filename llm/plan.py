@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from llm.errors import ConfigError
-from llm.model import ModelConfig, Transformer
+from llm.model import ModelConfig, Transformer, count_params
 
 GiB = 2**30
 MODELS = Path(__file__).resolve().parents[1] / "configs" / "model"
@@ -95,8 +95,7 @@ def plan(
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    with torch.device("meta"):
-        psi = Transformer(config).num_params()
+    psi = count_params(config)
     n = gpus * nnodes
     seq_len = seq_len or config.block_size
     activations = activation_bytes(config, micro_batch, seq_len, checkpointing)
@@ -160,11 +159,9 @@ def plan_main(
     config = load_model_config(model)
     rows = plan(config, gpus, nnodes, gpu_mem, cpu_mem, micro_batch, seq_len, activation_checkpointing)
     best = recommend(rows)
-    with torch.device("meta"):
-        params = Transformer(config).num_params()
     result = {
         "model": model,
-        "params": params,
+        "params": count_params(config),
         "gpus_per_node": gpus,
         "nnodes": nnodes,
         "gpu_mem_gib": gpu_mem,

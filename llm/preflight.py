@@ -30,8 +30,7 @@ def model_config(cfg) -> ModelConfig:
 
 
 def prepare_config(cfg) -> PrepareConfig:
-    names = PrepareConfig.__dataclass_fields__
-    return PrepareConfig(**{k: v for k, v in vars(cfg.data).items() if k in names})
+    return PrepareConfig.from_data_config(vars(cfg.data))
 
 
 def round_up(n: int, multiple: int = 64) -> int:

@@ -180,13 +180,16 @@ def strategy_label(strategy) -> str:
     return {"DDP": "ddp", "SingleDevice": "single_device"}.get(name, name.lower())
 
 
+def tokens_per_optimizer_step(trainer: L.Trainer, datamodule) -> int:
+    """Tokens in one optimizer step of the whole job: accumulation × micro batch × block × processes."""
+    return trainer.accumulate_grad_batches * datamodule.batch_size * datamodule.block_size * trainer.world_size
+
+
 def write_summary(trainer: L.Trainer, datamodule, model, seconds: float) -> dict:
     """summary.json: what the run did and reached; printed as well. Rank 0 writes it."""
     meta = datamodule.meta
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    tokens_per_step = (
-        trainer.accumulate_grad_batches * datamodule.batch_size * datamodule.block_size * trainer.world_size
-    )
+    tokens_per_step = tokens_per_optimizer_step(trainer, datamodule)
     checkpoint = trainer.checkpoint_callback
     info = next(c for c in trainer.callbacks if isinstance(c, RunInfo))
     session_tokens = (trainer.global_step - info.start_step) * tokens_per_step

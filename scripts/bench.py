@@ -58,8 +58,7 @@ class StepClock:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.times.append(time.perf_counter())
-        usage = os.times()
-        self.cpu.append(usage.user + usage.system)
+        self.cpu.append(time.process_time())
         self.peak = max(self.peak, memory_bytes(device)[2 if device.type == "cuda" else 0])
 
     def step_times(self, warmup: int, cpu: bool = False) -> list[float]:
@@ -124,7 +123,7 @@ def raw_block(config: ModelConfig, data_kwargs: dict, precision: str, steps: int
         steps,
         device,
         max_steps=steps,
-        on_step=lambda step, now: clock.tick(device),
+        on_step=lambda step: clock.tick(device),
     )
     return clock
 

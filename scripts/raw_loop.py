@@ -4,7 +4,6 @@ time is what the trainer (Lightning, callbacks, logging) costs."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -23,9 +22,9 @@ def raw_training_steps(
     device: torch.device,
     max_steps: int,
     clip: float = 1.0,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> None:
-    """Train `steps` optimizer steps; call on_step(step, time.perf_counter()) after each one."""
+    """Train `steps` optimizer steps; call on_step(step) after each one (the caller times it)."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(
         param_groups(model, optim.weight_decay),
@@ -49,6 +48,4 @@ def raw_training_steps(
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if on_step is not None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            on_step(step, time.perf_counter())
+            on_step(step)

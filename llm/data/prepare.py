@@ -47,6 +47,11 @@ class PrepareConfig:
     cache_dir: str = "data"
     num_proc: int | None = None
 
+    @classmethod
+    def from_data_config(cls, data: dict) -> PrepareConfig:
+        """The preparation fields of a data config (which holds the loader's fields too)."""
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
     def check(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must lie between 0 and 1, e.g. 0.1")
