@@ -9,8 +9,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 # the contract's variables (README, `make help`); empty means "the config's value"
-CONFIG ?= configs/experiment/default.yaml
 MODEL ?=
+# MODEL= picks the experiment of the same name when there is one (configs/experiment/<MODEL>.yaml):
+# its learning rate and batch are tuned for that model, where the default experiment's are for tiny
+CONFIG ?= $(or $(wildcard configs/experiment/$(MODEL).yaml),configs/experiment/default.yaml)
 TEXT ?=
 HF ?=
 TOKENIZER ?=
@@ -65,7 +67,8 @@ help:
 	@echo "  make test        the test suite (PYTEST_ARGS= passes options to pytest)"
 	@echo "  make lint        ruff"
 	@echo "Variables (empty: the config's value):"
-	@echo "  MODEL=           a preset in configs/model/: tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, llama-1b, llama-7b"
+	@echo "  MODEL=           a preset in configs/model/: tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, llama-1b, llama-7b;"
+	@echo "                   gpt2-124m and llama-1b also bring their experiment (configs/experiment/), tuned for GPUs"
 	@echo "  TEXT=            local text: a .txt, .jsonl or .parquet file, a folder or a glob (default: the embedded corpus)"
 	@echo "  HF=              a Hugging Face Hub dataset, name[:config]"
 	@echo "  DS=              DeepSpeed preset in configs/deepspeed/: zero1, zero2, zero2_offload, zero3, zero3_offload, zero3_nvme (empty: DDP)"
@@ -77,7 +80,7 @@ help:
 	@echo "  MAX_STEPS=       optimizer steps"
 	@echo "  RUN=             run folder (default runs/<experiment>-<time>)"
 	@echo "  RESUME=          auto (latest complete checkpoint in RUN) or a checkpoint path"
-	@echo "  CONFIG=          an experiment YAML (default configs/experiment/default.yaml)"
+	@echo "  CONFIG=          an experiment YAML (default: configs/experiment/<MODEL>.yaml if there is one, else default.yaml)"
 	@echo "  ARGS=            further overrides, passed to the CLI as is, e.g. ARGS=\"--model.config.n_layer=6\""
 	@echo "  CKPT=, PROMPT=   checkpoint (a file or a DeepSpeed folder) and prompt for make sample / eval / export-fp32"
 	@echo "  GPUS=, GPU_MEM=, CPU_MEM=  GPUs per node, GiB per GPU, GiB of CPU memory per node, for make plan"

@@ -35,7 +35,7 @@ RUN_ARGUMENTS = [
     ("run", str | None, None, "run folder (RUN=); default runs/<experiment>-<time>"),
     ("resume", str | None, None, "auto: continue from the newest complete checkpoint in --run, if any; or a path"),
     ("eval_every", int, 100, "validate and checkpoint every this many optimizer steps"),
-    ("deepspeed", str | None, None, "DeepSpeed preset in configs/deepspeed/ (DS=) or a .json; none: DDP"),
+    ("deepspeed", str | None, None, "DeepSpeed preset in configs/deepspeed/ (DS=), or a .yaml or .json; none: DDP"),
     ("nvme_path", str | None, None, "folder for ZeRO NVMe offload (NVME_PATH=)"),
     ("wandb_project", str, "llm", "W&B project"),
     ("peak_flops", float | None, None, "peak FLOP/s of one device for MFU; default: GPU datasheet, measured on CPU"),
@@ -91,7 +91,13 @@ class LLMCLI(LightningCLI):
         model = preflight.model_config(cfg)
         callbacks.append(PerformanceMonitor(flops_per_token(model, model.block_size), cfg.peak_flops))
         loggers = make_loggers(self.run_dir, cfg.experiment, cfg.wandb_project)
-        strategy = build_strategy(cfg.deepspeed, cfg.nvme_path, cfg.data.batch_size, preflight.uses_gpu(cfg.trainer))
+        strategy = build_strategy(
+            cfg.deepspeed,
+            cfg.nvme_path,
+            cfg.data.batch_size,
+            preflight.uses_gpu(cfg.trainer),
+            preflight.world_size(cfg.trainer),
+        )
         if strategy == "auto":
             strategy = cfg.trainer.strategy
         return super().instantiate_trainer(logger=loggers, callbacks=callbacks, strategy=strategy, **kwargs)
@@ -127,7 +133,8 @@ class LLMCLI(LightningCLI):
         print(
             f"tokens per step: {run.tokens_per_optimizer_step(self.trainer, datamodule):,} "
             f"({accumulate} x {datamodule.batch_size} x {datamodule.block_size} tokens x {world} processes); "
-            f"strategy: {run.strategy_label(self.trainer.strategy)}; run: {self.run_dir}"
+            f"strategy: {run.strategy_label(self.trainer.strategy)}; "
+            f"compile: {'on' if self.model.compile_model else 'off'}; run: {self.run_dir}"
         )
 
 

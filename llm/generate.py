@@ -48,7 +48,7 @@ def generate(
 
     def prefill(tokens):
         cache = KVCache(model.config, tokens.size(0), block, tokens.device, dtype)
-        return cache, model(tokens, cache)[:, -1]
+        return cache, model(tokens, cache=cache)[:, -1]
 
     cache, logits = prefill(idx[:, -block:])
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
@@ -63,7 +63,7 @@ def generate(
         if cache.pos >= block:
             cache, logits = prefill(idx[:, -(block // 2) :])
         else:
-            logits = model(token, cache)[:, -1]
+            logits = model(token, cache=cache)[:, -1]
     return idx
 
 

@@ -130,17 +130,20 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=config.bias)
-        # one projection for keys and values: K heads each, fewer than H under grouped-query attention
-        self.kv_proj = nn.Linear(config.n_embd, 2 * self.n_kv_head * self.head_dim, bias=config.bias)
+        # queries (H heads), keys and values (K heads each, fewer than H under grouped-query
+        # attention) from one matmul: one large kernel rather than two smaller ones
+        self.qkv_proj = nn.Linear(config.n_embd, (config.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
         self.out_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.out_proj.residual_projection = True  # scaled at init, see Transformer._init_weights
         self.dropout = config.dropout
 
     def forward(self, x, rope=None, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, Q)
-        k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, K, T, Q)
+        H, K, Q = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * Q, K * Q, K * Q], dim=-1)
+        q = q.view(B, T, H, Q).transpose(1, 2)  # (B, H, T, Q)
+        k = k.view(B, T, K, Q).transpose(1, 2)  # (B, K, T, Q)
+        v = v.view(B, T, K, Q).transpose(1, 2)  # (B, K, T, Q)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -156,9 +159,9 @@ class Attention(nn.Module):
             v,
             is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
+            enable_gqa=K != H,
         )  # (B, H, T, Q)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        y = y.transpose(1, 2).reshape(B, T, H * Q)
         return F.dropout(self.out_proj(y), self.dropout, self.training)
 
 
@@ -233,8 +236,15 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids idx (B, T); with a cache, idx continues the cached sequence."""
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T); with targets (B, T), the mean next-token
+        cross-entropy instead. With a cache, idx continues the cached sequence.
+
+        The loss is computed here rather than by the caller so that torch.compile sees it with the
+        output projection: compiled, the float32 logits of the whole batch (B·T·V·4 bytes: 3.3 GB
+        for 16 x 1024 tokens of GPT-2) are never materialised."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -253,7 +263,10 @@ class Transformer(nn.Module):
                 x = block(x, rope, cache)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # softmax in fp32, also under bf16
 
     def num_params(self, exclude_position_embeddings: bool = False) -> int:
         """Parameters, a tied matrix counted once (parameters() yields each tensor once)."""

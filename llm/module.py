@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from llm.model import ModelConfig, Transformer
@@ -23,6 +23,7 @@ class OptimizerConfig:
     weight_decay: float = 0.1  # on matrices only; norms, biases and embeddings are not decayed
     betas: tuple[float, float] = field(default=(0.9, 0.95))
     eps: float = 1e-8
+    fused: bool | None = None  # torch's fused AdamW kernel (one kernel for all parameters); None: on GPU only
 
 
 def bits_per_byte(loss_nats, tokens: int, n_bytes: int):
@@ -64,15 +65,18 @@ class LanguageModel(L.LightningModule):
         config: ModelConfig = ModelConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         activation_checkpointing: bool = False,
+        compile: bool | None = None,
     ):
         """Args:
         config: the Transformer's architecture (a preset from configs/model/, MODEL=)
         optimizer: AdamW and learning-rate schedule
         activation_checkpointing: recompute each Transformer block in the backward pass (less memory, ~30% more compute)
+        compile: torch.compile the Transformer and its loss (null: on with a GPU, off on CPU)
         """
         super().__init__()
         self.save_hyperparameters()
         self.config, self.optim, self.activation_checkpointing = config, optimizer, activation_checkpointing
+        self.compile_model = bool(compile)
         self.model: Transformer | None = None
 
     def configure_model(self) -> None:
@@ -90,14 +94,16 @@ class LanguageModel(L.LightningModule):
             reinit_partitioned(model, init)
         else:
             model.apply(init)
+        if self.compile_model:
+            # in place (nn.Module.compile): the parameter names, and so the checkpoints, stay those of
+            # the plain model; compiled lazily, at the first step, after DeepSpeed has set up its hooks
+            model.compile()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        x, y = batch[:, :-1], batch[:, 1:]  # (B, T) inputs and their next tokens
-        logits = self.model(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        return self.model(batch[:, :-1], targets=batch[:, 1:])  # (B, T) inputs and their next tokens
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -121,9 +127,20 @@ class LanguageModel(L.LightningModule):
             metrics["val/bpb"] = bits_per_byte(loss, val["tokens"], val["bytes"])
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for any optimizer that can unscale
+        # gradients itself (torch's fused AdamW), because under fp16 its gradients would still be
+        # scaled when clipped. bf16 has no grad scaler: the gradients are the true ones, clip them.
+        precision = self.trainer.precision_plugin
+        unscaled = isinstance(precision, MixedPrecision) and precision.scaler is None
+        if unscaled and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            precision.clip_grad_by_norm(optimizer, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         o = self.optim
         groups = param_groups(self.model, o.weight_decay)
-        optimizer = make_optimizer(groups, o.lr, o.betas, o.eps, self.trainer.strategy)
+        optimizer = make_optimizer(groups, o.lr, o.betas, o.eps, self.trainer.strategy, o.fused)
         scheduler = warmup_cosine(optimizer, o.warmup_steps, self.trainer.max_steps, o.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

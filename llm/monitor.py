@@ -16,10 +16,11 @@ import time
 
 import psutil
 import torch
-from lightning.fabric.utilities.throughput import Throughput, get_available_flops
+from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from llm.peaks import Peak, find_peak
 from llm.run import tokens_per_optimizer_step
 
 GiB = 2**30
@@ -32,34 +33,8 @@ PRECISION_DTYPES = {
 
 
 def training_dtype(precision: str) -> torch.dtype:
-    """The dtype the matmuls run in: what MFU's peak must be measured for."""
+    """The dtype the matmuls run in: what MFU's peak must be the peak of."""
     return PRECISION_DTYPES.get(str(precision), torch.float32)
-
-
-def cpu_matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 8) -> float:
-    """FLOP/s of the best of a few n×n matmuls on this CPU, with the threads torch uses: the peak
-    that MFU divides by on a CPU (no datasheet value applies to an arbitrary CPU)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up: thread pool and caches
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def peak_flops(device: torch.device, precision: str, override: float | None = None) -> float:
-    """Peak FLOP/s of one device for the training dtype: `override` if given, the datasheet value
-    of a known GPU (Lightning's table), else a matmul measured here."""
-    if override:
-        return float(override)
-    dtype = training_dtype(precision)
-    if device.type == "cuda":
-        known = get_available_flops(device, dtype)
-        if known:
-            return float(known)
-    return cpu_matmul_peak(dtype)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -114,24 +89,66 @@ def memory_bytes(device: torch.device) -> tuple[float, float, float, float]:
     return rss, rss, peak, rss
 
 
+class CompileClock:
+    """Seconds spent compiling (torch.compile: tracing, code generation, and the backward graph
+    compiled at its first use), timed by torch's own start and end callbacks of each compilation."""
+
+    def __init__(self):
+        from torch._dynamo.callback import callback_handler
+
+        self.seconds = 0.0
+        self._started = 0.0
+        self._handler = callback_handler
+        callback_handler.register_start_callback(self._start)
+        callback_handler.register_end_callback(self._end)
+
+    def _start(self, _args) -> None:
+        self._started = time.perf_counter()
+
+    def _end(self, _args) -> None:
+        self.seconds += time.perf_counter() - self._started
+
+    def close(self) -> None:
+        self._handler.remove_start_callback(self._start)
+        self._handler.remove_end_callback(self._end)
+
+
 class PerformanceMonitor(Callback):
     def __init__(self, flops_per_token: int, peak_flops: float | None = None):
         """Args:
         flops_per_token: training FLOPs per token (6N + 12·L·H·Q·T)
-        peak_flops: peak FLOP/s of one device for MFU; none: the GPU's datasheet value, or measured on CPU
+        peak_flops: peak FLOP/s of one device for MFU; none: a GPU's datasheet value, else measured on the device
         """
         self.flops_per_token = flops_per_token
         self.peak_override = peak_flops
-        self.peak: float | None = None
+        self.peak: Peak | None = None
+        self.compile_clock: CompileClock | None = None
 
-    # --- the clock: training time excludes validation and checkpointing ---------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # every rank finds its own device's peak; the first says which one MFU is measured against
+        if stage == "fit" and self.peak is None:
+            device = trainer.strategy.root_device  # the module itself moves there later
+            self.peak = find_peak(device, training_dtype(trainer.precision), self.peak_override)
+            if trainer.is_global_zero:
+                print(f"MFU against {self.peak.describe()}")
+        if self.compile_clock is None:
+            self.compile_clock = CompileClock()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.compile_clock is not None:
+            self.compile_clock.close()
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.compile_clock.seconds if self.compile_clock else 0.0
+
+    # --- the clock: training time excludes validation, checkpointing and compilation ----------------
 
     def on_train_start(self, trainer, pl_module) -> None:
         data = trainer.datamodule
         self.tokens_per_sample = data.block_size
         self.tokens_per_step = tokens_per_optimizer_step(trainer, data)
-        self.peak = peak_flops(pl_module.device, trainer.precision, self.peak_override)
-        self.throughput = Throughput(available_flops=self.peak, world_size=trainer.world_size, window_size=2)
+        self.throughput = Throughput(available_flops=self.peak.flops, world_size=trainer.world_size, window_size=2)
         self.train_time = 0.0
         self.samples = 0  # sequences this rank trained on in this session
         self.start_step = self.last_logged_step = self.last_step = trainer.global_step
@@ -144,6 +161,7 @@ class PerformanceMonitor(Callback):
         if self.last_end is not None:  # between batches: fetching this one, and the loop's own work
             self.train_time += now - self.last_end
         self.batch_start = now
+        self.compiled_before = self.compile_seconds
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self.last_end = None  # validation and the checkpoint after it are not training time
@@ -157,13 +175,17 @@ class PerformanceMonitor(Callback):
                 torch.cuda.synchronize(pl_module.device)  # the clock must see the finished work
             self._log(trainer, pl_module, time.perf_counter())
         now = time.perf_counter()
-        self.train_time += now - self.batch_start
+        self.train_time += self._batch_seconds(now)
         self.last_end = now
+
+    def _batch_seconds(self, now: float) -> float:
+        """Training time of the current micro-batch so far: less any compilation in it."""
+        return now - self.batch_start - (self.compile_seconds - self.compiled_before)
 
     # --- a logging step ------------------------------------------------------------------------------
 
     def _log(self, trainer, pl_module, now: float) -> None:
-        train_time = self.train_time + now - self.batch_start
+        train_time = self.train_time + self._batch_seconds(now)
         tokens = self.samples * self.tokens_per_sample  # this rank's, this session
         new_tokens = tokens - self.throughput._lengths[-1]
         self.throughput.update(

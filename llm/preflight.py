@@ -56,6 +56,7 @@ def check(cfg, command: str) -> None:
     if command == "prepare":
         return
     check_trainer(cfg.trainer)
+    resolve_speed_options(cfg)
     if cfg.deepspeed:
         load_preset(cfg.deepspeed, cfg.nvme_path)  # an unknown preset, offload it cannot do, a bad NVMe path
     run.check(cfg)
@@ -63,6 +64,16 @@ def check(cfg, command: str) -> None:
 
 def uses_gpu(trainer) -> bool:
     return torch.cuda.is_available() and trainer.accelerator in ("auto", "gpu", "cuda")
+
+
+def world_size(trainer) -> int | None:
+    """Processes of the job, when the config says how many (devices may be "auto" or a list)."""
+    devices = trainer.devices
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and isinstance(trainer.num_nodes, int):
+        return devices * trainer.num_nodes
+    return None
 
 
 def check_trainer(trainer) -> None:
@@ -89,6 +100,24 @@ def check_trainer(trainer) -> None:
     if trainer.max_steps is None or trainer.max_steps < 1:
         raise ConfigError(
             f"trainer.max_steps={trainer.max_steps}: training is counted in optimizer steps; set a positive number"
+        )
+
+
+def resolve_speed_options(cfg) -> None:
+    """Fill in what the config leaves to the hardware, so that config.yaml says what ran: compile
+    and torch's fused AdamW on a GPU. Not fused under fp16: its grad scaler would hand the fused
+    kernel scaled gradients to clip, which Lightning refuses."""
+    on_gpu = uses_gpu(cfg.trainer)
+    fp16 = str(cfg.trainer.precision) == "16-mixed"
+    if cfg.model.compile is None:
+        cfg.model.compile = on_gpu
+    optimizer = cfg.model.optimizer
+    if optimizer.fused is None:
+        optimizer.fused = on_gpu and not fp16
+    elif optimizer.fused and fp16 and cfg.trainer.gradient_clip_val and not cfg.deepspeed:
+        raise ConfigError(
+            "model.optimizer.fused=true: torch's fused AdamW cannot have its gradients clipped under "
+            "trainer.precision=16-mixed; use bf16-mixed, fused=false, or trainer.gradient_clip_val=0"
         )
 
 

@@ -146,6 +146,12 @@ class ProgressBar(RichProgressBar):
         super().setup(trainer, pl_module, stage)
         self._refresh_rate = max(1, trainer.log_every_n_steps * trainer.accumulate_grad_batches)
 
+    @property
+    def total_train_batches(self):
+        # Lightning takes the optimizer steps left for batches; with accumulation each step is several
+        steps_left = self.trainer.max_steps - self.trainer.global_step
+        return min(self.trainer.num_training_batches, steps_left * self.trainer.accumulate_grad_batches)
+
     def _get_train_description(self, current_epoch: int) -> str:
         return f"{'train':{len(self.validation_description)}}"
 
@@ -192,6 +198,9 @@ def write_summary(trainer: L.Trainer, datamodule, model, seconds: float) -> dict
     tokens_per_step = tokens_per_optimizer_step(trainer, datamodule)
     checkpoint = trainer.checkpoint_callback
     info = next(c for c in trainer.callbacks if isinstance(c, RunInfo))
+    from llm.monitor import PerformanceMonitor  # imports this module
+
+    monitor = next(c for c in trainer.callbacks if isinstance(c, PerformanceMonitor))
     session_tokens = (trainer.global_step - info.start_step) * tokens_per_step
     summary = {
         "steps": trainer.global_step,
@@ -207,6 +216,10 @@ def write_summary(trainer: L.Trainer, datamodule, model, seconds: float) -> dict
         "world_size": trainer.world_size,
         "strategy": strategy_label(trainer.strategy),
         "precision": str(trainer.precision),
+        "compile": model.compile_model,
+        "compile_seconds": round(monitor.compile_seconds, 2),  # included in wall_seconds, not in perf/ metrics
+        "peak_flops": monitor.peak.flops,  # of one device: MFU's denominator
+        "peak_flops_source": monitor.peak.source,
         "data": str(datamodule.folder),
     }
     if trainer.is_global_zero:
@@ -217,7 +230,8 @@ def write_summary(trainer: L.Trainer, datamodule, model, seconds: float) -> dict
         for key, value in summary.items():
             if isinstance(value, float):
                 shown = f"{value:.4f}" if key.endswith(("loss", "entropy")) else f"{value:,.1f}"
+                shown = f"{value:.3g}" if key == "peak_flops" else shown
             else:
-                shown = f"{value:,}" if isinstance(value, int) else value
+                shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
             print(f"  {key:<{width}}  {shown}")
     return summary

@@ -1,13 +1,16 @@
-"""`make bench`: the project's trainer against a raw PyTorch loop, and `make prepare` against a plain
+"""`make bench`: the project's trainer against its references, and `make prepare` against a plain
 tokenizer loop, in one process; a table on the terminal and one JSON file.
 
-The two training sides run the same model, data, optimizer, schedule, clipping and precision,
-interleaved in blocks (project, raw, then raw, project, ...) after warm-up, because absolute
-times on a shared machine drift by 20% from one minute to the next and only a ratio taken side by
-side means anything. Step time is the wall time between the ends of consecutive optimizer steps,
-data loading included. The project side is Lightning's Trainer with the run's LanguageModel,
-TokenDataModule, PerformanceMonitor and CSV logging, without validation and checkpoints (they
-are not per-step costs).
+A path is a way to train: eager, compiled, or a ZeRO preset. Its reference is a plain PyTorch loop
+(scripts/raw_loop.py), or for a ZeRO preset DeepSpeed's own engine with the same config, driven
+by hand. The two sides of a path run the same model, data, optimizer, schedule, clipping and
+precision, interleaved in blocks (trainer, reference, then reference, trainer, ...) after warm-up,
+because absolute times on a shared machine drift by 20% from one minute to the next and only a
+ratio taken side by side means anything. Step time is the wall time between the ends of
+consecutive optimizer steps, data loading included; compilation happens in the warm-up steps. The
+trainer side is Lightning's Trainer with the run's LanguageModel, strategy, TokenDataModule,
+PerformanceMonitor and CSV logging, without validation and checkpoints (they are not per-step
+costs).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as `python -m llm` sets it
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # lightning 2.6 on torch 2.13
 
+from bench_paths import BenchPath, device, reference_block, trainer_block  # noqa: E402
+
 from llm.model import ModelConfig, count_params, flops_per_token  # noqa: E402
 
 SHARED = Path(os.environ.get("LLM_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -44,122 +49,52 @@ MODELS = {  # name -> (architecture, sequences per micro-batch)
 }
 
 
-class StepClock:
-    """Wall-clock times at the end of each optimizer step (after a device sync on GPU)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self.cpu: list[float] = []  # process CPU seconds (all threads): what steal time on a shared host leaves alone
-        self.peak = 0.0
-
-    def tick(self, device: torch.device) -> None:
-        from llm.monitor import memory_bytes
-
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.times.append(time.perf_counter())
-        self.cpu.append(time.process_time())
-        self.peak = max(self.peak, memory_bytes(device)[2 if device.type == "cuda" else 0])
-
-    def step_times(self, warmup: int, cpu: bool = False) -> list[float]:
-        ticks = self.cpu if cpu else self.times
-        return [b - a for a, b in zip(ticks[warmup:], ticks[warmup + 1 :], strict=False)]
-
-
-def project_block(config: ModelConfig, data_kwargs: dict, precision: str, steps: int, peak: float, tmp: Path):
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
-
-    from llm.data.datamodule import TokenDataModule
-    from llm.loggers import RunCSVLogger
-    from llm.module import LanguageModel, OptimizerConfig
-    from llm.monitor import PerformanceMonitor
-
-    clock = StepClock()
-
-    class Tick(Callback):
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            clock.tick(pl_module.device)
-
-    trainer = L.Trainer(
-        accelerator="auto",
-        devices=1,
-        precision=precision,
-        max_steps=steps,
-        gradient_clip_val=1.0,
-        logger=RunCSVLogger(str(tmp / f"csv-{time.monotonic_ns()}")),
-        log_every_n_steps=10,
-        callbacks=[Tick(), PerformanceMonitor(flops_per_token(config), peak)],
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
-    model = LanguageModel(config, OptimizerConfig(lr=3e-3, warmup_steps=2))
-    trainer.fit(model, datamodule=TokenDataModule(**data_kwargs))
-    return clock
-
-
-def raw_block(config: ModelConfig, data_kwargs: dict, precision: str, steps: int):
-    from raw_loop import raw_training_steps
-
-    from llm.data.datamodule import TokenDataModule
-    from llm.model import Transformer
-    from llm.module import OptimizerConfig
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    clock = StepClock()
-    data = TokenDataModule(**data_kwargs)
-    data.setup("fit")
-    loader = data.train_loader(rank=0, world_size=1, start_batch=0, end_batch=steps)
-    model = Transformer(config)
-    raw_training_steps(
-        model,
-        loader,
-        OptimizerConfig(lr=3e-3, warmup_steps=2),
-        precision,
-        steps,
-        device,
-        max_steps=steps,
-        on_step=lambda step: clock.tick(device),
-    )
-    return clock
-
-
 def compare(
-    name: str, precision: str, data_kwargs: dict, vocab: int, rounds: int, steps: int, warmup: int, tmp: Path
+    path: BenchPath,
+    name: str,
+    precision: str,
+    data_kwargs: dict,
+    vocab: int,
+    rounds: int,
+    steps: int,
+    warmup: int,
+    tmp: Path,
 ) -> dict:
-    """Median step time, tokens/s, MFU and peak memory of the trainer and the raw loop, and their ratio."""
-    from llm.monitor import peak_flops
+    """Median step time, tokens/s, MFU and peak memory of a path through the trainer and through its
+    reference, and their ratio."""
+    from llm.monitor import training_dtype
+    from llm.peaks import find_peak
 
     fields, batch = MODELS[name]
     config = ModelConfig(**{**fields, "vocab_size": fields.get("vocab_size") or vocab})
     data_kwargs = {**data_kwargs, "block_size": config.block_size, "batch_size": batch}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peak = peak_flops(device, precision)
-    times = {"project": [], "raw": []}
-    cpu_times = {"project": [], "raw": []}
-    memory = {"project": 0.0, "raw": 0.0}
-    paired = []  # project / raw per round: the two blocks of a round ran next to each other in time
+    peak = find_peak(device(), training_dtype(precision))
+    times = {"trainer": [], "reference": []}
+    cpu_times = {"trainer": [], "reference": []}
+    memory = {"trainer": 0.0, "reference": 0.0}
+    paired = []  # trainer / reference per round: the two blocks of a round ran next to each other in time
     for r in range(rounds):
         medians = {}
-        for side in ("project", "raw") if r % 2 == 0 else ("raw", "project"):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            if side == "project":
-                clock = project_block(config, data_kwargs, precision, steps + warmup, peak, tmp)
+        for side in ("trainer", "reference") if r % 2 == 0 else ("reference", "trainer"):
+            if device().type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            if side == "trainer":
+                clock = trainer_block(path, config, data_kwargs, precision, steps + warmup, tmp)
             else:
-                clock = raw_block(config, data_kwargs, precision, steps + warmup)
+                clock = reference_block(path, config, data_kwargs, precision, steps + warmup)
             times[side] += clock.step_times(warmup)
             cpu_times[side] += clock.step_times(warmup, cpu=True)
             medians[side] = statistics.median(clock.step_times(warmup))
             memory[side] = max(memory[side], clock.peak)
-        paired.append(medians["project"] / medians["raw"])
+        paired.append(medians["trainer"] / medians["reference"])
     tokens_per_step = batch * config.block_size
     fpt = flops_per_token(config)
     result = {
+        "path": path.name,
+        "reference_kind": path.reference,
+        "deepspeed": path.deepspeed,
+        "compile": path.compile,
         "model": name,
         "params": count_params(config),
         "precision": precision,
@@ -167,8 +102,9 @@ def compare(
         "block_size": config.block_size,
         "tokens_per_step": tokens_per_step,
         "flops_per_token": fpt,
-        "peak_flops": peak,
-        "steps_measured": len(times["project"]),
+        "peak_flops": peak.flops,
+        "peak_flops_source": peak.source,
+        "steps_measured": len(times["trainer"]),
     }
     for side, values in times.items():
         median = statistics.median(values)
@@ -178,16 +114,15 @@ def compare(
             "p10_step_seconds": q[0],
             "p90_step_seconds": q[-1],
             "tokens_per_sec": tokens_per_step / median,
-            "mfu": tokens_per_step / median * fpt / peak,
+            "mfu": tokens_per_step / median * fpt / peak.flops,
             "peak_memory_gib": memory[side] / 2**30,
             "median_cpu_seconds_per_step": statistics.median(cpu_times[side]),
         }
-    result["ratio_project_to_raw"] = result["project"]["median_step_seconds"] / result["raw"]["median_step_seconds"]
-    result["overhead_percent"] = 100 * (result["ratio_project_to_raw"] - 1)
+    trainer, reference = result["trainer"], result["reference"]
+    result["ratio_trainer_to_reference"] = trainer["median_step_seconds"] / reference["median_step_seconds"]
+    result["overhead_percent"] = 100 * (result["ratio_trainer_to_reference"] - 1)
     result["paired_round_ratios"] = paired
-    result["cpu_time_ratio"] = (
-        result["project"]["median_cpu_seconds_per_step"] / result["raw"]["median_cpu_seconds_per_step"]
-    )
+    result["cpu_time_ratio"] = trainer["median_cpu_seconds_per_step"] / reference["median_cpu_seconds_per_step"]
     result["overhead_percent_paired_median"] = 100 * (statistics.median(paired) - 1)
     return result
 
@@ -257,6 +192,7 @@ def environment() -> dict:
 def bench(
     quick: bool = False,
     out: str = "bench.json",
+    paths: list[str] | None = None,
     models: list[str] | None = None,
     precisions: list[str] | None = None,
     rounds: int | None = None,
@@ -264,14 +200,17 @@ def bench(
     warmup: int = 2,
     num_workers: int = 0,
 ) -> dict:
-    """Benchmark the trainer against a raw PyTorch loop, and data preparation against a plain loop.
+    """Benchmark the trainer against its references, and data preparation against a plain loop.
 
     Args:
         quick: a few steps of the tiny model on a small text (what the tests run)
         out: the JSON file to write
+        paths: eager, compiled (trainer against a plain torch loop), zero1, zero2, zero3 (trainer
+            against DeepSpeed's engine with the same config), each DeepSpeed one also with -compiled
+            (default: all five on a GPU; eager on CPU)
         models: which of tiny, 10m, gpt2-124m (default: tiny and 10m; tiny alone when quick)
         precisions: 32-true and/or bf16-mixed (default: both on CPU, bf16-mixed on GPU)
-        rounds: blocks per side, alternating which side goes first (default 4; 1 when quick)
+        rounds: blocks per side, alternating which side goes first (default 4 on CPU, 2 on GPU; 1 when quick)
         steps: measured steps per block (default 10; 3 when quick)
         warmup: steps per block before measuring
         num_workers: DataLoader workers on both sides
@@ -284,9 +223,12 @@ def bench(
     quiet_lightning()
     datasets.disable_progress_bars()  # the bench prints its own lines
     gpu = torch.cuda.is_available()
+    paths = paths or (["eager", "compiled", "zero1", "zero2", "zero3"] if gpu else ["eager"])
+    chosen = [BenchPath.parse(p) for p in paths]
     models = models or (["tiny"] if quick else ["gpt2-124m"] if gpu else ["tiny", "10m"])
     precisions = precisions or (["bf16-mixed"] if gpu else ["32-true", "bf16-mixed"])
-    rounds, steps = rounds or (1 if quick else 4), steps or (3 if quick else 10)
+    # a GPU's step times vary far less than those of a shared 2-core VM: fewer rounds say as much
+    rounds, steps = rounds or (1 if quick else 2 if gpu else 4), steps or (3 if quick else 10)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if quick:  # a small text and a small BPE
@@ -310,6 +252,7 @@ def bench(
         results = {
             "settings": {
                 "quick": quick,
+                "paths": [p.name for p in chosen],
                 "rounds": rounds,
                 "steps_per_block": steps,
                 "warmup_steps": warmup,
@@ -320,18 +263,21 @@ def bench(
             "training": [],
             "data_preparation": None,
         }
-        for name in models:
-            for precision in precisions:
-                print(f"bench: {name} {precision} ...", file=sys.stderr, flush=True)
-                results["training"].append(compare(name, precision, data, vocab, rounds, steps, warmup, tmp))
+        for path in chosen:
+            for name in models:
+                for precision in precisions:
+                    print(f"bench: {path.name} {name} {precision} ...", file=sys.stderr, flush=True)
+                    row = compare(path, name, precision, data, vocab, rounds, steps, warmup, tmp)
+                    results["training"].append(row)
         print("bench: data preparation ...", file=sys.stderr, flush=True)
         shakespeare = SHARED / "tinyshakespeare.txt"
         prep_corpus = shakespeare if quick and shakespeare.is_file() else None
         results["data_preparation"] = prepare_bench(prep_corpus, tmp)
-    bf16 = {r["model"]: r for r in results["training"] if r["precision"] == "bf16-mixed"}
-    fp32 = {r["model"]: r for r in results["training"] if r["precision"] == "32-true"}
+    eager = [r for r in results["training"] if r["path"] == "eager"]
+    bf16 = {r["model"]: r for r in eager if r["precision"] == "bf16-mixed"}
+    fp32 = {r["model"]: r for r in eager if r["precision"] == "32-true"}
     results["bf16_speedup"] = {
-        m: bf16[m]["project"]["tokens_per_sec"] / fp32[m]["project"]["tokens_per_sec"] for m in bf16 if m in fp32
+        m: bf16[m]["trainer"]["tokens_per_sec"] / fp32[m]["trainer"]["tokens_per_sec"] for m in bf16 if m in fp32
     }
     Path(out).write_text(json.dumps(results, indent=2) + "\n")
     print_table(results, out)
@@ -343,11 +289,13 @@ def print_table(results: dict, out: str) -> None:
     from rich.table import Table
 
     table = Table(
-        title="trainer against a raw PyTorch loop: median step, p10-p90; overhead of the medians, and the "
-        "median of the per-round ratios (paired)",
+        title="each path through the trainer and through its reference (a plain torch loop, or DeepSpeed's engine "
+        "with the same config): median step, p10-p90; overhead of the medians, and the median of the per-round "
+        "ratios (paired)",
         title_justify="left",
     )
     for column in (
+        "path",
         "model",
         "precision",
         "side",
@@ -359,21 +307,22 @@ def print_table(results: dict, out: str) -> None:
         "overhead",
         "paired",
     ):
-        table.add_column(column, justify="left" if column in ("model", "precision", "side") else "right")
+        table.add_column(column, justify="left" if column in ("path", "model", "precision", "side") else "right")
     for r in results["training"]:
-        for side in ("project", "raw"):
+        for side in ("trainer", "reference"):
             s = r[side]
             table.add_row(
+                r["path"],
                 r["model"],
                 r["precision"],
-                side,
+                side if side == "trainer" else r["reference_kind"],
                 f"{s['median_step_seconds'] * 1e3:,.1f}",
                 f"{s['p10_step_seconds'] * 1e3:,.0f}-{s['p90_step_seconds'] * 1e3:,.0f}",
                 f"{s['tokens_per_sec']:,.0f}",
                 f"{s['mfu']:.1%}",
                 f"{s['peak_memory_gib']:.2f}",
-                f"{r['overhead_percent']:+.1f}%" if side == "project" else "",
-                f"{r['overhead_percent_paired_median']:+.1f}%" if side == "project" else "",
+                f"{r['overhead_percent']:+.1f}%" if side == "trainer" else "",
+                f"{r['overhead_percent_paired_median']:+.1f}%" if side == "trainer" else "",
             )
     console = Console(width=max(Console().width, 110))
     console.print(table)
@@ -388,6 +337,9 @@ def print_table(results: dict, out: str) -> None:
             f"{prep['prepare']['tokens_per_sec']:,.0f} tokens/s on {prep['num_proc']} processes, a plain "
             f"loop {prep['plain_loop']['tokens_per_sec']:,.0f} tokens/s ({prep['speedup']:.2f}x)"
         )
+    peaks = {r["peak_flops_source"]: r["peak_flops"] for r in results["training"]}
+    for source, flops in peaks.items():
+        console.print(f"MFU against {flops / 1e12:,.2f} TFLOP/s ({source})")
     env = results["environment"]
     console.print(
         f"{env['cpu']}, {env['cpu_count']} cores, torch {env['torch']} ({env['torch_threads']} threads), "
@@ -396,6 +348,11 @@ def print_table(results: dict, out: str) -> None:
 
 
 if __name__ == "__main__":
-    from jsonargparse import auto_cli
+    from llm.__main__ import function_cli
+    from llm.errors import ConfigError
 
-    auto_cli(bench, as_positional=False)
+    try:
+        function_cli(bench, sys.argv[1:])  # bad options get one line, as every `python -m llm` command's do
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

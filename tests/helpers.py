@@ -36,3 +36,27 @@ class EngineProbe(Callback):
         model.train()
         probe = {"params_held": held, "params_total": total, "optimizer_state": state, "logits": logits, "idx": idx}
         torch.save(probe, f"{trainer.default_root_dir}/probe-rank{trainer.global_rank}.pt")
+
+
+class ClipProbe(Callback):
+    """Writes <run>/clip-probe.json: whether the optimizer is torch's fused AdamW, and the global
+    gradient norm each optimizer step used. Lightning runs the forward, backward and clipping inside
+    optimizer.step(closure) and zeroes the gradients only before the next backward, so at the end of
+    a batch they are the ones the step saw, after any clipping."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.norms: list[float] = []
+        self.fused = bool(trainer.optimizers[0].defaults.get("fused"))
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        import torch
+
+        grads = [p.grad.detach().float().norm() for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(torch.stack(grads).norm().item())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+
+        out = {"fused": self.fused, "norms_at_step": self.norms}
+        with open(f"{trainer.default_root_dir}/clip-probe.json", "w") as f:
+            json.dump(out, f)

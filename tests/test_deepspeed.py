@@ -165,6 +165,33 @@ def test_sample_and_eval_read_a_sharded_checkpoint(train):
     assert result["step"] == 6 and 0 < result["val_bpb"] < 10 and result["val_loss"] > 0
 
 
+@pytest.mark.parametrize("preset", ["zero1", "zero2", "zero3"])
+def test_compiled_model_under_zero_follows_the_eager_loss_curve(train, preset):
+    eager = losses(train(preset, ds(preset), PROBE))
+    compiled = train(f"{preset}-compiled", ds(preset), "--model.compile=true")
+    got = losses(compiled)
+    assert sorted(got) == list(range(6))
+    for step in range(6):
+        assert got[step] == pytest.approx(eager[step], abs=1e-5), f"step {step}"
+    summary = json.loads((compiled / "summary.json").read_text())
+    assert summary["compile"] is True and summary["compile_seconds"] > 0
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_overlap_comm_is_off_for_one_process_only(preset):
+    from llm.strategy import build_strategy
+
+    for world, overlap in ((1, False), (2, True), (None, True)):
+        strategy = build_strategy(preset, None, batch_size=4, on_gpu=False, world_size=world)
+        assert strategy.config["zero_optimization"]["overlap_comm"] is overlap, world
+
+
+def test_a_preset_that_is_not_yaml_is_refused(refusal, tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("zero_optimization: {stage: 2\n")
+    refusal(f"--deepspeed={bad}", fragments=(f"deepspeed={bad}", "not valid YAML"))
+
+
 def test_activation_checkpointing_under_zero3_changes_no_loss(train):
     plain = losses(train("zero3", ds("zero3"), PROBE))
     recomputed = losses(train("zero3-ckpt", ds("zero3"), "--model.activation_checkpointing=true"))

@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO, TINY, run_llm
 from llm.loggers import scrub
 from llm.model import ModelConfig, count_params, flops_per_token
-from llm.monitor import cpu_matmul_peak
+from llm.peaks import measure_matmul_peak
 
 pytestmark = pytest.mark.slow
 
@@ -217,7 +217,8 @@ def test_mfu_is_achieved_flops_over_peak(tmp_path, code_corpus, data_cache):
     for row in rows:
         expected = float(row["perf/tokens_per_sec_per_device"]) * flops_per_token(config) / 2e9
         assert float(row["perf/mfu"]) == pytest.approx(expected, rel=1e-5)
-    assert 1e8 < cpu_matmul_peak(__import__("torch").float32, n=256) < 1e14  # FLOP/s: a CPU, measured
+    torch = __import__("torch")
+    assert 1e8 < measure_matmul_peak(torch.device("cpu"), torch.float32, n=256) < 1e14  # FLOP/s: a CPU, measured
 
 
 def test_make_plot_writes_png_charts(single):
@@ -260,17 +261,20 @@ def _alive(pid: int) -> bool:
 
 def test_make_bench_quick_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        ["make", "-s", "bench", f"ARGS=--quick=true --out={out}"], cwd=REPO, capture_output=True, text=True, timeout=900
-    )
+    args = f"ARGS=--quick=true --out={out} --paths=[eager,compiled,zero2]"
+    result = subprocess.run(["make", "-s", "bench", args], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     bench = json.loads(out.read_text())
-    assert {r["precision"] for r in bench["training"]} == {"32-true", "bf16-mixed"}
-    for r in bench["training"]:
-        for side in ("project", "raw"):
+    rows = {(r["path"], r["precision"]): r for r in bench["training"]}
+    assert set(rows) == {(p, q) for p in ("eager", "compiled", "zero2") for q in ("32-true", "bf16-mixed")}
+    for (path, _), r in rows.items():
+        assert r["reference_kind"] == ("deepspeed engine" if path == "zero2" else "torch loop")
+        assert r["compile"] is (path == "compiled") and r["deepspeed"] == ("zero2" if path == "zero2" else None)
+        for side in ("trainer", "reference"):
             assert r[side]["median_step_seconds"] > 0 and r[side]["tokens_per_sec"] > 0 and 0 < r[side]["mfu"] < 1
-        assert r["ratio_project_to_raw"] == pytest.approx(
-            r["project"]["median_step_seconds"] / r["raw"]["median_step_seconds"]
+        assert r["ratio_trainer_to_reference"] == pytest.approx(
+            r["trainer"]["median_step_seconds"] / r["reference"]["median_step_seconds"]
         )
+        assert r["peak_flops_source"].startswith("cpu, measured")
     assert bench["bf16_speedup"]["tiny"] > 0 and bench["environment"]["torch"]
-    assert "trainer against a raw PyTorch loop" in result.stdout
+    assert "each path through the trainer and through its reference" in result.stdout

@@ -47,9 +47,10 @@ def reference_attention(attn, x):
     head shared by n_head / n_kv_head query heads."""
     B, T, C = x.shape
     H, K, Q = attn.n_head, attn.n_kv_head, attn.head_dim
-    q = (x @ attn.q_proj.weight.T + attn.q_proj.bias).view(B, T, H, Q).transpose(1, 2)
-    kv = (x @ attn.kv_proj.weight.T + attn.kv_proj.bias).view(B, T, 2, K, Q)
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    w, b = attn.qkv_proj.weight, attn.qkv_proj.bias  # rows: H query heads, then K key heads, then K value heads
+    q = (x @ w[: H * Q].T + b[: H * Q]).view(B, T, H, Q).transpose(1, 2)
+    k = (x @ w[H * Q : (H + K) * Q].T + b[H * Q : (H + K) * Q]).view(B, T, K, Q).transpose(1, 2)
+    v = (x @ w[(H + K) * Q :].T + b[(H + K) * Q :]).view(B, T, K, Q).transpose(1, 2)
     k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(Q)
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
@@ -62,7 +63,7 @@ def test_attention_equals_written_out_multi_head_attention(n_kv_head):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**dict(GPT2, n_kv_head=n_kv_head))).eval()
     attn = model.blocks[0].attn
-    assert attn.kv_proj.out_features == 2 * n_kv_head * 8
+    assert attn.qkv_proj.out_features == (4 + 2 * n_kv_head) * 8
     x = torch.randn(2, 11, 32)
     torch.testing.assert_close(attn(x), reference_attention(attn, x), atol=1e-5, rtol=1e-5)
 
@@ -73,7 +74,7 @@ def test_kv_cache_gives_the_logits_of_a_full_forward(config):
     idx = torch.randint(0, config.vocab_size, (2, 12))
     full = model(idx)
     cache = KVCache(config, 2, config.block_size, "cpu", torch.float32)
-    steps = [model(idx[:, :5], cache)] + [model(idx[:, t : t + 1], cache) for t in range(5, 12)]
+    steps = [model(idx[:, :5], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -87,7 +88,7 @@ def test_tied_embeddings_share_one_matrix_and_count_once():
 def test_residual_projections_are_scaled_at_init():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, n_layer=8, n_embd=256, n_head=4, block_size=16))
-    plain = model.blocks[0].attn.q_proj.weight.std().item()
+    plain = model.blocks[0].attn.qkv_proj.weight.std().item()
     scaled = model.blocks[0].attn.out_proj.weight.std().item()
     assert plain == pytest.approx(0.02, rel=0.05)
     assert scaled == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.05)
@@ -164,3 +165,13 @@ def test_cross_entropy_at_init_is_near_uniform():
     idx, targets = torch.randint(0, 1000, (2, 4, 32))
     loss = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
     assert loss.item() == pytest.approx(math.log(1000), abs=0.1)
+
+
+def test_loss_from_forward_is_the_cross_entropy_of_the_logits(config):
+    torch.manual_seed(0)
+    model = Transformer(config)
+    idx, targets = torch.randint(0, config.vocab_size, (2, 3, 16))
+    expected = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(model(idx, targets=targets), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the softmax stays in fp32 under bf16
+        assert model(idx, targets=targets).dtype == torch.float32

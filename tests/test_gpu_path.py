@@ -1,0 +1,280 @@
+"""What a GPU run uses, tested on the CPU: torch's fused AdamW under bf16 autocast with gradient
+clipping, torch.compile (plain and through the recipes), and the peak FLOP/s that MFU divides by,
+from a table keyed by device names that are mocked here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import TINY, run_llm
+from llm import peaks, preflight
+from llm.checkpoint import read_checkpoint
+from llm.errors import ConfigError
+from llm.peaks import find_peak, table_peak
+
+CLIP_PROBE = '--trainer.callbacks=[{"class_path": "tests.helpers.ClipProbe"}]'
+
+
+def fit_args(corpus: Path, run: Path, cache: Path, *extra: str, config: str = "default") -> list[str]:
+    return [
+        "fit",
+        "--config",
+        f"configs/experiment/{config}.yaml",
+        *TINY,
+        f"--data.text={corpus}",
+        "--data.vocab_size=512",
+        f"--data.cache_dir={cache}",
+        f"--run={run}",
+        "--trainer.log_every_n_steps=1",
+        *extra,
+    ]
+
+
+def losses(run: Path) -> dict[int, float]:
+    import csv
+
+    with open(run / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def grad_norms(run: Path) -> list[float]:
+    import csv
+
+    with open(run / "metrics.csv", newline="") as f:
+        return [float(r["train/grad_norm"]) for r in csv.DictReader(f) if r.get("train/grad_norm")]
+
+
+# --- bug 1: fused AdamW + bf16-mixed + clipping stopped at the first step ---------------------------
+
+
+@pytest.mark.slow
+def test_fused_adamw_with_bf16_autocast_clips_and_trains(tmp_path, code_corpus, data_cache):
+    run = tmp_path / "run"
+    clip = 0.05  # below the gradient norms of this model, so every step is clipped
+    result = run_llm(
+        *fit_args(code_corpus, run, data_cache, "--trainer.max_steps=4", "--eval_every=2"),
+        "--trainer.precision=bf16-mixed",
+        "--model.optimizer.fused=true",
+        f"--trainer.gradient_clip_val={clip}",
+        CLIP_PROBE,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    probe = json.loads((run / "clip-probe.json").read_text())
+    assert probe["fused"], "the optimizer is not torch's fused AdamW"
+    before = grad_norms(run)  # logged before clipping
+    assert len(before) == len(probe["norms_at_step"]) == 4 and min(before) > clip
+    for norm in probe["norms_at_step"]:
+        assert norm == pytest.approx(clip, rel=1e-3), "the step saw gradients that were not clipped"
+    train = losses(run)
+    assert all(torch.isfinite(torch.tensor(v)) for v in train.values()) and train[3] < train[0]
+    config = (run / "config.yaml").read_text()
+    assert "fused: true" in config and "precision: bf16-mixed" in config
+
+
+def resolved(monkeypatch, on_gpu: bool, precision: str = "bf16-mixed", fused=None, compile=None):
+    """A parsed config's fields that resolve_speed_options reads, on a machine with or without a GPU."""
+    monkeypatch.setattr(preflight, "uses_gpu", lambda trainer: on_gpu)
+    trainer = SimpleNamespace(accelerator="auto", precision=precision, gradient_clip_val=1.0)
+    model = SimpleNamespace(compile=compile, optimizer=SimpleNamespace(fused=fused))
+    return SimpleNamespace(trainer=trainer, model=model, deepspeed=None)
+
+
+def test_fused_adamw_with_fp16_and_clipping_is_refused_in_one_line(monkeypatch):
+    cfg = resolved(monkeypatch, on_gpu=True, precision="16-mixed", fused=True)
+    with pytest.raises(ConfigError, match="model.optimizer.fused=true.*16-mixed"):
+        preflight.resolve_speed_options(cfg)
+
+
+@pytest.mark.parametrize(
+    "on_gpu, precision, compile, fused",
+    [(True, "bf16-mixed", True, True), (True, "16-mixed", True, False), (False, "32-true", False, False)],
+)
+def test_compile_and_fused_adamw_default_on_with_a_gpu_only(monkeypatch, on_gpu, precision, compile, fused):
+    cfg = resolved(monkeypatch, on_gpu, precision)
+    preflight.resolve_speed_options(cfg)
+    assert cfg.model.compile is compile and cfg.model.optimizer.fused is fused
+    explicit = resolved(monkeypatch, on_gpu, precision, fused=False, compile=False)
+    preflight.resolve_speed_options(explicit)
+    assert explicit.model.compile is False and explicit.model.optimizer.fused is False
+
+
+# --- bug 2: the peak FLOP/s of MFU --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, dtype, expected",
+    [
+        ("NVIDIA H200", torch.bfloat16, 989.4e12),
+        ("NVIDIA H200 NVL", torch.bfloat16, 835.5e12),
+        ("NVIDIA GH200 480GB", torch.bfloat16, 989.4e12),
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4e12),
+        ("NVIDIA H100 PCIe", torch.float16, 756e12),
+        ("NVIDIA H100 NVL", torch.bfloat16, 835.5e12),
+        ("NVIDIA B200", torch.bfloat16, 2250e12),
+        ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
+        ("NVIDIA A100 80GB PCIe", torch.float32, 156e12),  # tf32: float32 matmuls at "high" precision
+        ("NVIDIA A10G", torch.bfloat16, 70e12),
+        ("NVIDIA A10", torch.bfloat16, 125e12),
+        ("NVIDIA L4", torch.bfloat16, 121e12),
+        ("NVIDIA L40S", torch.bfloat16, 362.05e12),
+        ("NVIDIA GeForce RTX 4090", torch.bfloat16, 165.2e12),
+        ("NVIDIA GeForce RTX 3090", torch.bfloat16, 71e12),
+    ],
+)
+def test_datasheet_peak_of_each_gpu(name, dtype, expected):
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # as `python -m llm fit` sets it
+    try:
+        peak = table_peak(name, dtype)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert peak is not None and peak.flops == pytest.approx(expected)
+    assert "datasheet" in peak.source
+
+
+def test_full_fp32_matmuls_use_the_fp32_peak():
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        assert table_peak("NVIDIA H100 80GB HBM3", torch.float32).flops == pytest.approx(66.9e12)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def test_a_gpu_in_no_table_is_measured_on_that_gpu_never_the_cpu(monkeypatch):
+    measured = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Imaginary X1")
+    monkeypatch.setattr(peaks, "measure_matmul_peak", lambda device, dtype: measured.append(device) or 123e12)
+    peak = find_peak(torch.device("cuda", 0), torch.bfloat16)
+    assert measured == [torch.device("cuda", 0)]
+    assert peak.flops == 123e12 and "NVIDIA Imaginary X1, measured bfloat16 matmul" == peak.source
+
+
+def test_h200_takes_the_projects_table_before_lightnings(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(peaks, "measure_matmul_peak", lambda device, dtype: pytest.fail("measured a listed GPU"))
+    peak = find_peak(torch.device("cuda", 0), torch.bfloat16)
+    assert peak.flops == 989.4e12 and peak.describe() == "989.4 TFLOP/s (H200 SXM datasheet, dense bf16)"
+    # MFU of the throughput the issue measured for the trainer compiled on an H200: a fraction
+    gpt2_flops_per_token = 6 * 124e6 + 12 * 12 * 12 * 64 * 1024
+    assert 0.3 < 486e3 * gpt2_flops_per_token / peak.flops < 0.5
+
+
+def test_an_override_wins_over_everything():
+    peak = find_peak(torch.device("cpu"), torch.float32, override=5e12)
+    assert peak.flops == 5e12 and peak.source == "--peak_flops"
+
+
+# --- torch.compile ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_keeps_checkpoint_keys(tmp_path, code_corpus, data_cache):
+    args = ("--trainer.max_steps=4", "--eval_every=2")
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert run_llm(*fit_args(code_corpus, eager, data_cache, *args)).returncode == 0
+    result = run_llm(*fit_args(code_corpus, compiled, data_cache, *args, "--model.compile=true"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compile: on" in result.stdout
+    expected, got = losses(eager), losses(compiled)
+    assert sorted(got) == sorted(expected) == [0, 1, 2, 3]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
+    summary = json.loads((compiled / "summary.json").read_text())
+    assert summary["compile"] is True and summary["compile_seconds"] > 0
+    assert json.loads((eager / "summary.json").read_text())["compile_seconds"] == 0
+    keys = {run: set(read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]) for run in (eager, compiled)}
+    assert keys[compiled] == keys[eager] and not any("_orig_mod" in k for k in keys[compiled])
+    ckpt = compiled / "checkpoints" / "last.ckpt"
+    sample = run_llm("sample", f"--ckpt={ckpt}", "--prompt=def ", "--max_new_tokens=8")
+    assert sample.returncode == 0 and sample.stdout.startswith("def "), sample.stderr[-2000:]
+    evaluation = run_llm("eval", f"--ckpt={ckpt}", "--json_out=true", "--max_batches=2")
+    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+    assert json.loads(evaluation.stdout.strip().splitlines()[-1])["step"] == 4
+
+
+# --- the recipes for real runs ------------------------------------------------------------------------
+
+# each recipe at the size of a smoke test: what stays is its optimizer, schedule shape, precision,
+# compile and clipping
+SMALL = [
+    "--model.config.n_layer=2",
+    "--model.config.n_head=2",
+    "--model.config.n_kv_head=null",
+    "--model.config.n_embd=64",
+    "--model.config.block_size=64",
+    "--model.config.intermediate_size=null",
+    "--model.config.vocab_size=null",
+    "--data.batch_size=4",
+    "--data.val_batches=2",
+    "--data.num_workers=0",
+    "--data.vocab_size=512",
+    "--trainer.max_steps=2",
+    "--trainer.accumulate_grad_batches=2",
+    "--trainer.devices=1",
+    "--trainer.log_every_n_steps=1",
+    "--model.optimizer.warmup_steps=1",
+    "--eval_every=1",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["gpt2-124m", "llama-1b"])
+def test_recipe_trains_two_steps_at_smoke_size(recipe, tmp_path, code_corpus, data_cache):
+    run = tmp_path / "run"
+    extra = ["--model.optimizer.fused=true"] if recipe == "gpt2-124m" else ["--model.compile=false"]
+    result = run_llm(
+        "fit",
+        "--config",
+        f"configs/experiment/{recipe}.yaml",
+        *SMALL,
+        f"--data.text={code_corpus}",
+        f"--data.cache_dir={data_cache}",
+        f"--run={run}",
+        *extra,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["precision"] == "bf16-mixed"
+    assert summary["tokens"] == 2 * 2 * 4 * 64  # steps x accumulation x batch x block
+    lr = {"gpt2-124m": 6e-4, "llama-1b": 4e-4}[recipe]
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["optimizer"]["lr"] == lr and config["experiment"] == recipe
+    assert summary["compile"] is (recipe == "gpt2-124m")
+
+
+@pytest.mark.parametrize("recipe", ["gpt2-124m", "llama-1b"])
+def test_recipe_is_the_experiment_make_picks_for_its_model(recipe):
+    import subprocess
+
+    from conftest import REPO
+
+    dry = subprocess.run(["make", "-n", "train", f"MODEL={recipe}"], cwd=REPO, capture_output=True, text=True)
+    assert f"--config configs/experiment/{recipe}.yaml" in dry.stdout
+    other = subprocess.run(["make", "-n", "train", "MODEL=gpt2-350m"], cwd=REPO, capture_output=True, text=True)
+    assert "--config configs/experiment/default.yaml" in other.stdout
+
+
+def test_llama_recipe_uses_what_make_plan_recommends_for_8_gpus_of_80_gb():
+    import yaml
+
+    from conftest import REPO
+    from llm.plan import plan_main
+
+    recipe = yaml.safe_load((REPO / "configs/experiment/llama-1b.yaml").read_text())
+    result = plan_main(
+        model="llama-1b",
+        gpus=recipe["trainer"]["devices"],
+        gpu_mem=80,
+        micro_batch=recipe["data"]["batch_size"],
+        activation_checkpointing=recipe["model"]["activation_checkpointing"],
+        json_out=True,
+    )
+    assert (recipe["deepspeed"] or "ddp") == result["recommended"]
