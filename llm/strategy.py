@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -165,6 +167,7 @@ def adamw(
     there), its fused Adam for ZeRO on GPU, torch's AdamW otherwise, fused into one kernel when
     `fused` says so (None: on a GPU)."""
     if deepspeed_config is not None:
+        plain_cuda_arch_list()  # DeepSpeed compiles the two optimizers below on first use
         if offloads_optimizer(deepspeed_config):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -175,6 +178,15 @@ def adamw(
             return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
     fused = on_gpu if fused is None else fused
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def plain_cuda_arch_list() -> None:
+    """DeepSpeed's op builder reads TORCH_CUDA_ARCH_LIST and fails on entries with a feature suffix
+    such as "9.0a" (`invalid literal for int()`), which some containers set; its ops need only the
+    plain capability, so the suffix is dropped for the builds of this process."""
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d+\.\d+)[a-z]+", r"\1", arch)
 
 
 def _post_order(module: torch.nn.Module):

@@ -4,18 +4,24 @@ from a table keyed by device names that are mocked here."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
-from conftest import TINY, run_llm
+from conftest import REPO, TINY, run_llm
 from llm import peaks, preflight
 from llm.checkpoint import read_checkpoint
 from llm.errors import ConfigError
 from llm.peaks import find_peak, table_peak
+from llm.plan import plan_main
+from llm.strategy import plain_cuda_arch_list
 
 CLIP_PROBE = '--trainer.callbacks=[{"class_path": "tests.helpers.ClipProbe"}]'
 
@@ -36,15 +42,11 @@ def fit_args(corpus: Path, run: Path, cache: Path, *extra: str, config: str = "d
 
 
 def losses(run: Path) -> dict[int, float]:
-    import csv
-
     with open(run / "metrics.csv", newline="") as f:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
 def grad_norms(run: Path) -> list[float]:
-    import csv
-
     with open(run / "metrics.csv", newline="") as f:
         return [float(r["train/grad_norm"]) for r in csv.DictReader(f) if r.get("train/grad_norm")]
 
@@ -101,6 +103,12 @@ def test_compile_and_fused_adamw_default_on_with_a_gpu_only(monkeypatch, on_gpu,
     explicit = resolved(monkeypatch, on_gpu, precision, fused=False, compile=False)
     preflight.resolve_speed_options(explicit)
     assert explicit.model.compile is False and explicit.model.optimizer.fused is False
+
+
+def test_cuda_arch_suffixes_that_deepspeeds_op_builder_cannot_parse_are_dropped(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a+PTX 10.0f")
+    plain_cuda_arch_list()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX 10.0"
 
 
 # --- bug 2: the peak FLOP/s of MFU --------------------------------------------------------------------
@@ -243,8 +251,6 @@ def test_recipe_trains_two_steps_at_smoke_size(recipe, tmp_path, code_corpus, da
     assert summary["steps"] == 2 and summary["precision"] == "bf16-mixed"
     assert summary["tokens"] == 2 * 2 * 4 * 64  # steps x accumulation x batch x block
     lr = {"gpt2-124m": 6e-4, "llama-1b": 4e-4}[recipe]
-    import yaml
-
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["optimizer"]["lr"] == lr and config["experiment"] == recipe
     assert summary["compile"] is (recipe == "gpt2-124m")
@@ -252,9 +258,6 @@ def test_recipe_trains_two_steps_at_smoke_size(recipe, tmp_path, code_corpus, da
 
 @pytest.mark.parametrize("recipe", ["gpt2-124m", "llama-1b"])
 def test_recipe_is_the_experiment_make_picks_for_its_model(recipe):
-    import subprocess
-
-    from conftest import REPO
 
     dry = subprocess.run(["make", "-n", "train", f"MODEL={recipe}"], cwd=REPO, capture_output=True, text=True)
     assert f"--config configs/experiment/{recipe}.yaml" in dry.stdout
@@ -263,11 +266,6 @@ def test_recipe_is_the_experiment_make_picks_for_its_model(recipe):
 
 
 def test_llama_recipe_uses_what_make_plan_recommends_for_8_gpus_of_80_gb():
-    import yaml
-
-    from conftest import REPO
-    from llm.plan import plan_main
-
     recipe = yaml.safe_load((REPO / "configs/experiment/llama-1b.yaml").read_text())
     result = plan_main(
         model="llama-1b",
