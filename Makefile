@@ -20,6 +20,14 @@ DS ?=
 NVME_PATH ?=
 DEVICES ?=
 NNODES ?=
+NODE_RANK ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+HOSTFILE ?=
+PARTITION ?=
+TIME ?=
+ACCOUNT ?=
+LAUNCH_TIMEOUT ?= 300
 PRECISION ?=
 MAX_STEPS ?=
 RUN ?=
@@ -34,7 +42,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 # values reach the program through the environment and "$$VAR", so quotes and spaces in them survive
-export TEXT HF TOKENIZER NVME_PATH RUN RESUME CKPT PROMPT OUT
+export TEXT HF TOKENIZER NVME_PATH RUN RESUME CKPT PROMPT OUT HOSTFILE
 CLI_ARGS = --config $(CONFIG) \
 	$(if $(MODEL),--model.config=configs/model/$(MODEL).yaml) \
 	$(if $(TEXT),--data.text="$$TEXT") \
@@ -50,13 +58,17 @@ CLI_ARGS = --config $(CONFIG) \
 	$(if $(RESUME),--resume="$$RESUME")
 
 .DEFAULT_GOAL := help
-.PHONY: help install prepare train sample eval export-fp32 plan bench plot dashboard test lint format clean
+.PHONY: help install prepare train train-multinode train-deepspeed slurm sample eval export-fp32 plan bench plot dashboard \
+	test lint format clean
 
 help:
 	@echo "Pretrain decoder-only Transformers. Targets:"
 	@echo "  make install     .venv with the project and its dev extras (every target does this first)"
 	@echo "  make prepare     text -> tokenizer -> packed token shards in data/ (cached)"
 	@echo "  make train       prepare if needed, then train; default: tiny model, embedded corpus, CPU, W&B offline"
+	@echo "  make train-multinode  torchrun on this node, run once per node: NNODES= NODE_RANK= MASTER_ADDR= MASTER_PORT= DEVICES="
+	@echo "  make train-deepspeed  the DeepSpeed launcher over HOSTFILE= (\"host slots=N\" lines), started on its first host"
+	@echo "  make slurm       submit scripts/slurm/train.sbatch: NNODES= DEVICES= [PARTITION= TIME= ACCOUNT=]; requeues itself"
 	@echo "  make sample      generated text: make sample CKPT=runs/<name>/checkpoints/last.ckpt PROMPT=\"...\""
 	@echo "  make eval        validation loss, perplexity and bits per byte of CKPT= on its run's data"
 	@echo "  make export-fp32 a DeepSpeed checkpoint folder CKPT= as one fp32 file OUT="
@@ -77,6 +89,10 @@ help:
 	@echo "  TOKENIZER=       a tokenizer.json (default: train a byte-level BPE on the data)"
 	@echo "  DEVICES=         processes per node (default 1)"
 	@echo "  NNODES=          nodes (default 1)"
+	@echo "  NODE_RANK=, MASTER_ADDR=, MASTER_PORT=  this node, node 0's address, its port (and the next) for multi-node (0, 127.0.0.1, 29500)"
+	@echo "  HOSTFILE=        DeepSpeed hostfile for make train-deepspeed"
+	@echo "  PARTITION=, TIME=, ACCOUNT=  sbatch's --partition, --time, --account for make slurm"
+	@echo "  LAUNCH_TIMEOUT=  seconds a node waits for node 0 before it gives up (default 300)"
 	@echo "  PRECISION=       32-true, bf16-mixed or 16-mixed (default: 32-true on CPU, bf16-mixed on GPU)"
 	@echo "  MAX_STEPS=       optimizer steps"
 	@echo "  RUN=             run folder (default runs/<experiment>-<time>)"
@@ -100,6 +116,18 @@ prepare: $(STAMP)
 
 train: $(STAMP)
 	$(PY) -m llm fit $(CLI_ARGS) $(ARGS)
+
+train-multinode: $(STAMP)
+	$(PY) -m llm torchrun --nnodes=$(or $(NNODES),1) --node_rank=$(NODE_RANK) --master_addr=$(MASTER_ADDR) \
+		--master_port=$(MASTER_PORT) --devices=$(or $(DEVICES),1) --timeout=$(LAUNCH_TIMEOUT) -- $(CLI_ARGS) $(ARGS)
+
+train-deepspeed: $(STAMP)
+	$(PY) -m llm deepspeed --hostfile="$$HOSTFILE" --master_port=$(MASTER_PORT) --timeout=$(LAUNCH_TIMEOUT) \
+		-- $(CLI_ARGS) $(ARGS)
+
+slurm: $(STAMP)
+	$(PY) -m llm slurm --nnodes=$(or $(NNODES),1) --devices=$(or $(DEVICES),1) $(if $(PARTITION),--partition=$(PARTITION)) \
+		$(if $(TIME),--time=$(TIME)) $(if $(ACCOUNT),--account=$(ACCOUNT)) --timeout=$(LAUNCH_TIMEOUT) -- $(CLI_ARGS) $(ARGS)
 
 sample: $(STAMP)
 	$(PY) -m llm sample --ckpt="$$CKPT" --prompt="$$PROMPT" $(ARGS)

@@ -15,6 +15,8 @@ from llm.errors import ConfigError  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning
+if "CROSS_RANK" in os.environ:  # started by the DeepSpeed launcher: Lightning reads the node rank as NODE_RANK
+    os.environ.setdefault("NODE_RANK", os.environ["CROSS_RANK"])
 
 # command -> (module, function, what it does). fit and prepare are LightningCLI entry points that
 # read sys.argv; the others are functions whose signature and docstring make their options.
@@ -25,10 +27,13 @@ COMMANDS = {
     "eval": ("llm.evaluate", "evaluate", "validation loss, perplexity and bits per byte of a checkpoint"),
     "export-fp32": ("llm.checkpoint", "export_fp32", "consolidate a DeepSpeed checkpoint folder into one fp32 file"),
     "plan": ("llm.plan", "plan_main", "memory per ZeRO stage and offload, and the preset to use"),
+    "torchrun": ("llm.launch", "torchrun_main", "start this node's processes of a multi-node job (torchrun)"),
+    "deepspeed": ("llm.launch", "deepspeed_main", "start a job over a hostfile (the DeepSpeed launcher)"),
+    "slurm": ("llm.launch", "slurm_main", "submit a job to SLURM (sbatch scripts/slurm/train.sbatch)"),
     "plot": ("llm.plot", "plot", "PNG charts of a run's loss, throughput, MFU and memory"),
     "dashboard": ("llm.plot", "dashboard", "open a run in W&B's terminal viewer"),
 }
-READS_ARGV = {"fit", "prepare"}
+READS_ARGV = {"fit", "prepare", "torchrun", "deepspeed", "slurm"}
 
 
 def function_cli(function, args: list[str]) -> None:

@@ -15,9 +15,9 @@ import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from llm import preflight, ranks, run
+from llm import job, preflight, ranks, run
 from llm.data.datamodule import TokenDataModule
-from llm.errors import OneLineErrors
+from llm.errors import ConfigError, OneLineErrors
 from llm.loggers import RunWandbLogger, make_loggers, quiet_lightning
 from llm.model import count_params, flops_per_token
 from llm.module import LanguageModel
@@ -72,10 +72,23 @@ class LLMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._config()
-        preflight.check(cfg, self.subcommand or "prepare")
         if self.prepare_only:
+            preflight.check(cfg, "prepare")
             return
-        self.data_folder = preflight.prepare_data(cfg)
+        # with an outside launcher every process is here at once: rank 0 decides the run folder and
+        # whether the inputs only it checks are acceptable; the others take its word (llm/job.py)
+        self.agreement = job.Agreement.start()
+        try:
+            if not self.agreement.leader:
+                cfg.run = self.agreement.wait("run")
+            preflight.check(cfg, self.subcommand)
+            self.agreement.publish("run", cfg.run)
+            self.data_folder = preflight.prepare_data(cfg)
+            self.agreement.publish("ready", True)
+            self.agreement.wait("ready")
+        except ConfigError as exc:
+            self.agreement.refuse(f"error: {exc}")
+            raise
         self.run_dir = run.create(cfg)
         cfg.trainer.default_root_dir = str(self.run_dir)
 
@@ -87,9 +100,10 @@ class LLMCLI(LightningCLI):
         cfg = self._config()
         callbacks = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
         resolved = yaml.safe_load(self._parser(self.subcommand).dump(cfg, skip_check=True))
-        callbacks += run.callbacks(resolved, self.run_dir, self.data_folder)
         model = preflight.model_config(cfg)
+        # the monitor first: the progress lines of a logging step show what it has just measured
         callbacks.append(PerformanceMonitor(flops_per_token(model, model.block_size), cfg.peak_flops))
+        callbacks += run.callbacks(resolved, self.run_dir, self.data_folder)
         loggers = make_loggers(self.run_dir, cfg.experiment, cfg.wandb_project)
         strategy = build_strategy(
             cfg.deepspeed,
@@ -153,4 +167,7 @@ def fit_main() -> None:
     quiet_lightning()
     # lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; nothing for a user to do
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # LanguageModel.configure_gradient_clipping clips under bf16 autocast only and defers to Lightning
+    # otherwise; under DeepSpeed the engine clips, at trainer.gradient_clip_val, as Lightning sets it
+    warnings.filterwarnings("ignore", message=r"Since DeepSpeed handles gradient clipping internally")
     LLMCLI()

@@ -76,6 +76,13 @@ def world_size(trainer) -> int | None:
     return None
 
 
+def available_devices(on_gpu: bool) -> tuple[int, str]:
+    """How many processes this machine can run one device each for: GPUs, or CPU cores."""
+    if on_gpu:
+        return torch.cuda.device_count(), "GPUs"
+    return os.cpu_count() or 1, "CPU cores"
+
+
 def check_trainer(trainer) -> None:
     if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={trainer.accelerator}: no GPU is visible here; use auto or cpu")
@@ -93,8 +100,7 @@ def check_trainer(trainer) -> None:
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
     if isinstance(devices, int):
-        available = torch.cuda.device_count() if on_gpu else (os.cpu_count() or 1)
-        kind = "GPUs" if on_gpu else "CPU cores"
+        available, kind = available_devices(on_gpu)
         if devices < 1 or devices > available:
             raise ConfigError(f"trainer.devices={devices}: this machine has {available} {kind}; use 1 to {available}")
     if trainer.max_steps is None or trainer.max_steps < 1:

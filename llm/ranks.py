@@ -23,3 +23,11 @@ def is_first_process() -> bool:
 def is_first_on_node() -> bool:
     """Local rank 0: the process that prepares the data on its node."""
     return local_rank() == 0
+
+
+def slurm_job_id() -> str | None:
+    """The id of the SLURM job whose tasks srun started (not of an interactive allocation's shell)."""
+    if "SLURM_PROCID" not in os.environ or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID")

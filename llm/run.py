@@ -17,11 +17,12 @@ import zipfile
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from llm import ranks
 from llm.errors import ConfigError
 from llm.model import count_params
+from llm.progress import progress_bar
 
 RUN_ENV = "LLM_RUN_DIR"  # hands the run folder to the processes a launcher starts after this one
 
@@ -31,6 +32,8 @@ def resolve_run_dir(cfg) -> Path:
         return Path(cfg.run)
     if RUN_ENV in os.environ:
         return Path(os.environ[RUN_ENV])
+    if ranks.slurm_job_id():  # a requeued job keeps its id, and so its folder
+        return Path("runs") / f"{cfg.experiment}-{ranks.slurm_job_id()}"
     return Path("runs") / f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -74,9 +77,10 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
     if resume != "auto":
         return resume
     folder = run_dir / "checkpoints"
-    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
-    # last.ckpt first: it is the newest state; best.ckpt may be older
-    candidates.sort(key=lambda p: p.name != "last.ckpt")
+    # the checkpoints of validations, and the one Lightning writes when SLURM signals the end of a job
+    candidates = [*folder.glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    # newest first; best.ckpt last, as it holds an older or the same state as last.ckpt
+    candidates.sort(key=lambda p: (p.name == "best.ckpt", -p.stat().st_mtime))
     for path in candidates:
         if is_complete_checkpoint(path):
             say(f"resuming from {path}")
@@ -137,31 +141,6 @@ class RunInfo(Callback):
         checkpoint["data_meta"] = json.loads((self.data_folder / "meta.json").read_text())
 
 
-class ProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, counting the run's batches rather than epochs (a run here is
-    one pass of max_steps, so "Epoch 0/-2" would say nothing), and refreshed on logging steps only:
-    reading the shown loss is a device sync, which the other steps are spared."""
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self._refresh_rate = max(1, trainer.log_every_n_steps * trainer.accumulate_grad_batches)
-
-    @property
-    def total_train_batches(self):
-        # Lightning takes the optimizer steps left for batches; with accumulation each step is several
-        steps_left = self.trainer.max_steps - self.trainer.global_step
-        return min(self.trainer.num_training_batches, steps_left * self.trainer.accumulate_grad_batches)
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        return f"{'train':{len(self.validation_description)}}"
-
-    def get_metrics(self, trainer, pl_module):
-        items = super().get_metrics(trainer, pl_module)
-        items.pop("v_num", None)
-        items["step"] = str(trainer.global_step)  # a number would be shown as 500.000
-        return items
-
-
 def callbacks(config: dict, run_dir: Path, data_folder: Path) -> list:
     checkpoint = ModelCheckpoint(
         dirpath=str(run_dir / "checkpoints"),
@@ -172,7 +151,7 @@ def callbacks(config: dict, run_dir: Path, data_folder: Path) -> list:
         save_last=True,
         auto_insert_metric_name=False,
     )
-    return [checkpoint, ValidateAtEnd(), LoggingStepOnResume(), RunInfo(config, data_folder), ProgressBar()]
+    return [checkpoint, ValidateAtEnd(), LoggingStepOnResume(), RunInfo(config, data_folder), progress_bar()]
 
 
 def strategy_label(strategy) -> str:

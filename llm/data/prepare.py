@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -178,10 +179,23 @@ def prepare(cfg: PrepareConfig, log=print) -> Path:
     if (out / "meta.json").is_file():
         log(f"prepared data: {out} (cached)")
         return out
-
-    started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    with PreparationLock(out, log):
+        if (out / "meta.json").is_file():  # prepared by another process (another node) while this one waited
+            log(f"prepared data: {out} (cached, prepared by another process)")
+            return out
+        meta = _prepare_atomically(out, cfg, source, log)
+    split = meta["splits"]
+    log(
+        f"prepared data: {out} (train {split['train']['tokens']:,} tokens, val {split['val']['tokens']:,} tokens, "
+        f"{meta['seconds']:.0f} s)"
+    )
+    return out
+
+
+def _prepare_atomically(out: Path, cfg: PrepareConfig, source: Source, log) -> dict:
+    started = time.perf_counter()
+    tmp = out.parent / f".tmp-{out.name}-{socket.gethostname()}-{os.getpid()}"  # unique across the nodes
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -194,12 +208,67 @@ def prepare(cfg: PrepareConfig, log=print) -> Path:
         tmp.rename(out)  # atomic: the folder exists only once complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    split = meta["splits"]
-    log(
-        f"prepared data: {out} (train {split['train']['tokens']:,} tokens, val {split['val']['tokens']:,} tokens, "
-        f"{meta['seconds']:.0f} s)"
-    )
-    return out
+    return meta
+
+
+class PreparationLock:
+    """One preparation per cache folder at a time, among all the processes that share it: on a
+    shared filesystem the first node prepares and the others wait for its result; on node-local
+    disks each node holds its own lock. The lock is a file created exclusively (O_EXCL, atomic on
+    local disks and NFS alike) that names its holder; a holder on this host that no longer runs
+    leaves a stale lock, which is taken over."""
+
+    def __init__(self, out: Path, log, poll_seconds: float = 1.0):
+        self.path = out.parent / f".lock-{out.name}"
+        self.out, self.log, self.poll = out, log, poll_seconds
+        self.me = f"{socket.gethostname()} {os.getpid()}"
+
+    def __enter__(self):
+        said = False
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and self._is_stale(holder):
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if (self.out / "meta.json").is_file():
+                    return self  # done by the holder, which is about to release its lock
+                if not said and holder:
+                    self.log(
+                        f"waiting for {holder} to prepare {self.out} (if that process is gone, remove {self.path})"
+                    )
+                    said = True
+                time.sleep(self.poll)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.me)
+            self.held = True
+            return self
+
+    def __exit__(self, *exc) -> None:
+        if getattr(self, "held", False):
+            self.path.unlink(missing_ok=True)
+
+    def _holder(self) -> str | None:
+        try:
+            return self.path.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _is_stale(holder: str) -> bool:
+        host, _, pid = holder.partition(" ")
+        if host != socket.gethostname() or not pid.isdigit():
+            return False  # another host's process: only that host knows whether it still runs
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
 
 def _prepare_into(tmp: Path, cfg: PrepareConfig, source: Source, log) -> None:

@@ -1,0 +1,291 @@
+"""Starting one job on many nodes through the launchers people already have.
+
+    make train-multinode   torchrun, run once on every node            (python -m llm torchrun)
+    make train-deepspeed   the DeepSpeed launcher over a hostfile       (python -m llm deepspeed)
+    make slurm             sbatch scripts/slurm/train.sbatch            (python -m llm slurm)
+
+Each one checks the world it will form and prints it, refuses an impossible one with one line
+before anything starts, then hands over to its launcher, which starts `python -m llm fit` in
+every process. From there Lightning reads the ranks from the launcher's environment, and the
+processes agree on the run folder and the inputs through rank 0 (llm/job.py), which serves a small
+store on MASTER_PORT + 1: both ports must be open between the nodes.
+
+Options of the launcher come first; the training options (those of `make train`) follow `--`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shlex
+import socket
+import sys
+import time
+from pathlib import Path
+
+from llm.errors import ConfigError
+from llm.job import DEFAULT_TIMEOUT, TIMEOUT_ENV
+
+SBATCH = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "train.sbatch"
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+
+# --- checks shared by the launchers ---------------------------------------------------------------
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the launcher's options, the training options after `--`)."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
+def check_count(name: str, value: int, field: str) -> int:
+    if value < 1:
+        raise ConfigError(f"{field}={value}: {name} must be at least 1")
+    return value
+
+
+def check_devices(devices: int) -> int:
+    from llm.preflight import available_devices
+
+    check_count("processes per node", devices, "DEVICES")
+    available, kind = available_devices(on_gpu=_has_gpu())
+    if devices > available:
+        raise ConfigError(f"DEVICES={devices}: this machine has {available} {kind}; use 1 to {available}")
+    return devices
+
+
+def check_port(port: int) -> int:
+    if not 1024 <= port <= 65534:
+        raise ConfigError(
+            f"MASTER_PORT={port}: not a usable port; give one from 1024 to 65534 (MASTER_PORT+1 is used too)"
+        )
+    return port
+
+
+def check_ports_free(port: int) -> None:
+    """On the node that will host rank 0: the process group's port and the agreement's are free."""
+    for p in (port, port + 1):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", p))
+            except OSError as exc:
+                raise ConfigError(
+                    f"MASTER_PORT={port}: port {p} is already in use on this host ({exc.strerror}); "
+                    f"choose another MASTER_PORT (it and the next port must be free)"
+                ) from exc
+
+
+def check_host(addr: str) -> None:
+    try:
+        socket.getaddrinfo(addr, None)
+    except socket.gaierror as exc:
+        raise ConfigError(f"MASTER_ADDR={addr}: unknown host ({exc.strerror}); give node 0's address or name") from exc
+
+
+def wait_for_master(addr: str, port: int, timeout: float) -> None:
+    """On the other nodes: node 0's launcher answers on MASTER_PORT before this node starts."""
+    check_host(addr)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=min(5.0, max(timeout, 0.1))):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"MASTER_ADDR={addr}: no answer on port {port} within {timeout:.0f} s; start node 0 first, and "
+                    f"check the address and that ports {port} and {port + 1} are open (LAUNCH_TIMEOUT= to wait longer)"
+                ) from None
+            time.sleep(0.5)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def training_command(fit_args: list[str], devices: int, nnodes: int) -> tuple[list[str], dict]:
+    """The training options for every process, and the environment that carries the rest. The run
+    folder travels in the environment: torchrun's own parser would take `--run` for its `--run-path`."""
+    env = {}
+    args, rest = [], list(fit_args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--run" and rest:
+            env["LLM_RUN_DIR"] = rest.pop(0)
+        elif arg.startswith("--run="):
+            env["LLM_RUN_DIR"] = arg.split("=", 1)[1]
+        else:
+            args.append(arg)
+    return ["fit", *args, f"--trainer.devices={devices}", f"--trainer.num_nodes={nnodes}"], env
+
+
+def hand_over(command: list[str], env: dict, timeout: float) -> None:
+    """Replace this process by the launcher (its exit status becomes the make target's)."""
+    sys.stdout.flush()
+    os.execvpe(command[0], command, {**os.environ, **env, TIMEOUT_ENV: str(timeout)})
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    from llm.errors import one_line
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, as every command of the project answers
+            sys.stderr.write(f"error: {one_line(message)}\n")
+            sys.exit(2)
+
+    parser = Parser(prog=f"python -m llm {prog}", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for node 0")
+    return parser
+
+
+# --- torchrun -------------------------------------------------------------------------------------
+
+
+def torchrun_main() -> None:
+    """`make train-multinode`: torchrun on this node, one of NNODES."""
+    own, fit_args = split_args(sys.argv[2:])
+    parser = _parser("torchrun")
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--node_rank", type=int, default=0)
+    parser.add_argument("--master_addr", default="127.0.0.1")
+    parser.add_argument("--master_port", type=int, default=29500)
+    parser.add_argument("--devices", type=int, default=1)
+    a = parser.parse_args(own)
+    nnodes = check_count("nodes", a.nnodes, "NNODES")
+    if not 0 <= a.node_rank < nnodes:
+        raise ConfigError(
+            f"NODE_RANK={a.node_rank}: must be below NNODES={nnodes} (node ranks run from 0 to {nnodes - 1})"
+        )
+    devices, port = check_devices(a.devices), check_port(a.master_port)
+    print(
+        f"torchrun: {nnodes} nodes x {devices} processes = {nnodes * devices} processes; "
+        f"master {a.master_addr}:{port} (and {port + 1}); this is node {a.node_rank}",
+        flush=True,
+    )
+    if a.node_rank == 0:
+        check_host(a.master_addr)
+        check_ports_free(port)
+    else:
+        wait_for_master(a.master_addr, port, a.timeout)
+    args, env = training_command(fit_args, devices, nnodes)
+    command = [f"--nnodes={nnodes}", f"--node_rank={a.node_rank}", f"--nproc_per_node={devices}"]
+    command += [f"--master_addr={a.master_addr}", f"--master_port={port}", "-m", "llm", *args]
+    run_torchrun(command, env, a.timeout)
+
+
+class _DropRefusals(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "(exitcode: 2)" not in record.getMessage()
+
+
+def run_torchrun(args: list[str], env: dict, timeout: float) -> None:
+    """torchrun in this process, so that a refusal stays one line: processes that exit with status 2
+    have said why on stderr themselves, and torchrun's report of their failure (a traceback and a
+    table) would bury it. Any other failure gets torchrun's report as usual."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    os.environ.update({**env, TIMEOUT_ENV: str(timeout)})
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropRefusals())
+    try:
+        run(parse_args(args))
+    except ChildFailedError as exc:
+        if {failure.exitcode for failure in exc.failures.values()} == {2}:
+            sys.exit(2)
+        raise
+
+
+# --- the DeepSpeed launcher -----------------------------------------------------------------------
+
+
+def read_hostfile(path: str) -> dict[str, int]:
+    """{host: slots} of a DeepSpeed hostfile (`host slots=N` lines; # starts a comment)."""
+    hint = 'a file of "host slots=N" lines, one per node'
+    if not path:
+        raise ConfigError(f"HOSTFILE=: give {hint}")
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"HOSTFILE={path}: no such file; give {hint}")
+    hosts: dict[str, int] = {}
+    for number, raw in enumerate(file.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
+        if not match or int(match.group(2)) < 1:
+            raise ConfigError(f'HOSTFILE={path}: line {number} {raw.strip()!r} is not "host slots=N" with N >= 1')
+        host = match.group(1)
+        if host in hosts:
+            raise ConfigError(f"HOSTFILE={path}: host {host} is listed twice (line {number}); list each node once")
+        hosts[host] = int(match.group(2))
+    if not hosts:
+        raise ConfigError(f"HOSTFILE={path}: names no host; give {hint}")
+    if len(set(hosts.values())) > 1:
+        slots = ", ".join(f"{h}={n}" for h, n in hosts.items())
+        raise ConfigError(f"HOSTFILE={path}: slots differ ({slots}); every node must run the same number of processes")
+    return hosts
+
+
+def deepspeed_main() -> None:
+    """`make train-deepspeed`: the DeepSpeed launcher over a hostfile, started on the first host."""
+    own, fit_args = split_args(sys.argv[2:])
+    parser = _parser("deepspeed")
+    parser.add_argument("--hostfile", default="")
+    parser.add_argument("--master_port", type=int, default=29500)
+    a = parser.parse_args(own)
+    hosts = read_hostfile(a.hostfile)
+    port = check_port(a.master_port)
+    first = next(iter(hosts))
+    devices, nnodes = next(iter(hosts.values())), len(hosts)
+    master = "127.0.0.1" if first in LOCAL_HOSTS else first
+    if nnodes == 1 and first in LOCAL_HOSTS:
+        check_devices(devices)
+    print(
+        f"deepspeed: {nnodes} nodes x {devices} processes = {nnodes * devices} processes "
+        f"({', '.join(hosts)}); master {master}:{port} (and {port + 1})",
+        flush=True,
+    )
+    if first in LOCAL_HOSTS or first == socket.gethostname():
+        check_ports_free(port)
+    args, env = training_command(fit_args, devices, nnodes)
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={a.hostfile}"]
+    command += [f"--master_addr={master}", f"--master_port={port}", "--no_local_rank", "--module"]
+    command.append("--log_level=warning")  # its INFO lines repeat the whole command once per process
+    if nnodes == 1:
+        command.append("--no_ssh_check")  # one node runs locally, without ssh
+    hand_over([*command, "llm", *args], env, a.timeout)
+
+
+# --- SLURM ----------------------------------------------------------------------------------------
+
+
+def slurm_main() -> None:
+    """`make slurm`: submit scripts/slurm/train.sbatch, one task per GPU on NNODES nodes."""
+    own, fit_args = split_args(sys.argv[2:])
+    parser = _parser("slurm")
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--partition", default="")
+    parser.add_argument("--time", default="")
+    parser.add_argument("--account", default="")
+    parser.add_argument("--gpus", choices=["true", "false"], default="true", help="ask for one GPU per task")
+    a = parser.parse_args(own)
+    nnodes, devices = check_count("nodes", a.nnodes, "NNODES"), check_count("processes per node", a.devices, "DEVICES")
+    command = ["sbatch", f"--nodes={nnodes}", f"--ntasks-per-node={devices}"]
+    if a.gpus == "true":
+        command.append(f"--gpus-per-node={devices}")
+    for option, value in (("partition", a.partition), ("time", a.time), ("account", a.account)):
+        if value:
+            command.append(f"--{option}={value}")
+    Path("runs").mkdir(exist_ok=True)  # the job's log goes to runs/slurm-<job id>.out
+    args, env = training_command(fit_args, devices, nnodes)
+    print(f"slurm: {nnodes} nodes x {devices} processes = {nnodes * devices} processes", flush=True)
+    print(" ".join(shlex.quote(c) for c in [*command, str(SBATCH), *args[1:]]), flush=True)
+    hand_over([*command, str(SBATCH), *args[1:]], env, a.timeout)

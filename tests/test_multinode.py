@@ -1,0 +1,345 @@
+"""Multi-node launching on this CPU over gloo: torchrun as two nodes on 127.0.0.1, the DeepSpeed
+launcher over a localhost hostfile, SLURM under stand-in sbatch/srun/scontrol programs that record
+what they were asked; the refusals of impossible worlds; data prepared once by racing processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, program_stderr, run_llm
+from llm.checkpoint import read_checkpoint
+
+SMALL = [
+    "--model.config.n_layer=2",
+    "--model.config.n_head=2",
+    "--model.config.n_embd=64",
+    "--model.config.block_size=64",
+    "--data.batch_size=4",
+    "--data.val_batches=2",
+    "--data.num_workers=0",
+    "--data.vocab_size=512",
+    "--trainer.log_every_n_steps=1",
+    "--eval_every=3",
+]
+
+
+def free_port_pair() -> int:
+    """A port p such that p and p + 1 are free (the process group's and the agreement's)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        if port < 65534:
+            with socket.socket() as s:
+                try:
+                    s.bind(("", port + 1))
+                    return port
+                except OSError:
+                    continue
+    raise RuntimeError("no two free ports in a row")
+
+
+def make(*args: str, env: dict | None = None, timeout: int = 600, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["make", "-s", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kwargs,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: int = 600) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def losses(run: Path) -> dict[int, float]:
+    with open(run / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+@pytest.fixture
+def experiment(request):
+    """A unique experiment name; the run folders it leaves in runs/ go at the end."""
+    name = f"test-{request.node.name[:40]}-{os.getpid()}".replace("[", "-").replace("]", "")
+    yield name
+    for folder in (REPO / "runs").glob(f"{name}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def data_args(corpus: Path, cache: Path) -> str:
+    return " ".join([*SMALL, f"--data.text={corpus}", f"--data.cache_dir={cache}"])
+
+
+# --- torchrun ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_share_one_run_folder_and_match_one_node(tmp_path, experiment, code_corpus, data_cache):
+    port = free_port_pair()
+    args = f"{data_args(code_corpus, data_cache)} --trainer.max_steps=6 --experiment={experiment}"
+    nodes = [
+        make("train-multinode", "NNODES=2", f"NODE_RANK={rank}", f"MASTER_PORT={port}", "DS=zero2", f"ARGS={args}")
+        for rank in (0, 1)
+    ]
+    results = [finish(node) for node in nodes]
+    for rank, (code, out, err) in enumerate(results):
+        assert code == 0, f"node {rank}: {out[-2000:]}{err[-3000:]}"
+        assert out.startswith(f"torchrun: 2 nodes x 1 processes = 2 processes; master 127.0.0.1:{port}")
+        assert f"this is node {rank}" in out.splitlines()[0]
+    (run,) = (REPO / "runs").glob(f"{experiment}-*")  # one folder, though no RUN= was given
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == "deepspeed zero2" and summary["steps"] == 6
+    # not a terminal: one plain line per logging step, from rank 0 only
+    assert "step 6/6 | loss " in results[0][1] and " tokens/s | MFU " in results[0][1]
+    assert "step 6/6 | loss " not in results[1][1]
+
+    single = tmp_path / "single"
+    result = run_llm(
+        "fit",
+        "--config",
+        "configs/experiment/default.yaml",
+        *args.split(),
+        f"--run={single}",
+        "--trainer.devices=2",
+        "--deepspeed=zero2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, got = losses(single), losses(run)
+    assert sorted(got) == sorted(expected) == list(range(6))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
+
+
+@pytest.mark.slow
+def test_a_refusal_of_rank_0_stops_every_node_with_its_line(tmp_path, code_corpus, data_cache):
+    run = tmp_path / "busy"
+    run.mkdir()
+    (run / "keep.txt").write_text("earlier work")
+    port = free_port_pair()
+    args = f"{data_args(code_corpus, data_cache)} --trainer.max_steps=2"
+    started = time.monotonic()
+    nodes = [
+        make("train-multinode", "NNODES=2", f"NODE_RANK={r}", f"MASTER_PORT={port}", f"RUN={run}", f"ARGS={args}")
+        for r in (0, 1)
+    ]
+    for code, _, err in (finish(node, timeout=300) for node in nodes):
+        lines = program_stderr(err)
+        assert code == 2 and len(lines) == 1, err[-3000:]
+        assert lines[0].startswith(f"error: run={run}: already holds a run")
+    assert time.monotonic() - started < 120
+    assert [p.name for p in run.iterdir()] == ["keep.txt"]
+
+
+# --- the DeepSpeed launcher --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_over_a_localhost_hostfile_trains(tmp_path, code_corpus, data_cache):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# one node, two processes\nlocalhost slots=2\n")
+    run = tmp_path / "run"
+    args = f"{data_args(code_corpus, data_cache)} --trainer.max_steps=4"
+    node = make(
+        "train-deepspeed",
+        f"HOSTFILE={hostfile}",
+        f"MASTER_PORT={free_port_pair()}",
+        "DS=zero2",
+        f"RUN={run}",
+        f"ARGS={args}",
+    )
+    code, out, err = finish(node)
+    assert code == 0, out[-2000:] + err[-3000:]
+    assert out.startswith("deepspeed: 1 nodes x 2 processes = 2 processes (localhost)")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == "deepspeed zero2" and summary["steps"] == 4
+
+
+# --- SLURM, under stand-in programs ---------------------------------------------------------------------
+
+SBATCH_STUB = r"""#!/bin/bash
+# sbatch: record the command, then run the script as SLURM would, for a job of one task
+echo "sbatch $*" >> "$STUB_LOG"
+while [[ "$1" == --* ]]; do shift; done
+script="$1"; shift
+export SLURM_JOB_ID="$STUB_JOB_ID" SLURM_JOB_NAME=llm SLURM_SUBMIT_DIR="$PWD" SLURM_JOB_NUM_NODES=1
+export SLURM_NTASKS=1 SLURM_NTASKS_PER_NODE=1 SLURM_NODELIST=localhost SLURM_RESTART_COUNT="${STUB_RESTART:-0}"
+bash "$script" "$@" >> "runs/slurm-$SLURM_JOB_ID.out" 2>&1
+echo "Submitted batch job $SLURM_JOB_ID"
+"""
+SRUN_STUB = r"""#!/bin/bash
+# srun: record the command and the job's environment, then start the one task
+echo "srun $*" >> "$STUB_LOG"
+env | grep '^SLURM_' | sort >> "$STUB_LOG"
+while [[ "$1" == --* ]]; do shift; done
+export SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0
+"$@" &
+echo $! > "$STUB_PID"
+wait $!
+"""
+SCONTROL_STUB = r"""#!/bin/bash
+# scontrol requeue: record it, then end the running job as SLURM does before it queues it again
+echo "scontrol $*" >> "$STUB_LOG"
+kill -9 "$(cat "$STUB_PID")"
+"""
+
+
+def stub_bin(folder: Path) -> Path:
+    folder.mkdir()
+    for name, text in (("sbatch", SBATCH_STUB), ("srun", SRUN_STUB), ("scontrol", SCONTROL_STUB)):
+        path = folder / name
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return folder
+
+
+@pytest.mark.slow
+def test_slurm_job_requeues_at_the_signal_and_resumes(tmp_path, experiment, code_corpus, data_cache):
+    job_id = str(900000 + os.getpid() % 99999)
+    env = {
+        "PATH": f"{stub_bin(tmp_path / 'bin')}:{os.environ['PATH']}",
+        "STUB_LOG": str(tmp_path / "calls.log"),
+        "STUB_PID": str(tmp_path / "task.pid"),
+        "STUB_JOB_ID": job_id,
+    }
+    args = f"{data_args(code_corpus, data_cache)} --trainer.max_steps=300 --eval_every=1000 --experiment={experiment}"
+    submit = ["slurm", "NNODES=1", "DEVICES=1", "PARTITION=debug", "TIME=00:10:00", "ACCOUNT=proj", f"ARGS={args}"]
+    log = REPO / "runs" / f"slurm-{job_id}.out"
+    run = REPO / "runs" / f"{experiment}-{job_id}"
+    try:
+        first = make(*submit, env=env)
+        deadline = time.monotonic() + 300
+        while "step 20/300" not in (log.read_text() if log.exists() else ""):  # training is under way
+            assert time.monotonic() < deadline and first.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        os.kill(int((tmp_path / "task.pid").read_text()), signal.SIGUSR1)  # SLURM's warning before the limit
+        code, out, err = finish(first)
+        assert code == 0 and f"Submitted batch job {job_id}" in out, err[-3000:]
+        assert list(run.glob("hpc_ckpt_*.ckpt")), "no checkpoint written at the signal"
+
+        again = make(*submit, env={**env, "STUB_RESTART": "1"})  # the requeued job: same id
+        code, out, err = finish(again)
+        assert code == 0, err[-3000:]
+        text = log.read_text()
+        assert f"resuming from runs/{experiment}-{job_id}/hpc_ckpt_1.ckpt" in text, text[-3000:]
+        assert json.loads((run / "summary.json").read_text())["steps"] == 300
+        resumed_at = read_checkpoint(run / "hpc_ckpt_1.ckpt")["global_step"]
+        steps = set(losses(run))
+        assert resumed_at >= 20 and set(range(resumed_at, 300)) <= steps  # every step after the resume
+        # and every one before the signal; Lightning saves at the signal, in the middle of a step, so the
+        # row of the step then in flight may be missing (exact signal handling is issue 9's)
+        assert set(range(resumed_at - 1)) <= steps
+
+        calls = (tmp_path / "calls.log").read_text().splitlines()
+        sbatch = [c for c in calls if c.startswith("sbatch ")]
+        assert len(sbatch) == 2
+        for option in ("--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", "--partition=debug"):
+            assert option in sbatch[0]
+        assert "--time=00:10:00 --account=proj" in sbatch[0] and "scripts/slurm/train.sbatch" in sbatch[0]
+        srun = [c for c in calls if c.startswith("srun ")]
+        assert srun[0].startswith("srun --kill-on-bad-exit=1 .venv/bin/python -m llm fit ")
+        assert srun[0].endswith("--resume=auto") and f"--experiment={experiment}" in srun[0]
+        assert f"SLURM_JOB_ID={job_id}" in calls and "SLURM_RESTART_COUNT=1" in calls
+        assert f"scontrol requeue {job_id}" in calls
+        script = (REPO / "scripts/slurm/train.sbatch").read_text()
+        assert "#SBATCH --requeue" in script and "#SBATCH --signal=USR1@120" in script
+    finally:
+        log.unlink(missing_ok=True)
+
+
+# --- data prepared once --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_processes_preparing_the_same_data_at_once_prepare_it_once(tmp_path, shakespeare):
+    cache = tmp_path / "shared-cache"  # what two nodes see on a shared filesystem
+    command = [
+        sys.executable,
+        "-m",
+        "llm",
+        "prepare",
+        "--config",
+        "configs/experiment/default.yaml",
+        f"--data.text={shakespeare}",
+        "--data.vocab_size=512",
+        f"--data.cache_dir={cache}",
+    ]
+    racers = [
+        subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outputs = [r.communicate(timeout=600) for r in racers]
+    assert [r.returncode for r in racers] == [0, 0], [err[-2000:] for _, err in outputs]
+    done = [out for out, _ in outputs if " tokens, val " in out and "(cached" not in out]
+    waited = [out for out, _ in outputs if "prepared by another process" in out]
+    assert len(done) == 1 and len(waited) == 1, outputs
+    assert [p.name for p in cache.iterdir()] == [f.name for f in cache.glob("tinyshakespeare-*")]  # no lock, no tmp
+
+
+# --- impossible worlds: one line, at once, on every node ---------------------------------------------------
+
+
+def refused(*args: str, timeout: int = 120) -> tuple[str, float]:
+    started = time.monotonic()
+    code, _, err = finish(make(*args), timeout=timeout)
+    lines = program_stderr(err)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    return lines[0], time.monotonic() - started
+
+
+def test_node_rank_not_below_nnodes():
+    line, _ = refused("train-multinode", "NNODES=2", "NODE_RANK=2")
+    assert line == "error: NODE_RANK=2: must be below NNODES=2 (node ranks run from 0 to 1)"
+
+
+def test_master_port_in_use_on_node_0():
+    port = free_port_pair()
+    with socket.socket() as taken:
+        taken.bind(("", port + 1))  # the agreement's port
+        line, _ = refused("train-multinode", "NNODES=2", f"MASTER_PORT={port}")
+    assert f"MASTER_PORT={port}: port {port + 1} is already in use" in line and "choose another MASTER_PORT" in line
+
+
+def test_a_master_that_does_not_answer_stops_the_node_within_the_timeout():
+    line, seconds = refused(
+        "train-multinode", "NNODES=2", "NODE_RANK=1", f"MASTER_PORT={free_port_pair()}", "LAUNCH_TIMEOUT=2"
+    )
+    assert "MASTER_ADDR=127.0.0.1: no answer on port" in line and "within 2 s" in line and "LAUNCH_TIMEOUT=" in line
+    assert seconds < 30
+
+
+def test_an_unknown_master_host():
+    line, _ = refused("train-multinode", "NNODES=2", "NODE_RANK=1", "MASTER_ADDR=no-such-host.invalid")
+    assert line.startswith("error: MASTER_ADDR=no-such-host.invalid: unknown host")
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        (None, "no such file"),
+        ("localhost slot=2\n", "line 1 'localhost slot=2' is not \"host slots=N\""),
+        ("node1 slots=2\nnode1 slots=2\n", "host node1 is listed twice"),
+        ("node1 slots=2\nnode2 slots=4\n", "slots differ (node1=2, node2=4)"),
+        ("# nothing\n", "names no host"),
+    ],
+)
+def test_a_bad_hostfile(tmp_path, text, fragment):
+    hostfile = tmp_path / "hostfile"
+    if text is not None:
+        hostfile.write_text(text)
+    line, _ = refused("train-deepspeed", f"HOSTFILE={hostfile}")
+    assert line.startswith(f"error: HOSTFILE={hostfile}: ") and fragment in line, line
