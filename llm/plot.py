@@ -58,10 +58,12 @@ def plot(run: str) -> list[str]:
     rows = read_metrics(folder)
     out = folder / "plots"
     out.mkdir(exist_ok=True)
-    written = []
+    written, contents = [], []
     overview, axes = plt.subplots(2, 2, figsize=(12, 8))
     for (name, (title, ylabel, columns)), overview_ax in zip(CHARTS.items(), axes.flat, strict=True):
         figure, ax = plt.subplots(figsize=(7, 4))
+        counts = [f"{legend} {len(series(rows, column)[0])} points" for column, legend in columns]
+        contents.append(f"{name}.png: {', '.join(counts)}")  # a series the run never logged shows as 0
         for target in (ax, overview_ax):
             for column, legend in columns:
                 steps, values = series(rows, column)
@@ -82,6 +84,8 @@ def plot(run: str) -> list[str]:
     written.append(str(out / "overview.png"))
     for path in written:
         print(f"wrote {path}")
+    for line in contents:
+        print(line)
     return written
 
 

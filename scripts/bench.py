@@ -127,32 +127,42 @@ def compare(
     return result
 
 
-def prepare_bench(corpus: Path | None, tmp: Path) -> dict:
-    """`make prepare` (datasets.map on every core) against one process calling tokenizer.encode."""
+def prepare_bench(quick: bool, tmp: Path) -> dict:
+    """`make prepare` (datasets.map on every core) against one process calling tokenizer.encode on
+    the same documents, in the same way: as text (quoted special tokens included), each followed by
+    an end-of-text token, empty ones skipped. Both must count the same tokens."""
     from tokenizers import Tokenizer
 
     from llm.data.prepare import PrepareConfig, load_meta, prepare
     from llm.data.sources import stdlib_files
+    from llm.data.tokenizer import ordinary
 
     tokenizer = SHARED / "gpt2" / "tokenizer.json"
     if not tokenizer.is_file():
         return {"skipped": f"{tokenizer} is absent (the GPT-2 tokenizer lives in ../shared/data)"}
-    files = [corpus] if corpus else stdlib_files()
-    text = str(corpus) if corpus else None
+    files, text = stdlib_files(), None
+    if quick:  # 120 of those files as a folder of text files
+        folder = tmp / "prep-corpus"
+        folder.mkdir()
+        for i, path in enumerate(files[:120]):
+            (folder / f"{i:03d}-{path.stem}.txt").write_text(path.read_text(errors="replace"))
+        files, text = sorted(folder.glob("*.txt")), str(folder)
     start = time.perf_counter()
     config = PrepareConfig(text=text, tokenizer=str(tokenizer), cache_dir=str(tmp / "prep"))
-    folder = prepare(config, log=lambda *_: None)
+    prepared = prepare(config, log=lambda *_: None)
     prep_seconds = time.perf_counter() - start
-    meta = load_meta(folder)
+    meta = load_meta(prepared)
     prep_tokens = sum(s["tokens"] for s in meta["splits"].values())
 
-    tok = Tokenizer.from_file(str(tokenizer))
+    tok = ordinary(Tokenizer.from_file(str(tokenizer)))
     start, loop_tokens = time.perf_counter(), 0
     for path in files:
-        loop_tokens += len(tok.encode(path.read_text(errors="replace")).ids) + 1
+        document = path.read_text(errors="replace")
+        if document.strip():
+            loop_tokens += len(tok.encode(document, add_special_tokens=False).ids) + 1
     loop_seconds = time.perf_counter() - start
     return {
-        "corpus": str(corpus) if corpus else "the embedded corpus (standard library .py files)",
+        "corpus": text or "the embedded corpus (standard library .py files)",
         "files": len(files),
         "tokenizer": str(tokenizer),
         "num_proc": os.cpu_count(),
@@ -270,9 +280,7 @@ def bench(
                     row = compare(path, name, precision, data, vocab, rounds, steps, warmup, tmp)
                     results["training"].append(row)
         print("bench: data preparation ...", file=sys.stderr, flush=True)
-        shakespeare = SHARED / "tinyshakespeare.txt"
-        prep_corpus = shakespeare if quick and shakespeare.is_file() else None
-        results["data_preparation"] = prepare_bench(prep_corpus, tmp)
+        results["data_preparation"] = prepare_bench(quick, tmp)
     eager = [r for r in results["training"] if r["path"] == "eager"]
     bf16 = {r["model"]: r for r in eager if r["precision"] == "bf16-mixed"}
     fp32 = {r["model"]: r for r in eager if r["precision"] == "32-true"}

@@ -26,9 +26,26 @@ TINY = [
 
 
 def shared(name: str) -> Path:
+    """A file of the shared test data. A fork without it skips the tests that need it; CI, which
+    always has it beside the clone, fails instead: a skip there would hide a lost test."""
     path = SHARED_DATA / name
     if not path.exists():
-        pytest.skip(f"{path} is absent: the shared test data lives beside the project in ../shared/data")
+        reason = f"{path} is absent: the shared test data lives beside the project in ../shared/data"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason} (CI=true: the CI checkout must have it)")
+        pytest.skip(reason)
+    return path
+
+
+def word_tokenizer(path: Path, size: int) -> Path:
+    """A tokenizer.json of `size` whole-word tokens, the last one <|endoftext|>: a large vocabulary
+    without the shared data."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(size - 1)} | {"<|endoftext|>": size - 1}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path))
     return path
 
 
@@ -77,6 +94,12 @@ MAKE_ERROR = re.compile(r"^make(\[\d+\])?: \*\*\*")
 def program_stderr(stderr: str) -> list[str]:
     """The non-empty stderr lines the program wrote, without the ones make adds after it."""
     return [line for line in stderr.splitlines() if line.strip() and not MAKE_ERROR.match(line)]
+
+
+def trained_steps(stdout: str) -> list[int]:
+    """The optimizer steps a process trained, from its plain progress lines ("step 5/8 | loss ...",
+    printed at every logging step when the output is not a terminal)."""
+    return [int(m.group(1)) for m in re.finditer(r"^step (\d+)/\d+ \| loss ", stdout, re.M)]
 
 
 def snapshot(folder: Path) -> dict:

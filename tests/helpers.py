@@ -60,3 +60,33 @@ class ClipProbe(Callback):
         out = {"fused": self.fused, "norms_at_step": self.norms}
         with open(f"{trainer.default_root_dir}/clip-probe.json", "w") as f:
             json.dump(out, f)
+
+
+class BlockForwardCount(Callback):
+    """Writes <run>/block-forwards-rank<r>.json: how often the Transformer blocks' forward ran in
+    each training batch (once per block, twice with activation checkpointing: again in backward).
+    It counts calls of forward itself, as module hooks do not see the recomputation."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.count, self.per_batch = 0, []
+        for block in pl_module.model.blocks:
+            block.forward = self._counted(block.forward)
+
+    def _counted(self, forward):
+        def wrapper(*args, **kwargs):
+            self.count += 1
+            return forward(*args, **kwargs)
+
+        return wrapper
+
+    def on_train_batch_start(self, *args) -> None:
+        self.count = 0
+
+    def on_train_batch_end(self, *args) -> None:
+        self.per_batch.append(self.count)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+
+        with open(f"{trainer.default_root_dir}/block-forwards-rank{trainer.global_rank}.json", "w") as f:
+            json.dump(self.per_batch, f)

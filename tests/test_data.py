@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer
 
+from conftest import word_tokenizer
 from llm.data.datamodule import StepSampler, TokenBlocks, TokenDataModule
 from llm.data.prepare import PrepareConfig, load_meta, prepare, unigram_entropy
 from llm.data.sources import stdlib_files
@@ -70,16 +71,24 @@ def test_end_of_text_separates_documents_and_appears_nowhere_else(tmp_path):
         assert (ids == meta["eot_id"]).sum() == meta["splits"][split]["documents"]
 
 
-def big_vocab_tokenizer(path: Path, size: int = 70_000) -> Path:
-    vocab = {f"w{i}": i for i in range(size - 1)} | {"<|endoftext|>": size - 1}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(path))
-    return path
+@pytest.mark.parametrize("tokenizer", ["trained", "gpt2"])
+def test_a_document_quoting_end_of_text_is_text_not_a_boundary(tmp_path, tokenizer, request):
+    # web text and code that handles tokenizers quote the token; it must not cut a document in two
+    docs = [f"document {i} says hello" for i in range(110)]
+    docs += [f"tokenizer.encode('<|endoftext|>') in document {i}, and <|endoftext|>again" for i in range(10)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    choice = {"tokenizer": str(request.getfixturevalue("gpt2_tokenizer"))} if tokenizer == "gpt2" else {}
+    folder = prepare(PrepareConfig(text=str(path), vocab_size=300, cache_dir=str(tmp_path / "c"), **choice))
+    meta = load_meta(folder)
+    for split in ("train", "val"):
+        ids = np.fromfile(folder / f"{split}.bin", dtype=meta["dtype"])
+        assert (ids == meta["eot_id"]).sum() == meta["splits"][split]["documents"]
+    assert sorted(decoded_documents(folder, "train") + decoded_documents(folder, "val")) == sorted(docs)
 
 
 def test_vocabulary_over_65535_is_stored_as_uint32(tmp_path):
-    tokenizer = big_vocab_tokenizer(tmp_path / "tokenizer.json")
+    tokenizer = word_tokenizer(tmp_path / "tokenizer.json", 70_000)
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{i}" for i in (1, 65_535, 65_536, 69_998) * 50))
     folder = prepare(PrepareConfig(text=str(text), tokenizer=str(tokenizer), cache_dir=str(tmp_path / "c")))
@@ -158,10 +167,10 @@ def test_blocks_are_contiguous_windows_of_the_token_stream(tmp_path):
     assert len(starts) > 1500, "sample positions should spread over the file"
 
 
-def test_datamodule_serves_the_prepared_tokens(tmp_path, shakespeare, gpt2_tokenizer):
+def test_datamodule_serves_the_prepared_tokens(tmp_path, code_corpus):
     dm = TokenDataModule(
-        text=str(shakespeare),
-        tokenizer=str(gpt2_tokenizer),
+        text=str(code_corpus),
+        vocab_size=512,
         cache_dir=str(tmp_path),
         block_size=32,
         batch_size=4,
@@ -171,7 +180,14 @@ def test_datamodule_serves_the_prepared_tokens(tmp_path, shakespeare, gpt2_token
     dm.prepare_data()
     dm.setup("fit")
     (batch,) = list(dm.train_loader(rank=0, world_size=1, start_batch=0, end_batch=1))
-    assert batch.shape == (4, 33) and batch.dtype == torch.long and batch.max() < 50257
+    assert batch.shape == (4, 33) and batch.dtype == torch.long
+    # each row is the window of train.bin that sample number i starts at
+    info = dm.meta["splits"]["train"]
+    tokens = np.memmap(dm.folder / "train.bin", dtype=dm.meta["dtype"], mode="r")[: info["tokens"]]
+    blocks = dm._blocks("train", seed=dm.seed, offsets="random")
+    for i, row in enumerate(batch):
+        start = blocks.start(i)
+        assert torch.equal(row, torch.from_numpy(tokens[start : start + 33].astype(np.int64))), f"row {i}"
     val = list(dm.val_dataloader())
     assert len(val) == 3 and torch.equal(val[0], list(dm.val_dataloader())[0])  # the same blocks each time
 

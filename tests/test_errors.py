@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, TINY, program_stderr, run_llm, snapshot
+from conftest import REPO, TINY, program_stderr, run_llm, snapshot, word_tokenizer
 
 
 @pytest.fixture
@@ -60,9 +60,10 @@ def test_n_embd_not_divisible_by_n_head(existing):
     assert_one_line_error(result, "model.config.n_embd=100 is not divisible by n_head=3", "choose n_embd")
 
 
-def test_tokenizer_larger_than_the_model_vocabulary(existing, gpt2_tokenizer):
-    result = fit_into(existing, f"--data.tokenizer={gpt2_tokenizer}", "--model.config.vocab_size=1000")
-    assert_one_line_error(result, "model.config.vocab_size=1000", "50257", "at least 50257")
+def test_tokenizer_larger_than_the_model_vocabulary(existing, tmp_path):
+    tokenizer = word_tokenizer(tmp_path / "tokenizer.json", 1500)
+    result = fit_into(existing, f"--data.tokenizer={tokenizer}", "--model.config.vocab_size=1000")
+    assert_one_line_error(result, "model.config.vocab_size=1000", "1500", "at least 1500")
 
 
 def test_empty_corpus(existing, tmp_path):

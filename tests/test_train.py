@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_llm
+from conftest import REPO, TINY, run_llm, trained_steps
 from llm.checkpoint import load_for_inference
 
 SUMMARY_KEYS = {
@@ -129,6 +129,7 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tmp_path, 
     second = run_llm(*fit_args(code_corpus, parts, data_cache, "--trainer.max_steps=8", "--resume=auto"))
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resuming from {parts}/checkpoints/last.ckpt" in second.stdout
+    assert trained_steps(first.stdout) == [1, 2, 3, 4] and trained_steps(second.stdout) == [5, 6, 7, 8]
 
     expected, got = train_losses(whole), train_losses(parts)
     assert sorted(got) == sorted(expected) == list(range(8)), "metrics.csv lost or repeated steps"
@@ -140,18 +141,13 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tmp_path, 
 @pytest.mark.slow
 def test_checkpoint_holds_config_and_tokenizer_and_reproduces_the_logits(tmp_path, code_corpus, data_cache):
     run = tmp_path / "run"
-    assert run_llm(*fit_args(code_corpus, run, data_cache, "--trainer.max_steps=3")).returncode == 0
-    ckpt_path = run / "checkpoints" / "last.ckpt"
-    loaded = load_for_inference(ckpt_path)
+    probe = '--trainer.callbacks=[{"class_path": "tests.helpers.EngineProbe"}]'  # the trained model's logits
+    assert run_llm(*fit_args(code_corpus, run, data_cache, "--trainer.max_steps=3", probe)).returncode == 0
+    loaded = load_for_inference(run / "checkpoints" / "last.ckpt")
     assert loaded.config["model"]["config"]["n_layer"] == 2 and loaded.config["run"] == str(run)
     assert loaded.tokenizer.get_vocab_size() == 512
     text = "def f(x):\n    return x"
     assert loaded.tokenizer.decode(loaded.tokenizer.encode(text).ids) == text
-    ckpt = torch.load(ckpt_path, weights_only=True)
-    idx = torch.tensor([loaded.tokenizer.encode(text).ids])
-    from llm.model import Transformer
-
-    reference = Transformer(loaded.model.config).eval()
-    reference.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
-    torch.testing.assert_close(loaded.model(idx), reference(idx))
-    assert not torch.allclose(loaded.model(idx), Transformer(loaded.model.config).eval()(idx))
+    trained = torch.load(run / "probe-rank0.pt", weights_only=True)  # taken in the training process, at its end
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(trained["idx"]), trained["logits"], rtol=0, atol=1e-6)

@@ -23,10 +23,10 @@ from typing import Literal
 import numpy as np
 
 from llm.data.sources import Source, load_documents, resolve_source
-from llm.data.tokenizer import EOT, load_tokenizer, train_bpe
+from llm.data.tokenizer import EOT, load_tokenizer, ordinary, train_bpe
 from llm.errors import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: text quoting the end-of-text token is encoded as text
 MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 100  # fewer documents: each one's tail goes to validation
 
 
@@ -129,8 +129,10 @@ def split_documents(docs, cfg: PrepareConfig, num_proc: int | None):
 
 
 def _tokenize(ds, tokenizer, eot_id: int, num_proc: int | None, cache_file: Path, fingerprint: str, desc: str):
+    text_only = ordinary(tokenizer)  # `<|endoftext|>` quoted in a document is text, not a boundary
+
     def encode(batch):
-        ids = [enc.ids + [eot_id] for enc in tokenizer.encode_batch(batch["text"], add_special_tokens=False)]
+        ids = [enc.ids + [eot_id] for enc in text_only.encode_batch(batch["text"], add_special_tokens=False)]
         return {"ids": ids, "n_tokens": [len(x) for x in ids], "n_bytes": [len(t.encode()) for t in batch["text"]]}
 
     return ds.map(

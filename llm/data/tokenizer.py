@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -31,6 +32,15 @@ def load_tokenizer(path: str | Path, eot_token: str = EOT) -> Tokenizer:
 def tokenizer_vocab_size(path: str | Path, eot_token: str = EOT) -> int:
     """Vocabulary size including added tokens: ids run from 0 to this minus one."""
     return load_tokenizer(path, eot_token).get_vocab_size(with_added_tokens=True)
+
+
+def ordinary(tokenizer: Tokenizer) -> Tokenizer:
+    """The same tokenizer with its added tokens unmatched in text: a document that quotes
+    `<|endoftext|>` is encoded as the characters it holds (as tiktoken's encode_ordinary does), so
+    that the only end-of-text ids in the data are the ones written after each document."""
+    spec = json.loads(tokenizer.to_str())
+    spec["added_tokens"] = []  # the ids stay in the model's vocabulary; only the matching goes
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def train_bpe(texts, vocab_size: int, num_texts: int | None = None, eot_token: str = EOT) -> Tokenizer:
