@@ -87,7 +87,7 @@ class LLMCLI(LightningCLI):
             self.agreement.publish("ready", True)
             self.agreement.wait("ready")
         except ConfigError as exc:
-            self.agreement.refuse(f"error: {exc}")
+            self.agreement.refuse(str(exc))
             raise
         self.run_dir = run.create(cfg)
         cfg.trainer.default_root_dir = str(self.run_dir)

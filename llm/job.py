@@ -108,7 +108,7 @@ class Agreement:
         if self.store.check(["llm/refused"]):
             line = json.loads(self.store.get("llm/refused"))["line"]
             self.store.add("llm/refusal_read", 1)
-            raise ConfigError(line.removeprefix("error: "))
+            raise ConfigError(line)
 
     def wait(self, key: str):
         """The others: rank 0's value for `key`; ConfigError with rank 0's line if it refused. Waits

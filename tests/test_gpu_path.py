@@ -4,6 +4,7 @@ from a table keyed by device names that are mocked here."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -114,6 +115,16 @@ def test_cuda_arch_suffixes_that_deepspeeds_op_builder_cannot_parse_are_dropped(
 # --- bug 2: the peak FLOP/s of MFU --------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 @pytest.mark.parametrize(
     "name, dtype, expected",
     [
@@ -135,23 +146,15 @@ def test_cuda_arch_suffixes_that_deepspeeds_op_builder_cannot_parse_are_dropped(
     ],
 )
 def test_datasheet_peak_of_each_gpu(name, dtype, expected):
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # as `python -m llm fit` sets it
-    try:
+    with matmul_precision("high"):  # as `python -m llm fit` sets it
         peak = table_peak(name, dtype)
-    finally:
-        torch.set_float32_matmul_precision(precision)
     assert peak is not None and peak.flops == pytest.approx(expected)
     assert "datasheet" in peak.source
 
 
 def test_full_fp32_matmuls_use_the_fp32_peak():
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
+    with matmul_precision("highest"):
         assert table_peak("NVIDIA H100 80GB HBM3", torch.float32).flops == pytest.approx(66.9e12)
-    finally:
-        torch.set_float32_matmul_precision(precision)
 
 
 def test_a_gpu_in_no_table_is_measured_on_that_gpu_never_the_cpu(monkeypatch):
