@@ -96,7 +96,7 @@ help:
 	@echo "  PRECISION=       32-true, bf16-mixed or 16-mixed (default: 32-true on CPU, bf16-mixed on GPU)"
 	@echo "  MAX_STEPS=       optimizer steps"
 	@echo "  RUN=             run folder (default runs/<experiment>-<time>)"
-	@echo "  RESUME=          auto (latest complete checkpoint in RUN) or a checkpoint path"
+	@echo "  RESUME=          auto (the newest complete checkpoint in RUN=, which it needs) or a checkpoint path"
 	@echo "  CONFIG=          an experiment YAML (default: configs/experiment/<MODEL>.yaml if there is one, else default.yaml)"
 	@echo "  ARGS=            further overrides, passed to the CLI as is, e.g. ARGS=\"--model.config.n_layer=6\""
 	@echo "  CKPT=, PROMPT=   checkpoint (a file or a DeepSpeed folder) and prompt for make sample / eval / export-fp32"

@@ -11,7 +11,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 
-from llm.errors import ConfigError  # noqa: E402
+from llm import ranks  # noqa: E402
+from llm.errors import ConfigError, RunStopped  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as exc:
+        if ranks.is_first_process() and str(exc):  # empty: already said
+            print(f"stopped: {exc}", file=sys.stderr)
+        sys.exit(exc.status)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ ZeRO folder of shards; and the conversion of such a folder into one fp32 file.""
 from __future__ import annotations
 
 import contextlib
+import os
+import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from llm.module import LanguageModel  # noqa: F401  (allows the checkpoint's dat
 # what this project reads from rank 0's model-states file of a ZeRO checkpoint: what run.RunInfo
 # adds, and Lightning's step; the rest there is DeepSpeed's own (its partition, optimizer, ...)
 CLIENT_KEYS = ("llm_config", "tokenizer_json", "data_meta", "global_step")
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch reads it at every load
 
 
 @dataclass
@@ -40,15 +43,86 @@ def is_sharded(path: Path) -> bool:
     return path.is_dir() and (path / "latest").is_file()
 
 
+def client_state_file(path: Path) -> Path:
+    """Rank 0's model-states file of a ZeRO checkpoint folder: DeepSpeed's and Lightning's state."""
+    tag = (path / "latest").read_text().strip()
+    states = sorted((path / tag).glob("*model_states.pt"))  # rank 0's sorts first
+    if not states:
+        raise ConfigError(f"ckpt={path}: its tag folder {tag} holds no model states; the save did not finish")
+    return states[0]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load inside, DeepSpeed's own included (they pass weights_only=False), loads
+    tensors and plain data only: a checkpoint from a user path never runs code when read."""
+    if "deepspeed" in sys.modules:
+        allow_deepspeed_types()
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[FORCE_WEIGHTS_ONLY]
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
+
+
+def allow_deepspeed_types() -> None:
+    """The plain-data classes DeepSpeed writes into its optimizer shards (its loss scaler, ZeRO's
+    stage, a parameter's place in the flat buffer): loadable, none of them runs code when loaded."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    torch.serialization.add_safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
+
+
+def safe_load(file: Path, field: str, mmap: bool = False) -> dict:
+    """torch.load with weights_only=True; anything else in the file is one line, not a traceback."""
+    try:
+        with weights_only_loads():
+            ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(
+            f"{field}={file}: holds objects other than tensors and plain data, refused unread "
+            f"({first_line(exc)}); use a checkpoint this project wrote"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{field}={file}: not a readable checkpoint ({first_line(exc)}); it may be truncated; "
+            "give another one, e.g. runs/<name>/checkpoints/last.ckpt"
+        ) from exc
+    if not isinstance(ckpt, dict) or "llm_config" not in ckpt:
+        raise ConfigError(f"{field}={file}: not a checkpoint of this project (no llm_config); give one of a run's")
+    return ckpt
+
+
+def first_line(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text[:160] + ("..." if len(text) > 160 else "")
+
+
+def read_header(path: str | Path, field: str = "ckpt") -> dict:
+    """What a checkpoint was trained with, without reading its tensors: its resolved config, step
+    and world size."""
+    path = Path(path)
+    if path.is_dir() and not is_sharded(path):
+        raise ConfigError(f"{field}={path}: a folder that is no DeepSpeed checkpoint (no 'latest' file)")
+    ckpt = safe_load(client_state_file(path) if path.is_dir() else path, field, mmap=True)
+    return {"config": ckpt["llm_config"], "step": ckpt.get("global_step", 0), "world_size": ckpt.get("world_size")}
+
+
 def _read_sharded(path: Path) -> dict:
     """A ZeRO checkpoint folder, consolidated in memory by DeepSpeed's own zero_to_fp32."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag = (path / "latest").read_text().strip()
-    states = sorted((path / tag).glob("*model_states.pt"))  # rank 0's sorts first
-    client = torch.load(states[0], map_location="cpu", weights_only=False)
+    client = safe_load(client_state_file(path), "ckpt")
     ckpt = {k: client[k] for k in CLIENT_KEYS if k in client}
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports its progress on stdout
+    tag = (path / "latest").read_text().strip()
+    allow_deepspeed_types()
+    with contextlib.redirect_stdout(sys.stderr), weights_only_loads():  # DeepSpeed reports progress on stdout
         ckpt["state_dict"] = get_fp32_state_dict_from_zero_checkpoint(str(path), tag)
     return ckpt
 
@@ -60,10 +134,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ConfigError(f"ckpt={path}: no such checkpoint; {hint}")
     if path.is_dir() and not is_sharded(path):
         raise ConfigError(f"ckpt={path}: a folder that is no DeepSpeed checkpoint (no 'latest' file); {hint}")
-    ckpt = _read_sharded(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
-    if "llm_config" not in ckpt:
-        raise ConfigError(f"ckpt={path}: not a checkpoint of this project (no llm_config); {hint}")
-    return ckpt
+    return _read_sharded(path) if path.is_dir() else safe_load(path, "ckpt")
 
 
 def load_for_inference(path: str | Path, device: str = "cpu") -> Loaded:
@@ -96,6 +167,8 @@ def export_fp32(ckpt: str, out: str) -> None:
     if target.exists():
         raise ConfigError(f"out={out}: already exists; choose another name or remove it first")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.redirect_stdout(sys.stderr):
+    safe_load(client_state_file(path), "ckpt")  # refuses, in one line, a folder holding more than data
+    allow_deepspeed_types()
+    with contextlib.redirect_stdout(sys.stderr), weights_only_loads():
         convert_zero_checkpoint_to_fp32_state_dict(str(path), str(target))
     print(f"wrote {target}")

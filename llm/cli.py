@@ -7,21 +7,27 @@ write `summary.json`.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import yaml
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from llm import job, preflight, ranks, run
+from llm.checkpoint import weights_only_loads
 from llm.data.datamodule import TokenDataModule
 from llm.errors import ConfigError, OneLineErrors
+from llm.guards import NonFiniteSteps
 from llm.loggers import RunWandbLogger, make_loggers, quiet_lightning
 from llm.model import count_params, flops_per_token
 from llm.module import LanguageModel
 from llm.monitor import PerformanceMonitor
+from llm.redact import scrub
 from llm.strategy import build_strategy
 
 
@@ -34,12 +40,30 @@ RUN_ARGUMENTS = [
     ("experiment", str, "default", "experiment name: run folder prefix, W&B group"),
     ("run", str | None, None, "run folder (RUN=); default runs/<experiment>-<time>"),
     ("resume", str | None, None, "auto: continue from the newest complete checkpoint in --run, if any; or a path"),
-    ("eval_every", int, 100, "validate and checkpoint every this many optimizer steps"),
+    ("eval_every", int, 100, "validate every this many optimizer steps"),
+    ("save_every", int | None, None, "checkpoint every this many optimizer steps; default: eval_every"),
+    ("keep_last", int, 2, "step checkpoints kept (the best one is kept as well)"),
+    ("max_skipped_steps", int, 5, "stop when more optimizer steps than this in a row had a non-finite gradient"),
     ("deepspeed", str | None, None, "DeepSpeed preset in configs/deepspeed/ (DS=), or a .yaml or .json; none: DDP"),
     ("nvme_path", str | None, None, "folder for ZeRO NVMe offload (NVME_PATH=)"),
     ("wandb_project", str, "llm", "W&B project"),
     ("peak_flops", float | None, None, "peak FLOP/s of one device for MFU; default: GPU datasheet, measured on CPU"),
 ]
+
+
+class ScrubbedConfigFile(SaveConfigCallback):
+    """config.yaml in the run folder: the resolved config, with secrets replaced (loggers.scrub)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # a broadcast: every rank asks
+        if trainer.is_global_zero:
+            resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_check=True))
+            path = Path(log_dir) / self.config_filename
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump(scrub(resolved), sort_keys=False))
+        self.already_saved = True
 
 
 class LLMCLI(LightningCLI):
@@ -50,7 +74,7 @@ class LLMCLI(LightningCLI):
             TokenDataModule,
             *args,
             parser_class=ArgumentParser,
-            save_config_kwargs={"overwrite": True},  # a resumed run rewrites config.yaml with its own config
+            save_config_callback=ScrubbedConfigFile,  # a resumed run rewrites it with its own config
             load_from_checkpoint_support=False,
             **kwargs,
         )
@@ -83,6 +107,7 @@ class LLMCLI(LightningCLI):
                 cfg.run = self.agreement.wait("run")
             preflight.check(cfg, self.subcommand)
             self.agreement.publish("run", cfg.run)
+            self.resume_from = self.choose_resume(cfg)
             self.data_folder = preflight.prepare_data(cfg)
             self.agreement.publish("ready", True)
             self.agreement.wait("ready")
@@ -91,6 +116,20 @@ class LLMCLI(LightningCLI):
             raise
         self.run_dir = run.create(cfg)
         cfg.trainer.default_root_dir = str(self.run_dir)
+
+    def choose_resume(self, cfg) -> str | None:
+        """The checkpoint every rank continues from, chosen once by rank 0 and checked against the
+        config before any expensive work; the others take it from rank 0."""
+        if not self.agreement.leader:
+            if self.agreement.store is None:  # started by Lightning's launcher, after rank 0 chose
+                return os.environ.get(run.RESUME_ENV) or None
+            return self.agreement.wait("resume")
+        path = run.resume_checkpoint(cfg.resume, Path(cfg.run))
+        if path:
+            run.check_resume(cfg, path)
+        os.environ[run.RESUME_ENV] = path or ""
+        self.agreement.publish("resume", path)
+        return path
 
     def instantiate_classes(self) -> None:
         if not self.prepare_only:
@@ -103,7 +142,9 @@ class LLMCLI(LightningCLI):
         model = preflight.model_config(cfg)
         # the monitor first: the progress lines of a logging step show what it has just measured
         callbacks.append(PerformanceMonitor(flops_per_token(model, model.block_size), cfg.peak_flops))
-        callbacks += run.callbacks(resolved, self.run_dir, self.data_folder)
+        callbacks.append(NonFiniteSteps(cfg.max_skipped_steps))
+        save_every = cfg.save_every or cfg.eval_every
+        callbacks += run.callbacks(scrub(resolved), self.run_dir, self.data_folder, save_every, cfg.keep_last)
         loggers = make_loggers(self.run_dir, cfg.experiment, cfg.wandb_project)
         strategy = build_strategy(
             cfg.deepspeed,
@@ -117,8 +158,7 @@ class LLMCLI(LightningCLI):
         return super().instantiate_trainer(logger=loggers, callbacks=callbacks, strategy=strategy, **kwargs)
 
     def fit(self, model, datamodule, **kwargs) -> None:
-        cfg = self._config()
-        ckpt_path = run.resume_checkpoint(cfg.resume, self.run_dir)
+        ckpt_path = self.resume_from
         if ranks.is_first_process():
             self.print_header(model.config, datamodule)
         info = next(c for c in self.trainer.callbacks if isinstance(c, run.RunInfo))
@@ -127,7 +167,9 @@ class LLMCLI(LightningCLI):
             if isinstance(logger, RunWandbLogger):
                 logger.run_config = self.wandb_config(model.config, info.config)
         started = time.perf_counter()
-        self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        # a checkpoint is read as tensors and plain data only, DeepSpeed's shards included
+        with weights_only_loads() if ckpt_path else contextlib.nullcontext():
+            self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         run.write_summary(self.trainer, datamodule, model, time.perf_counter() - started)
 
     def wandb_config(self, model_config, resolved: dict) -> dict:

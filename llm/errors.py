@@ -16,6 +16,16 @@ class ConfigError(ValueError):
     """A bad input, found before any expensive work."""
 
 
+class RunStopped(Exception):
+    """Training stopped before its end, with what happened and what to do next: a stop signal (after
+    a checkpoint), too many non-finite steps in a row, a checkpoint that could not be written. The
+    entry point prints `stopped: <message>` on stderr and exits with `status`."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
 def one_line(message: str) -> str:
     """An argument parser's message, on one line; a missing config file gets its own wording."""
     text = re.sub(r"\s+", " ", str(message)).strip()

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from llm.checkpoint import load_for_inference
-from llm.data.prepare import PrepareConfig, load_meta, prepare, prepared_dir
+from llm.data.prepare import PrepareConfig, load_meta, prepare
+from llm.errors import ConfigError
 from llm.module import bits_per_byte
 
 
@@ -30,14 +31,17 @@ def evaluate(
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     loaded = load_for_inference(ckpt, device)
     cfg = PrepareConfig.from_data_config(loaded.config["data"])
-    folder = prepared_dir(cfg)
-    if not (folder / "meta.json").is_file():
-        folder = prepare(cfg)
+    folder = prepare(cfg, log=lambda *_: None)  # verifies a cached folder, prepares a missing one
     meta = load_meta(folder)
     info = meta["splits"]["val"]
     tokens = np.memmap(folder / info["file"], dtype=meta["dtype"], mode="r")[: info["tokens"]]
     T = loaded.model.config.block_size
     starts = list(range(0, len(tokens) - T - 1, T))  # non-overlapping blocks, in order
+    if not starts:
+        raise ConfigError(
+            f"ckpt={ckpt}: the validation split of its data ({folder}) holds {len(tokens)} tokens, fewer than "
+            f"one block of {T + 1}; evaluate a model with a smaller block_size, or prepare more text"
+        )
     if max_batches:
         starts = starts[: max_batches * batch_size]
     total, count = 0.0, 0

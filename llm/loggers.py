@@ -6,7 +6,6 @@ import csv
 import logging
 import netrc
 import os
-import re
 import secrets
 import string
 import sys
@@ -18,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from llm import ranks
+from llm.redact import scrub, scrub_text
 
 
 def wandb_mode() -> str:
@@ -87,22 +87,6 @@ class RunCSVLogger(CSVLogger):
         pass  # config.yaml beside it holds them all
 
 
-SECRET_KEY = re.compile(r"api_?key|secret|password|passwd|credential|access_?token|auth_?token|hf_token", re.I)
-SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|[0-9a-f]{40}|sk-[A-Za-z0-9_-]{20,})$")
-
-
-def scrub(value):
-    """The config without secrets: values under secret-sounding keys, and values shaped like a
-    Hugging Face token, a W&B API key or an API secret, become "<redacted>"."""
-    if isinstance(value, dict):
-        return {k: "<redacted>" if SECRET_KEY.search(str(k)) else scrub(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [scrub(v) for v in value]
-    if isinstance(value, str) and SECRET_VALUE.match(value):
-        return "<redacted>"
-    return value
-
-
 class RunWandbLogger(WandbLogger):
     """Lightning's WandbLogger with three changes:
     - the run id is kept in the run folder, so RESUME=auto continues the same W&B run;
@@ -146,7 +130,11 @@ class RunWandbLogger(WandbLogger):
         if self.failed:
             return _DummyExperiment()
         try:
-            return WandbLogger.experiment.fget(self)
+            argv, sys.argv = sys.argv, [scrub_text(a) for a in sys.argv]  # W&B records the command line
+            try:
+                return WandbLogger.experiment.fget(self)
+            finally:
+                sys.argv = argv
         except Exception as exc:  # wandb raises many kinds: bad mode, unwritable dir, network
             self._give_up(exc)
             return _DummyExperiment()

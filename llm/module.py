@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
+from llm.guards import skip_nonfinite_steps
 from llm.model import ModelConfig, Transformer
 from llm.strategy import make_optimizer, reinit_partitioned
 
@@ -128,19 +129,39 @@ class LanguageModel(L.LightningModule):
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # Lightning's mixed-precision plugin refuses to clip for any optimizer that can unscale
-        # gradients itself (torch's fused AdamW), because under fp16 its gradients would still be
-        # scaled when clipped. bf16 has no grad scaler: the gradients are the true ones, clip them.
+        """Runs after backward, before the optimizer step: the global gradient norm decides whether
+        the step is taken (llm/guards.py), then clips. DeepSpeed's engine and the fp16 grad scaler
+        check and skip on their own, and clip or unscale as Lightning arranges."""
         precision = self.trainer.precision_plugin
-        unscaled = isinstance(precision, MixedPrecision) and precision.scaler is None
-        if unscaled and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
-            precision.clip_grad_by_norm(optimizer, gradient_clip_val)
+        self.nonfinite = None
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy) or getattr(precision, "scaler", None) is not None:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for p in self.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
+        self.nonfinite = ~torch.isfinite(norm)
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            # clipped here rather than by Lightning's mixed-precision plugin, which refuses any optimizer
+            # that can unscale gradients itself (torch's fused AdamW): under bf16 there is no scaler and the
+            # gradients are the true ones. A non-finite norm leaves them as they are; the step is skipped
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm.nan_to_num(0.0), foreach=True)
+        elif gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a resumed run may train more steps than the checkpoint's: its cosine then decays to the
+        # minimum at the new max_steps, from the learning rate it has reached (torch's cosine is
+        # computed step by step from the current rate), instead of rising again past the old end
+        for state in checkpoint.get("lr_schedulers", []):
+            if "_schedulers" in state:
+                cosine, warmup_steps = state["_schedulers"][-1], state["_milestones"][0]
+                cosine["T_max"] = max(1, self.trainer.max_steps - warmup_steps)
 
     def configure_optimizers(self):
         o = self.optim
         groups = param_groups(self.model, o.weight_decay)
         optimizer = make_optimizer(groups, o.lr, o.betas, o.eps, self.trainer.strategy, o.fused)
+        skip_nonfinite_steps(optimizer, self)
         scheduler = warmup_cosine(optimizer, o.warmup_steps, self.trainer.max_steps, o.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

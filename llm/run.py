@@ -1,8 +1,8 @@
 """The run folder: its name, what goes in it (loggers, checkpoints), resuming from it, its summary.
 
 runs/<name>/
-  config.yaml      the resolved config (LightningCLI's SaveConfigCallback)
-  checkpoints/     last.ckpt and best.ckpt
+  config.yaml      the resolved config, without secrets
+  checkpoints/     step-<n>.ckpt, and last.ckpt and best.ckpt pointing at them (llm/checkpointing.py)
   metrics.csv      every logged metric (CSVLogger)
   wandb/           the W&B run
   summary.json     written at the end of training
@@ -12,19 +12,24 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 import zipfile
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import Callback
 
 from llm import ranks
+from llm.checkpointing import Checkpoints, complete_checkpoints
 from llm.errors import ConfigError
 from llm.model import count_params
 from llm.progress import progress_bar
+from llm.redact import scrub
 
 RUN_ENV = "LLM_RUN_DIR"  # hands the run folder to the processes a launcher starts after this one
+RESUME_ENV = "LLM_RESUME_FROM"  # and the checkpoint rank 0 chose to continue from ("" for none)
 
 
 def resolve_run_dir(cfg) -> Path:
@@ -39,6 +44,7 @@ def resolve_run_dir(cfg) -> Path:
 
 def check(cfg) -> Path:
     """Decide the run folder and refuse to reuse one by accident; creates nothing."""
+    named = bool(cfg.run) or RUN_ENV in os.environ or bool(ranks.slurm_job_id())
     run_dir = resolve_run_dir(cfg)
     cfg.run = str(run_dir)
     if ranks.is_first_process():
@@ -47,6 +53,8 @@ def check(cfg) -> Path:
             raise ConfigError(
                 f"run={run_dir}: already holds a run; continue it with RESUME=auto, or choose another RUN"
             )
+        if cfg.resume == "auto" and not named:
+            raise ConfigError("resume=auto: no run to continue was named; give RUN=runs/<name> as well")
         if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
             raise ConfigError(f"resume={cfg.resume}: no such checkpoint; give a checkpoint path, or auto")
     return run_dir
@@ -72,21 +80,62 @@ def is_complete_checkpoint(path: Path) -> bool:
 
 
 def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
+    """The checkpoint to continue from: the path given, or with `auto` the complete checkpoint of
+    the highest step in the run folder (None: there is none yet). Decided once, by rank 0."""
     if resume is None:
         return None
     if resume != "auto":
         return resume
     folder = run_dir / "checkpoints"
-    # the checkpoints of validations, and the one Lightning writes when SLURM signals the end of a job
-    candidates = [*folder.glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-    # newest first; best.ckpt last, as it holds an older or the same state as last.ckpt
-    candidates.sort(key=lambda p: (p.name == "best.ckpt", -p.stat().st_mtime))
-    for path in candidates:
+    for path in reversed(complete_checkpoints(folder)):
         if is_complete_checkpoint(path):
             say(f"resuming from {path}")
             return str(path)
     say(f"resume=auto: no checkpoint in {folder} yet, starting from scratch")
     return None
+
+
+def check_resume(cfg, path: str) -> None:
+    """Refuse, in one line, to continue a checkpoint as a run it cannot continue exactly: another
+    model, world size, batch or seed; allow more (or fewer, not yet reached) steps with a warning."""
+    from llm.checkpoint import read_header
+
+    header = read_header(path, field="resume")
+    then, step = header["config"], header["step"]
+    hint = "resume with the checkpoint's settings, or start a new RUN"
+    model_then = {k: v for k, v in then["model"]["config"].items() if not k.startswith("__")}
+    model_now = {k: v for k, v in vars(cfg.model.config).items() if not k.startswith("__")}
+    for key in sorted(model_then.keys() | model_now.keys()):
+        if model_then.get(key) != model_now.get(key):
+            raise ConfigError(
+                f"model.config.{key}={model_now.get(key)}: the checkpoint {path} has {model_then.get(key)}; {hint}"
+            )
+    accumulate = "trainer.accumulate_grad_batches"
+    same = [
+        ("data.batch_size", then["data"]["batch_size"], cfg.data.batch_size),
+        (accumulate, then["trainer"]["accumulate_grad_batches"], cfg.trainer.accumulate_grad_batches),
+        ("seed_everything", then.get("seed_everything"), cfg.seed_everything),
+        ("data.seed", then["data"]["seed"], cfg.data.seed),
+    ]
+    from llm.preflight import world_size
+
+    world = world_size(cfg.trainer)
+    if header.get("world_size") and world:
+        same.append(("trainer.devices x trainer.num_nodes", header["world_size"], world))
+    for key, old, new in same:
+        if old != new:
+            raise ConfigError(f"{key}={new}: the checkpoint {path} was trained with {old}; {hint}")
+    max_steps = cfg.trainer.max_steps
+    if max_steps <= step:
+        raise ConfigError(
+            f"trainer.max_steps={max_steps}: the checkpoint {path} has already trained {step} steps; "
+            "give more steps (MAX_STEPS=) to continue it"
+        )
+    if max_steps != then["trainer"]["max_steps"]:
+        say(
+            f"warning: trainer.max_steps {then['trainer']['max_steps']} -> {max_steps}: "
+            f"continuing from step {step}, the learning rate now decays to its minimum at step {max_steps}"
+        )
 
 
 def say(line: str) -> None:
@@ -121,7 +170,8 @@ class LoggingStepOnResume(Callback):
 
 
 class RunInfo(Callback):
-    """Make every checkpoint self-contained: the resolved config and the tokenizer go inside it."""
+    """Make every checkpoint self-contained and resumable exactly: the resolved config, the
+    tokenizer, the world size, and every rank's random-number generator states."""
 
     def __init__(self, config: dict, data_folder: Path):
         self.config = config
@@ -138,20 +188,49 @@ class RunInfo(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["llm_config"] = self.config
         checkpoint["tokenizer_json"] = (self.data_folder / "tokenizer.json").read_text()
-        checkpoint["data_meta"] = json.loads((self.data_folder / "meta.json").read_text())
+        checkpoint["data_meta"] = scrub(json.loads((self.data_folder / "meta.json").read_text()))
+        checkpoint["world_size"] = trainer.world_size
+        checkpoint["rng_states"] = all_ranks(trainer, rng_states())
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states") or []
+        if len(states) == trainer.world_size:
+            set_rng_states(states[trainer.global_rank])
 
 
-def callbacks(config: dict, run_dir: Path, data_folder: Path) -> list:
-    checkpoint = ModelCheckpoint(
-        dirpath=str(run_dir / "checkpoints"),
-        filename="best",
-        monitor="val/loss",
-        mode="min",
-        save_top_k=1,
-        save_last=True,
-        auto_insert_metric_name=False,
-    )
-    return [checkpoint, ValidateAtEnd(), LoggingStepOnResume(), RunInfo(config, data_folder), progress_bar()]
+def rng_states() -> dict:
+    """This process's generators (torch, CUDA, Python's random), in types a weights-only load accepts."""
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def all_ranks(trainer, value) -> list:
+    """`value` of every rank, in rank order, on every rank."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return [value]
+    gathered = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def callbacks(config: dict, run_dir: Path, data_folder: Path, save_every: int, keep_last: int) -> list:
+    checkpoints = Checkpoints(run_dir / "checkpoints", save_every, keep_last)
+    return [checkpoints, ValidateAtEnd(), LoggingStepOnResume(), RunInfo(config, data_folder), progress_bar()]
+
+
+def best_checkpoint(folder: Path) -> str | None:
+    best = folder / "best.ckpt"
+    return str(folder / os.readlink(best)) if best.is_symlink() else None
 
 
 def strategy_label(strategy) -> str:
@@ -175,7 +254,7 @@ def write_summary(trainer: L.Trainer, datamodule, model, seconds: float) -> dict
     meta = datamodule.meta
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     tokens_per_step = tokens_per_optimizer_step(trainer, datamodule)
-    checkpoint = trainer.checkpoint_callback
+    checkpoints = next(c for c in trainer.callbacks if isinstance(c, Checkpoints))
     info = next(c for c in trainer.callbacks if isinstance(c, RunInfo))
     from llm.monitor import PerformanceMonitor  # imports this module
 
@@ -189,8 +268,8 @@ def write_summary(trainer: L.Trainer, datamodule, model, seconds: float) -> dict
         "final_train_loss": metrics.get("train/loss"),  # None when this session trained no step
         "final_val_loss": metrics.get("val/loss"),
         "unigram_val_entropy": meta["unigram_val_entropy"],
-        "best_checkpoint": checkpoint.best_model_path or None,
-        "last_checkpoint": checkpoint.last_model_path or info.resumed_from,
+        "best_checkpoint": best_checkpoint(checkpoints.folder),
+        "last_checkpoint": str(checkpoints.last_saved) if checkpoints.last_saved else info.resumed_from,
         "params": count_params(model.config),
         "world_size": trainer.world_size,
         "strategy": strategy_label(trainer.strategy),

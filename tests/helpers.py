@@ -90,3 +90,51 @@ class BlockForwardCount(Callback):
 
         with open(f"{trainer.default_root_dir}/block-forwards-rank{trainer.global_rank}.json", "w") as f:
             json.dump(self.per_batch, f)
+
+
+class BatchRecord(Callback):
+    """Appends each training batch's step and a checksum of its tokens to <run>/batches-rank<r>.txt,
+    at once, so that a killed run leaves what it trained on: to prove no sample was repeated or skipped."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        checksum = int((batch.double() * (1 + batch.new_tensor(range(batch.numel())).view_as(batch))).sum())
+        with open(f"{trainer.default_root_dir}/batches-rank{trainer.global_rank}.txt", "a") as f:
+            f.write(f"{trainer.global_step} {checksum}\n")
+
+
+class PoisonLoss(Callback):
+    """Makes the loss NaN at the given optimizer steps (counted from 0), so that every gradient is NaN."""
+
+    def __init__(self, steps: list[int]):
+        self.steps = set(steps)
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if trainer.global_step in self.steps:
+            loss.mul_(float("nan"))  # in the graph: every gradient becomes NaN
+
+
+class _KillWhenPickled:
+    def __reduce__(self):
+        import os
+        import signal
+
+        os.killpg(os.getpgid(0), signal.SIGKILL)  # the whole job, as a lost node takes it
+
+
+class _NoSpaceWhenPickled:
+    def __reduce__(self):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class BreakSave(Callback):
+    """At the save of `step`, puts an object into the checkpoint that, while torch.save writes it,
+    kills the job (`kill`) or fails as a full disk does (`disk_full`)."""
+
+    def __init__(self, step: int, how: str = "kill"):
+        self.step, self.how = step, how
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            checkpoint["breaks"] = _KillWhenPickled() if self.how == "kill" else _NoSpaceWhenPickled()

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY, run_llm
-from llm.loggers import scrub
 from llm.model import ModelConfig, count_params, flops_per_token
 from llm.peaks import measure_matmul_peak
+from llm.redact import scrub
 
 MEMORY = [f"mem/{name}_{side}" for name in ("allocated", "reserved", "peak", "host_rss") for side in ("max", "min")]
 PERF = [

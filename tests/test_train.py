@@ -50,7 +50,8 @@ def test_make_train_runs_the_default_job_and_leaves_the_run_folder(tmp_path, dat
     assert SUMMARY_KEYS <= set(summary)
     assert summary["steps"] == 4 and summary["world_size"] == 1 and summary["tokens"] == 4 * 8 * 128
     assert summary["tokens_per_second"] > 0 and 1e6 < summary["params"] < 3e6
-    assert Path(summary["last_checkpoint"]).name == "last.ckpt" and Path(summary["best_checkpoint"]).is_file()
+    assert Path(summary["last_checkpoint"]).name == "step-000004.ckpt" and Path(summary["best_checkpoint"]).is_file()
+    assert (run / "checkpoints" / "last.ckpt").resolve() == Path(summary["last_checkpoint"]).resolve()
     assert summary["unigram_val_entropy"] > 4  # the embedded corpus, an 8192-token BPE
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run"
     rows = metrics(run)
@@ -128,7 +129,7 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tmp_path, 
     assert json.loads((parts / "summary.json").read_text())["steps"] == 4
     second = run_llm(*fit_args(code_corpus, parts, data_cache, "--trainer.max_steps=8", "--resume=auto"))
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"resuming from {parts}/checkpoints/last.ckpt" in second.stdout
+    assert f"resuming from {parts}/checkpoints/step-000004.ckpt" in second.stdout
     assert trained_steps(first.stdout) == [1, 2, 3, 4] and trained_steps(second.stdout) == [5, 6, 7, 8]
 
     expected, got = train_losses(whole), train_losses(parts)

@@ -9,6 +9,7 @@ later run could mistake for prepared data.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
@@ -16,6 +17,7 @@ import os
 import shutil
 import socket
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,8 +27,10 @@ import numpy as np
 from llm.data.sources import Source, load_documents, resolve_source
 from llm.data.tokenizer import EOT, load_tokenizer, ordinary, train_bpe
 from llm.errors import ConfigError
+from llm.redact import scrub
 
-FORMAT_VERSION = 2  # 2: text quoting the end-of-text token is encoded as text
+FORMAT_VERSION = 3  # 2: text quoting the end-of-text token is encoded as text; 3: shard checksums
+CHECKSUM_CHUNKS, CHECKSUM_CHUNK_BYTES = 64, 1 << 16  # a cheap checksum: 4 MiB read at most per shard
 MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 100  # fewer documents: each one's tail goes to validation
 
 
@@ -86,7 +90,47 @@ def prepared_dir(cfg: PrepareConfig, source: Source | None = None) -> Path:
 
 
 def load_meta(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "meta.json").read_text())
+    path = Path(folder) / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"data.cache_dir: {path} is not valid JSON ({exc.__class__.__name__}); "
+            f"remove the folder {path.parent} and the data is prepared again"
+        ) from exc
+
+
+def shard_checksum(path: Path) -> str:
+    """CRC-32 of up to 64 chunks of 64 KiB spread evenly over the file, and its size: catches a
+    truncated, extended or overwritten shard without reading a large one whole."""
+    size = path.stat().st_size
+    span = max(size - CHECKSUM_CHUNK_BYTES, 0)
+    crc = 0
+    with open(path, "rb") as f:
+        for start in sorted({span * i // (CHECKSUM_CHUNKS - 1) for i in range(CHECKSUM_CHUNKS)}):
+            f.seek(start)
+            crc = zlib.crc32(f.read(CHECKSUM_CHUNK_BYTES), crc)
+    return f"crc32:{crc:08x}:{size}"
+
+
+def verify_prepared(folder: Path) -> dict:
+    """meta.json, and each shard against it (size and checksum): one line naming what is wrong."""
+    meta = load_meta(folder)
+    fix = f"remove the folder {folder} and the data is prepared again"
+    try:
+        splits, itemsize = meta["splits"], np.dtype(meta["dtype"]).itemsize
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"data.cache_dir: {folder}/meta.json lacks {exc}; {fix}") from exc
+    for info in splits.values():
+        shard = folder / info["file"]
+        expected = max(info["tokens"], 1) * itemsize
+        size = shard.stat().st_size if shard.is_file() else None
+        if size != expected:
+            got = "is missing" if size is None else f"holds {size:,} bytes"
+            raise ConfigError(f"data.cache_dir: {shard} {got}, meta.json says {expected:,}; {fix}")
+        if info.get("checksum") and shard_checksum(shard) != info["checksum"]:
+            raise ConfigError(f"data.cache_dir: {shard} does not match its checksum in meta.json; {fix}")
+    return meta
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -179,6 +223,7 @@ def prepare(cfg: PrepareConfig, log=print) -> Path:
         load_tokenizer(cfg.tokenizer, cfg.eot_token)  # fail on a bad tokenizer before reading any text
     out = prepared_dir(cfg, source)
     if (out / "meta.json").is_file():
+        verify_prepared(out)
         log(f"prepared data: {out} (cached)")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -273,12 +318,37 @@ class PreparationLock:
         return False
 
 
+def invalid_utf8_bytes(files) -> int:
+    """Bytes of the plain-text files that are not UTF-8 (what the text reader replaces), counted
+    by decoding them again in 1 MiB pieces."""
+    count = 0
+
+    def counting(error: UnicodeDecodeError):
+        nonlocal count
+        count += error.end - error.start
+        return "\ufffd", error.end
+
+    codecs.register_error("llm-count-invalid", counting)
+    for path in files:
+        if Path(path).suffix in (".jsonl", ".json", ".parquet"):
+            continue
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="llm-count-invalid")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    return count
+
+
 def _prepare_into(tmp: Path, cfg: PrepareConfig, source: Source, log) -> None:
     docs = load_documents(source, cfg.text_field, cfg.hf_split, cfg.hf_streaming, cfg.hf_max_documents)
     docs = docs.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
     field = {"stdlib": "corpus", "local": f"data.text={cfg.text}", "hf": f"data.hf={cfg.hf}"}[source.kind]
     if len(docs) == 0:
         raise ConfigError(f"{field}: holds no text (0 non-empty documents); point it at files that contain text")
+    replaced = invalid_utf8_bytes(source.files) if source.kind == "local" else 0
+    if replaced:
+        log(f"warning: {field}: {replaced:,} bytes are not UTF-8; each run of them was read as U+FFFD")
     num_proc = min(cfg.num_proc or os.cpu_count() or 1, len(docs))
     num_proc = num_proc if num_proc > 1 else None
     train, val, mode = split_documents(docs, cfg, num_proc)
@@ -318,6 +388,7 @@ def _prepare_into(tmp: Path, cfg: PrepareConfig, source: Source, log) -> None:
         tokens, n_bytes = _write_shard(encoded, tmp / f"{name}.bin", dtype)
         seconds = time.perf_counter() - t0
         splits[name] = {"file": f"{name}.bin", "tokens": tokens, "documents": len(ds), "bytes": n_bytes}
+        splits[name]["checksum"] = shard_checksum(tmp / f"{name}.bin")
         rate = tokens / seconds
         log(f"{name}: {tokens:,} tokens from {len(ds):,} documents in {seconds:.1f} s ({rate:,.0f} tokens/s)")
 
@@ -331,7 +402,7 @@ def _prepare_into(tmp: Path, cfg: PrepareConfig, source: Source, log) -> None:
             "hf": cfg.hf,
             "files": len(source.files),
         },
-        "config": asdict(cfg),
+        "config": scrub(asdict(cfg)),
         "input_hash": cache_key(cfg, source),
         "tokenizer": "tokenizer.json",
         "tokenizer_source": cfg.tokenizer or f"trained byte-level BPE, {cfg.vocab_size} tokens",

@@ -1,0 +1,238 @@
+"""How training writes checkpoints so that a kill at any moment leaves one to continue from.
+
+    checkpoints/
+      step-000200.ckpt   one per save, never overwritten: a file, or a DeepSpeed folder of shards
+      step-000300.ckpt   the newest `keep_last` are kept, and the best one
+      last.ckpt          -> step-000300.ckpt   (symbolic links, swapped by an atomic rename)
+      best.ckpt          -> step-000200.ckpt
+      best.json          the best validation loss and its step
+
+A save is written under `<name>.partial` by every rank that holds a part of it, and renamed to its
+final name by rank 0 once all have finished: a name without the suffix is a complete checkpoint.
+RESUME=auto takes the one with the highest step (llm/run.py). The previous checkpoints are removed
+only after the new one is complete.
+
+Saves happen every `save_every` optimizer steps, at the last step, when training ends early, and
+when the job is asked to stop: SIGTERM or SIGUSR1 (SLURM's warning before a time limit) saves at the
+next step boundary and stops with status 128 + the signal; under SLURM, SIGUSR1 also requeues the
+job (`scontrol requeue`), which then resumes from that checkpoint. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+
+from llm import ranks
+from llm.errors import RunStopped
+
+STEP_NAME = re.compile(r"^step-(\d+)\.ckpt$")
+PARTIAL = ".partial"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def step_of(path: Path) -> int | None:
+    match = STEP_NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The complete step checkpoints in `folder`, oldest first."""
+    found = [p for p in folder.glob("step-*.ckpt") if step_of(p) is not None]
+    return sorted(found, key=step_of)
+
+
+def remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def point(link: Path, target: str) -> None:
+    """Make `link` a symbolic link to `target` (a name in the same folder), atomically."""
+    tmp = link.with_name(link.name + ".new")
+    remove(tmp)
+    os.symlink(target, tmp)
+    if link.is_dir() and not link.is_symlink():  # a real folder from an older layout
+        shutil.rmtree(link)
+    os.replace(tmp, link)
+
+
+def write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(json.dumps(value) + "\n")
+    os.replace(tmp, path)
+
+
+def sync_to_disk(path: Path) -> None:
+    """fsync every file of a checkpoint, so that the rename that publishes it cannot reach the disk
+    before its contents do (a host crash right after the rename would leave a named, empty file)."""
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 ask for a stop at the next step boundary; the second one exits at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        for signum in STOP_SIGNALS:
+            try:
+                previous = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals to whoever owns them
+                return
+            self._previous.setdefault(signum, previous)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            os.write(2, f"\n{name}, the second stop signal: exiting now, without a checkpoint\n".encode())
+            os._exit(128 + signum)
+        self.received = signum
+        if ranks.is_first_process():
+            os.write(2, f"\n{name}: saving a checkpoint at the end of this step, then stopping\n".encode())
+
+
+class Checkpoints(Checkpoint):
+    """Step checkpoints, written atomically, with `last` and `best` links; stops on a signal."""
+
+    def __init__(self, folder: Path, save_every: int, keep_last: int):
+        self.folder, self.save_every, self.keep_last = Path(folder), save_every, keep_last
+        self.signals = StopSignals()
+        self.last_saved: Path | None = None
+        self._saved_step = -1
+        self._stop_pending = 0
+
+    # --- when ----------------------------------------------------------------------------------
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # before Lightning's own handlers: it then leaves SIGUSR1 alone (no mid-step SLURM save)
+        self.signals.install()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.signals.install()  # again: Lightning has added its SIGTERM handler since setup
+        self._step_seen = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        step = trainer.global_step
+        if step == self._step_seen:  # a micro-batch that accumulated; no optimizer step yet
+            return
+        self._step_seen = step
+        received = self._stop_requested(trainer)
+        if step % self.save_every == 0 or step >= trainer.max_steps or received:
+            self.save(trainer)
+        if received and step < trainer.max_steps:
+            self._stop_pending = received  # at the next batch: this step's metrics reach the logs first
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        if self._stop_pending:
+            self._stop(trainer, self._stop_pending)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
+            return
+        loss = float(trainer.callback_metrics["val/loss"])
+        best = self.best()
+        if best is None or loss < best["val_loss"]:
+            path = self.save(trainer)  # already saved at this step, unless save_every skips it
+            if trainer.is_global_zero:
+                point(self.folder / "best.ckpt", path.name)
+                write_json(self.folder / "best.json", {"step": trainer.global_step, "val_loss": loss})
+            trainer.strategy.barrier("best checkpoint")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.save(trainer)  # training ended early (a callback stopped it): keep where it got to
+        self.signals.restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.signals.restore()
+
+    def _stop_requested(self, trainer) -> int:
+        """The signal any rank received (0: none), the same answer on every rank."""
+        strategy = trainer.strategy
+        if trainer.world_size == 1:
+            return self.signals.received or 0
+        mine = torch.tensor(self.signals.received or 0, device=strategy.root_device)
+        return int(strategy.reduce(mine, reduce_op="max"))
+
+    def _stop(self, trainer, signum: int) -> None:
+        name = signal.Signals(signum).name
+        said = f"{name} at step {trainer.global_step}; saved {self.last_saved}"
+        resume = f"make train RUN={trainer.default_root_dir} RESUME=auto"
+        job = ranks.slurm_job_id()
+        if signum == signal.SIGUSR1 and job:  # SLURM's warning: queue the job again, then end this one
+            if trainer.is_global_zero:
+                # said first: SLURM may end this process as soon as the job is requeued
+                print(f"stopped: {said}; requeueing SLURM job {job}", file=sys.stderr, flush=True)
+                code = subprocess.call(["scontrol", "requeue", job])
+                if code:
+                    raise RunStopped(f"scontrol requeue {job} failed (status {code}); {resume}", 128 + signum)
+            raise RunStopped("", 128 + signum)
+        raise RunStopped(f"{said}; {resume}", 128 + signum)
+
+    # --- how -----------------------------------------------------------------------------------
+
+    def best(self) -> dict | None:
+        path = self.folder / "best.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save(self, trainer) -> Path:
+        """Write step-<global step>.ckpt (once per step) and make it the last checkpoint."""
+        step = trainer.global_step
+        final = self.folder / f"step-{step:06d}.ckpt"
+        if step == self._saved_step:
+            return final
+        partial = final.with_name(final.name + PARTIAL)
+        if trainer.is_global_zero:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for stale in self.folder.glob(f"*{PARTIAL}"):  # left by a save that was killed
+                remove(stale)
+        trainer.strategy.barrier("checkpoint start")
+        try:
+            trainer.save_checkpoint(partial, weights_only=False)  # every rank writes its part, then a barrier
+            if trainer.is_global_zero:
+                sync_to_disk(partial)
+                remove(final)  # an older save of this step, from a run resumed before it
+                os.replace(partial, final)
+                point(self.folder / "last.ckpt", final.name)
+                self._prune()
+                for logger in trainer.loggers:  # metrics.csv up to here, so that a kill loses no row of it
+                    logger.save()
+        except OSError as exc:
+            if trainer.is_global_zero:
+                remove(partial)
+            previous = self.last_saved or "none yet"
+            raise RunStopped(
+                f"checkpoint {final}: {exc.strerror or exc} while saving; the previous checkpoint ({previous}) "
+                f"is intact; free space in {self.folder} and continue with RESUME=auto",
+                1,
+            ) from exc
+        trainer.strategy.barrier("checkpoint done")
+        self._saved_step, self.last_saved = step, final
+        return final
+
+    def _prune(self) -> None:
+        best = self.best()
+        keep = {f"step-{best['step']:06d}.ckpt"} if best else set()
+        for path in complete_checkpoints(self.folder)[: -self.keep_last]:
+            if path.name not in keep:
+                remove(path)

@@ -1,0 +1,110 @@
+"""A bad step does not poison the run: an optimizer step whose gradient norm is not finite (a NaN
+or infinite loss, an overflow in backward) is skipped, counted as `train/skipped_steps`, and more
+than `max_skipped_steps` of them in a row stop the run, with the last checkpoint (weights that no
+skipped step touched) intact.
+
+Who decides that a step is bad: the module, from the gradient norm it computes for clipping (one
+value, the same on every rank after the all-reduce); DeepSpeed's engine, which checks its own
+gradient buffers and skips the step itself; under fp16, the grad scaler (its skipped steps are how it
+finds its scale, not faults, so they are not counted). Skipping costs no host synchronisation on a
+GPU with torch's fused AdamW: the kernel takes the flag as `found_inf`, as under a grad scaler; the
+counts are read at logging steps only.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+from llm.errors import RunStopped
+
+
+def skip_nonfinite_steps(optimizer: torch.optim.Optimizer, module) -> None:
+    """Make `optimizer.step` skip the update when `module.nonfinite` (a 0-dim bool tensor set after
+    backward) is true. Installed before the learning-rate scheduler wraps `step` in turn."""
+    step = optimizer.step
+    fused = bool(optimizer.defaults.get("fused"))
+
+    @functools.wraps(step)
+    def guarded(self, closure=None):
+        loss = None
+        if closure is not None:  # Lightning's: forward, backward, then clipping (which sets the flag)
+            with torch.enable_grad():
+                loss = closure()
+        bad = getattr(module, "nonfinite", None)
+        if bad is None:
+            step()
+        elif fused:  # no host sync: the kernel leaves parameters, moments and step count unchanged
+            self.found_inf = bad.float()
+            try:
+                step()
+            finally:
+                del self.found_inf
+        elif not bad.item():
+            step()
+        return loss
+
+    optimizer.step = types.MethodType(guarded, optimizer)
+
+
+class NonFiniteSteps(Callback):
+    """Counts skipped optimizer steps, logs them, and stops after too many in a row."""
+
+    def __init__(self, max_in_a_row: int = 5):
+        self.max_in_a_row = max_in_a_row
+        self.total, self.in_a_row, self.worst = 0, 0, 0  # as of the last logging step
+        self._counts: torch.Tensor | None = None  # total, in a row, worst in a row: on the device
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._counts = torch.tensor([self.total, self.in_a_row, 0], device=pl_module.device)
+        self._step_seen = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == self._step_seen:
+            return  # accumulating: no optimizer step yet
+        self._step_seen = trainer.global_step
+        bad = self._skipped(trainer, pl_module)
+        if bad is not None:
+            counts = self._counts
+            in_a_row = (counts[1] + 1) * bad
+            self._counts = torch.stack([counts[0] + bad, in_a_row, torch.maximum(counts[2], in_a_row)])
+        if trainer.global_step % trainer.log_every_n_steps == 0 or trainer.global_step >= trainer.max_steps:
+            self._report(trainer, pl_module)
+
+    @staticmethod
+    def _skipped(trainer, pl_module) -> torch.Tensor | None:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            skipped = not trainer.strategy.deepspeed_engine.was_step_applied()
+            return torch.tensor(int(skipped), device=pl_module.device)
+        bad = getattr(pl_module, "nonfinite", None)
+        return None if bad is None else bad.long()
+
+    def _report(self, trainer, pl_module) -> None:
+        total, in_a_row, worst = (int(v) for v in self._counts.tolist())
+        self._counts[2] = 0
+        if total > self.total and trainer.is_global_zero:
+            print(
+                f"warning: step {trainer.global_step}: {total - self.total} optimizer step(s) skipped since the "
+                f"last report, for a non-finite gradient norm ({total} in all)"
+            )
+        self.total, self.in_a_row = total, in_a_row
+        pl_module.log("train/skipped_steps", float(total), on_step=True, on_epoch=False, rank_zero_only=True)
+        if worst > self.max_in_a_row:
+            raise RunStopped(
+                f"{worst} optimizer steps in a row had a non-finite gradient norm, more than max_skipped_steps="
+                f"{self.max_in_a_row}, by step {trainer.global_step}; the last checkpoint holds weights no skipped "
+                "step changed; lower the learning rate or look at the data, then continue with RESUME=auto",
+                1,
+            )
+
+    def state_dict(self) -> dict:
+        if self._counts is not None:  # a checkpoint between logging steps: the counts as of now
+            self.total, self.in_a_row = (int(v) for v in self._counts[:2].tolist())
+        return {"total": self.total, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total, self.in_a_row = state["total"], state["in_a_row"]

@@ -1,0 +1,243 @@
+"""Bad checkpoints, bad prepared data and resumes that cannot continue exactly: one line each, a
+non-zero exit, nothing on disk changed. Checkpoints from a user path never run code, and no secret
+reaches the run folder or W&B."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, program_stderr, run_llm, snapshot
+from llm.redact import scrub, scrub_text
+
+
+def fit_args(corpus: Path, run: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        "configs/experiment/default.yaml",
+        *TINY,
+        f"--data.text={corpus}",
+        "--data.vocab_size=512",
+        f"--data.cache_dir={cache}",
+        f"--run={run}",
+        "--trainer.max_steps=2",
+        "--eval_every=2",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, code_corpus):
+    """A finished 2-step run and its own data cache (which tests copy before they break it)."""
+    root = tmp_path_factory.mktemp("trained")
+    run, cache = root / "run", root / "data"
+    result = run_llm(*fit_args(code_corpus, run, cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, cache
+
+
+def refused(result, *fragments: str) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = program_stderr(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def unchanged(folder: Path, command):
+    before = snapshot(folder)
+    result = command()
+    assert snapshot(folder) == before, "a refused command changed files on disk"
+    return result
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("--model.config.n_layer=3", ["model.config.n_layer=3: the checkpoint", "has 2"]),
+        ("--data.batch_size=4", ["data.batch_size=4: the checkpoint", "was trained with 8"]),
+        ("--seed_everything=7", ["seed_everything=7: the checkpoint", "was trained with 1337"]),
+        ("--trainer.devices=2", ["trainer.devices x trainer.num_nodes=2", "was trained with 1"]),
+        ("--trainer.max_steps=2", ["trainer.max_steps=2: the checkpoint", "has already trained 2 steps"]),
+    ],
+    ids=["model-shape", "batch-size", "seed", "world-size", "no-more-steps"],
+)
+def test_resume_that_cannot_continue_exactly_is_refused(trained, code_corpus, override, fragments):
+    run, cache = trained
+    args = fit_args(code_corpus, run, cache, "--resume=auto", override)
+    refused(unchanged(run, lambda: run_llm(*args)), *fragments)
+
+
+def test_resume_with_more_steps_warns_and_continues(tmp_path, trained, code_corpus):
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run, symlinks=True)
+    result = run_llm(*fit_args(code_corpus, run, trained[1], "--resume=auto", "--trainer.max_steps=4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: trainer.max_steps 2 -> 4: continuing from step 2" in result.stdout
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+def test_resume_auto_without_a_run_is_refused(trained, code_corpus):
+    args = [a for a in fit_args(code_corpus, trained[0], trained[1], "--resume=auto") if not a.startswith("--run=")]
+    refused(run_llm(*args), "resume=auto: no run to continue was named", "RUN=")
+
+
+def test_resume_from_a_file_that_is_no_checkpoint(tmp_path, trained, code_corpus):
+    bogus = tmp_path / "notes.ckpt"
+    bogus.write_text("not a checkpoint")
+    args = fit_args(code_corpus, tmp_path / "run", trained[1], f"--resume={bogus}")
+    refused(unchanged(tmp_path, lambda: run_llm(*args)), f"resume={bogus}: not a readable checkpoint")
+
+
+def test_a_truncated_checkpoint(tmp_path, trained):
+    whole = (trained[0] / "checkpoints" / "last.ckpt").read_bytes()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(whole[: len(whole) // 2])
+    refused(run_llm("sample", f"--ckpt={cut}", "--prompt=x"), f"ckpt={cut}: not a readable checkpoint", "truncated")
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['LLM_TEST_MARKER']}",))
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "fit"])
+def test_a_checkpoint_that_would_run_code_is_refused_unread(tmp_path, trained, code_corpus, command, monkeypatch):
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("LLM_TEST_MARKER", str(marker))
+    ckpt = torch.load(trained[0] / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt["payload"] = RunsCode()
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    args = {
+        "sample": ["sample", f"--ckpt={bad}", "--prompt=x"],
+        "eval": ["eval", f"--ckpt={bad}"],
+        "fit": fit_args(code_corpus, tmp_path / "run", trained[1], f"--resume={bad}", "--trainer.max_steps=4"),
+    }[command]
+    field = "resume" if command == "fit" else "ckpt"
+    refused(run_llm(*args), f"{field}={bad}: holds objects other than tensors and plain data, refused unread")
+    assert not marker.exists(), "loading the checkpoint ran its code"
+
+
+def test_a_sharded_checkpoint_that_would_run_code_is_refused_unread(tmp_path, monkeypatch):
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("LLM_TEST_MARKER", str(marker))
+    folder = tmp_path / "step-000002.ckpt"
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "latest").write_text("checkpoint")
+    torch.save({"llm_config": {}, "payload": RunsCode()}, folder / "checkpoint" / "mp_rank_00_model_states.pt")
+    refused(run_llm("sample", f"--ckpt={folder}", "--prompt=x"), "refused unread")
+    assert not marker.exists()
+
+
+def broken_cache(tmp_path: Path, trained, damage) -> Path:
+    cache = tmp_path / "data"
+    shutil.copytree(trained[1], cache)
+    folder = next(p for p in cache.iterdir() if (p / "meta.json").is_file())
+    damage(folder)
+    return cache
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda f: os.truncate(f / "train.bin", (f / "train.bin").stat().st_size // 2), "train.bin holds"),
+        (lambda f: (f / "val.bin").write_bytes(bytes((f / "val.bin").stat().st_size)), "val.bin does not match"),
+        (lambda f: (f / "meta.json").write_text('{"splits": '), "meta.json is not valid JSON"),
+        (lambda f: (f / "val.bin").unlink(), "val.bin is missing"),
+    ],
+    ids=["truncated-shard", "overwritten-shard", "corrupt-meta", "missing-shard"],
+)
+def test_damaged_prepared_data_is_found_before_training(tmp_path, trained, code_corpus, damage, fragment):
+    cache = broken_cache(tmp_path, trained, damage)
+    args = fit_args(code_corpus, tmp_path / "run", cache)
+    line = refused(unchanged(tmp_path, lambda: run_llm(*args)), "data.cache_dir: ", fragment)
+    assert "remove the folder" in line
+
+
+def test_a_corpus_too_small_for_one_block(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("a few words only, " * 20)
+    args = fit_args(small, tmp_path / "run", tmp_path / "data", "--data.vocab_size=300")
+    result = run_llm(*args)  # token counts exist only once the text is tokenized: its progress bars come first
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = program_stderr(result.stderr)[-1]
+    assert last.startswith("error: model.config.block_size=64: the val split holds only"), last
+    assert last.endswith("use a smaller block_size or more text")
+
+
+def test_eval_on_a_split_shorter_than_one_block(tmp_path, trained):
+    ckpt = torch.load(trained[0] / "checkpoints" / "last.ckpt", weights_only=False)
+    small = tmp_path / "small.txt"
+    small.write_text("x = 1\n" * 30)
+    ckpt["llm_config"]["data"].update(text=str(small), cache_dir=str(tmp_path / "data"), val_fraction=0.05)
+    path = tmp_path / "other-data.ckpt"
+    torch.save(ckpt, path)
+    result = run_llm("eval", f"--ckpt={path}")  # prepares that text first, with its progress bars on stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = program_stderr(result.stderr)[-1]
+    assert (
+        last.startswith(f"error: ckpt={path}: the validation split of its data")
+        and "fewer than one block of 65" in last
+    )
+
+
+def test_text_that_is_not_utf8_is_reported_with_the_bytes_replaced(tmp_path):
+    text = tmp_path / "latin1.txt"
+    text.write_bytes(("def café():\n    return 'naïve'\n" * 400).encode("latin-1"))
+    result = run_llm(
+        "prepare",
+        "--config",
+        "configs/experiment/default.yaml",
+        f"--data.text={text}",
+        f"--data.cache_dir={tmp_path / 'data'}",
+        "--data.vocab_size=300",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"warning: data.text={text}: 800 bytes are not UTF-8" in result.stdout + result.stderr
+
+
+SECRETS = {
+    "hf": "hf_" + "a1B2c3D4e5" * 3,
+    "wandb": "0123456789abcdef" * 2 + "01234567",
+    "openai": "sk-" + "x9Y8z7" * 5,
+    "github": "ghp_" + "Ab1Cd2Ef3G" * 4,
+    "github_fine": "github_pat_" + "11AB22CD33" * 4,
+    "aws": "AKIA" + "ABCDEFGHIJKLMNOP",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SECRETS))
+def test_every_secret_form_is_scrubbed(name):
+    secret = SECRETS[name]
+    assert scrub({"note": secret})["note"] == "<redacted>"
+    assert secret not in scrub_text(f"--data.hf_split=x --value={secret} tail")
+
+
+def test_secret_keys_and_url_credentials_are_scrubbed():
+    config = {"token": "abc", "private_key": "k", "hf_token": "t", "tokenizer": "data/tokenizer.json", "max_tokens": 5}
+    config |= {"flops_per_token": 6e9, "eot_token": "<|endoftext|>"}  # this project's own: not secrets
+    assert scrub(config) == {**config, "token": "<redacted>", "private_key": "<redacted>", "hf_token": "<redacted>"}
+    assert scrub_text("https://alice:s3cr3t@example.com/corpus") == "https://<redacted>@example.com/corpus"
+
+
+def test_no_secret_reaches_the_run_folder_wandb_or_a_checkpoint(tmp_path, trained, code_corpus):
+    secret = SECRETS["github"]
+    run = tmp_path / "run"
+    # a field that takes any text and changes nothing here (the Hub split, unused with local text)
+    result = run_llm(*fit_args(code_corpus, run, trained[1], f"--data.hf_split=https://bot:{secret}@example.com"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert secret not in result.stdout + result.stderr
+    leaks = [str(p) for p in run.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaks, f"the secret was written to {leaks}"
+    assert "hf_split: https://<redacted>@example.com" in (run / "config.yaml").read_text()
+    # W&B recorded the command line (in its run file, offline), with the credentials taken out
+    records = b"".join(p.read_bytes() for p in (run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert b"--data.hf_split=https://<redacted>@example.com" in records
