@@ -32,6 +32,8 @@ PRECISION ?=
 MAX_STEPS ?=
 RUN ?=
 RESUME ?=
+INIT ?=
+FORCE ?=
 CKPT ?=
 PROMPT ?=
 OUT ?=
@@ -42,7 +44,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 # values reach the program through the environment and "$$VAR", so quotes and spaces in them survive
-export TEXT HF TOKENIZER NVME_PATH RUN RESUME CKPT PROMPT OUT HOSTFILE
+export TEXT HF TOKENIZER NVME_PATH RUN RESUME INIT CKPT PROMPT OUT HOSTFILE
 CLI_ARGS = --config $(CONFIG) \
 	$(if $(MODEL),--model.config=configs/model/$(MODEL).yaml) \
 	$(if $(TEXT),--data.text="$$TEXT") \
@@ -55,10 +57,11 @@ CLI_ARGS = --config $(CONFIG) \
 	$(if $(PRECISION),--trainer.precision=$(PRECISION)) \
 	$(if $(MAX_STEPS),--trainer.max_steps=$(MAX_STEPS)) \
 	$(if $(RUN),--run="$$RUN") \
-	$(if $(RESUME),--resume="$$RESUME")
+	$(if $(RESUME),--resume="$$RESUME") \
+	$(if $(INIT),--model.init="$$INIT")
 
 .DEFAULT_GOAL := help
-.PHONY: help install prepare train train-multinode train-deepspeed slurm sample eval export-fp32 plan bench plot dashboard \
+.PHONY: help install prepare train train-multinode train-deepspeed slurm sample eval export export-fp32 plan bench plot dashboard \
 	test lint format clean
 
 help:
@@ -71,6 +74,7 @@ help:
 	@echo "  make slurm       submit scripts/slurm/train.sbatch: NNODES= DEVICES= [PARTITION= TIME= ACCOUNT=]; requeues itself"
 	@echo "  make sample      generated text: make sample CKPT=runs/<name>/checkpoints/last.ckpt PROMPT=\"...\""
 	@echo "  make eval        validation loss, perplexity and bits per byte of CKPT= on its run's data"
+	@echo "  make export      a Hugging Face transformers folder OUT= of CKPT= (GPT-2 or Llama family; FORCE=1, ARGS=--dtype=bf16)"
 	@echo "  make export-fp32 a DeepSpeed checkpoint folder CKPT= as one fp32 file OUT="
 	@echo "  make plan        memory per ZeRO stage and offload, and the preset to use: MODEL= GPUS= NNODES= GPU_MEM= [CPU_MEM=]"
 	@echo "  make bench       each path (eager, compiled, zero1-3) through the trainer and through a plain loop or"
@@ -96,6 +100,7 @@ help:
 	@echo "  PRECISION=       32-true, bf16-mixed or 16-mixed (default: 32-true on CPU, bf16-mixed on GPU)"
 	@echo "  MAX_STEPS=       optimizer steps"
 	@echo "  RUN=             run folder (default runs/<experiment>-<time>)"
+	@echo "  INIT=            a Hugging Face model folder (GPT-2 or Llama) to start training from; its architecture wins"
 	@echo "  RESUME=          auto (the newest complete checkpoint in RUN=, which it needs) or a checkpoint path"
 	@echo "  CONFIG=          an experiment YAML (default: configs/experiment/<MODEL>.yaml if there is one, else default.yaml)"
 	@echo "  ARGS=            further overrides, passed to the CLI as is, e.g. ARGS=\"--model.config.n_layer=6\""
@@ -106,7 +111,7 @@ help:
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,hf]"
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 install: $(STAMP)
@@ -134,6 +139,9 @@ sample: $(STAMP)
 
 eval: $(STAMP)
 	$(PY) -m llm eval --ckpt="$$CKPT" $(ARGS)
+
+export: $(STAMP)
+	$(PY) -m llm export --ckpt="$$CKPT" --out="$$OUT" $(if $(FORCE),--force=true) $(ARGS)
 
 export-fp32: $(STAMP)
 	$(PY) -m llm export-fp32 --ckpt="$$CKPT" --out="$$OUT" $(ARGS)

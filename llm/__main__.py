@@ -26,6 +26,7 @@ COMMANDS = {
     "prepare": ("llm.cli", "prepare_main", "prepare and cache the data of a config"),
     "sample": ("llm.generate", "sample", "generate text from a checkpoint"),
     "eval": ("llm.evaluate", "evaluate", "validation loss, perplexity and bits per byte of a checkpoint"),
+    "export": ("llm.hf", "export", "a Hugging Face transformers folder of a checkpoint"),
     "export-fp32": ("llm.checkpoint", "export_fp32", "consolidate a DeepSpeed checkpoint folder into one fp32 file"),
     "plan": ("llm.plan", "plan_main", "memory per ZeRO stage and offload, and the preset to use"),
     "torchrun": ("llm.launch", "torchrun_main", "start this node's processes of a multi-node job (torchrun)"),

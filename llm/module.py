@@ -67,17 +67,20 @@ class LanguageModel(L.LightningModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         activation_checkpointing: bool = False,
         compile: bool | None = None,
+        init: str | None = None,
     ):
         """Args:
         config: the Transformer's architecture (a preset from configs/model/, MODEL=)
         optimizer: AdamW and learning-rate schedule
         activation_checkpointing: recompute each Transformer block in the backward pass (less memory, ~30% more compute)
         compile: torch.compile the Transformer and its loss (null: on with a GPU, off on CPU)
+        init: a Hugging Face folder (GPT-2 or Llama family) to start from (INIT=); its architecture replaces config
         """
         super().__init__()
         self.save_hyperparameters()
         self.config, self.optim, self.activation_checkpointing = config, optimizer, activation_checkpointing
         self.compile_model = bool(compile)
+        self.init = init
         self.model: Transformer | None = None
 
     def configure_model(self) -> None:
@@ -95,6 +98,10 @@ class LanguageModel(L.LightningModule):
             reinit_partitioned(model, init)
         else:
             model.apply(init)
+        if self.init:  # start from a transformers folder's weights (preflight took its architecture)
+            from llm.hf import load_pretrained
+
+            model.load_state_dict(load_pretrained(self.init)[1])
         if self.compile_model:
             # in place (nn.Module.compile): the parameter names, and so the checkpoints, stay those of
             # the plain model; compiled lazily, at the first step, after DeepSpeed has set up its hooks

@@ -39,6 +39,8 @@ def round_up(n: int, multiple: int = 64) -> int:
 
 def check(cfg, command: str) -> None:
     """Check the parsed config; fill in the model's vocabulary size and the precision."""
+    if command != "prepare" and cfg.model.init:
+        take_architecture(cfg)
     model = model_config(cfg)
     data = prepare_config(cfg)
     data.check()
@@ -49,6 +51,11 @@ def check(cfg, command: str) -> None:
         cfg.model.config.vocab_size = round_up(vocab)
     elif model.vocab_size < vocab:
         source = f"data.tokenizer={data.tokenizer}" if data.tokenizer else f"data.vocab_size={data.vocab_size}"
+        if cfg.model.init:
+            raise ConfigError(
+                f"model.init={cfg.model.init}: its vocabulary of {model.vocab_size} is smaller than the tokenizer's "
+                f"{vocab} tokens ({source}); train with the tokenizer it was trained with (TOKENIZER=)"
+            )
         raise ConfigError(
             f"model.config.vocab_size={model.vocab_size} is smaller than the tokenizer's {vocab} tokens ({source}); "
             f"set model.config.vocab_size to at least {vocab}, or null to follow the tokenizer"
@@ -60,6 +67,24 @@ def check(cfg, command: str) -> None:
     if cfg.deepspeed:
         load_preset(cfg.deepspeed, cfg.nvme_path)  # an unknown preset, offload it cannot do, a bad NVMe path
     run.check(cfg)
+
+
+def take_architecture(cfg) -> None:
+    """INIT=: the model's architecture is the folder's (its config.json), whatever MODEL= says."""
+    from dataclasses import asdict
+
+    from llm.hf import from_hf_config, read_config
+
+    folder = cfg.model.init
+    if not Path(folder).is_dir():
+        raise ConfigError(f"model.init={folder}: no such folder; give a Hugging Face model folder (GPT-2 or Llama)")
+    config = from_hf_config(read_config(Path(folder), "model.init"), f"model.init={folder}")
+    preset_dropout = cfg.model.config.dropout
+    for key, value in asdict(config).items():
+        setattr(cfg.model.config, key, value)
+    cfg.model.config.dropout = preset_dropout  # training's choice, not the architecture's
+    if cfg.deepspeed and load_preset(cfg.deepspeed, cfg.nvme_path).get("zero_optimization", {}).get("stage") == 3:
+        raise ConfigError(f"model.init={folder}: starting from weights under ZeRO-3 is not supported; use zero2")
 
 
 def uses_gpu(trainer) -> bool:

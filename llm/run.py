@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -26,7 +27,7 @@ from llm.checkpointing import Checkpoints, complete_checkpoints
 from llm.errors import ConfigError
 from llm.model import count_params
 from llm.progress import progress_bar
-from llm.redact import scrub
+from llm.redact import scrub, scrub_text
 
 RUN_ENV = "LLM_RUN_DIR"  # hands the run folder to the processes a launcher starts after this one
 RESUME_ENV = "LLM_RESUME_FROM"  # and the checkpoint rank 0 chose to continue from ("" for none)
@@ -190,6 +191,7 @@ class RunInfo(Callback):
         checkpoint["tokenizer_json"] = (self.data_folder / "tokenizer.json").read_text()
         checkpoint["data_meta"] = scrub(json.loads((self.data_folder / "meta.json").read_text()))
         checkpoint["world_size"] = trainer.world_size
+        checkpoint["command"] = scrub_text(" ".join(["python -m llm", *sys.argv[1:]]))
         checkpoint["rng_states"] = all_ranks(trainer, rng_states())
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:

@@ -1,0 +1,296 @@
+"""This project's Transformer <-> a Hugging Face `transformers` folder, both ways.
+
+Two families map exactly: GPT-2 (learned positions, LayerNorm, tanh-GELU MLP, biases) to
+`GPT2LMHeadModel`, and Llama (rotary positions, RMSNorm, SwiGLU, grouped-query attention) to
+`LlamaForCausalLM`. The fused projections of this model are split (Llama's q/k/v and gate/up) or
+transposed (GPT-2's Conv1D layers keep weights as in x out). A config that neither family can
+express is refused with the field that stands in the way, never exported approximately.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llm.errors import ConfigError
+from llm.model import ModelConfig
+
+GPT2_NEEDS = {"norm": "layernorm", "mlp": "gelu"}
+LLAMA_NEEDS = {"norm": "rmsnorm", "mlp": "swiglu"}
+
+
+def family(c: ModelConfig, field: str = "ckpt") -> str:
+    """gpt2 or llama; ConfigError naming the field neither allows."""
+    name, needs = ("gpt2", GPT2_NEEDS) if c.position == "learned" else ("llama", LLAMA_NEEDS)
+    for key, value in needs.items():
+        if getattr(c, key) != value:
+            kind = "GPT2LMHeadModel" if name == "gpt2" else "LlamaForCausalLM"
+            raise ConfigError(
+                f"{field}: model.config.{key}={getattr(c, key)} with position={c.position} is neither GPT-2 nor "
+                f"Llama; {kind} needs {key}={value}; such a model cannot be exported to transformers"
+            )
+    if name == "gpt2" and c.kv_heads != c.n_head:
+        raise ConfigError(f"{field}: model.config.n_kv_head={c.n_kv_head}: GPT-2 has no grouped-query attention")
+    if name == "gpt2" and not c.bias:
+        raise ConfigError(f"{field}: model.config.bias=false: GPT2LMHeadModel always has biases")
+    return name
+
+
+def hf_config(c: ModelConfig, eot_id: int) -> dict:
+    """config.json of the matching transformers class."""
+    common = {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32"}
+    common |= {"bos_token_id": eot_id, "eos_token_id": eot_id}
+    if family(c) == "gpt2":
+        return common | {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_positions": c.block_size,
+            "n_embd": c.n_embd,
+            "n_layer": c.n_layer,
+            "n_head": c.n_head,
+            "n_inner": c.intermediate_size,  # None: 4 x n_embd, as here
+            "activation_function": "gelu_new",  # GPT-2's tanh approximation, as this model's MLP
+            "layer_norm_epsilon": c.norm_eps,
+            "resid_pdrop": c.dropout,
+            "embd_pdrop": c.dropout,
+            "attn_pdrop": c.dropout,
+            "initializer_range": c.init_std,
+        }
+    return common | {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "max_position_embeddings": c.block_size,
+        "hidden_size": c.n_embd,
+        "intermediate_size": c.mlp_hidden,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.kv_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "attention_bias": c.bias,
+        "mlp_bias": c.bias,
+        "attention_dropout": c.dropout,
+        "initializer_range": c.init_std,
+    }
+
+
+def weight_map(c: ModelConfig) -> tuple[list[tuple[str, str, bool]], list[tuple[str, list[str], list[int]]]]:
+    """How the weights correspond: one-to-one pairs (ours, theirs, transposed), and our fused
+    matrices with the transformers matrices they stack (ours, theirs in order, their row counts)."""
+    pairs, fused = [], []
+    H, K, Q, M = c.n_head, c.kv_heads, c.head_dim, c.mlp_hidden
+    biases = ("weight", "bias") if c.bias else ("weight",)
+    if family(c) == "gpt2":
+        pairs += [
+            ("tok_emb.weight", "transformer.wte.weight", False),
+            ("pos_emb.weight", "transformer.wpe.weight", False),
+        ]
+        for i in range(c.n_layer):
+            b, h = f"blocks.{i}.", f"transformer.h.{i}."
+            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+                pairs += [(f"{b}{ours}.{s}", f"{h}{theirs}.{s}", False) for s in ("weight", "bias")]
+            for ours, theirs in (
+                ("attn.qkv_proj", "attn.c_attn"),
+                ("attn.out_proj", "attn.c_proj"),
+                ("mlp.up_proj", "mlp.c_fc"),
+                ("mlp.down_proj", "mlp.c_proj"),
+            ):  # GPT-2's Conv1D keeps its weight as (in, out)
+                pairs += [(f"{b}{ours}.{s}", f"{h}{theirs}.{s}", s == "weight") for s in ("weight", "bias")]
+        pairs += [(f"norm.{s}", f"transformer.ln_f.{s}", False) for s in ("weight", "bias")]
+    else:
+        pairs.append(("tok_emb.weight", "model.embed_tokens.weight", False))
+        for i in range(c.n_layer):
+            b, h = f"blocks.{i}.", f"model.layers.{i}."
+            pairs += [(f"{b}attn_norm.weight", f"{h}input_layernorm.weight", False)]
+            pairs += [(f"{b}mlp_norm.weight", f"{h}post_attention_layernorm.weight", False)]
+            for s in biases:
+                pairs += [(f"{b}attn.out_proj.{s}", f"{h}self_attn.o_proj.{s}", False)]
+                pairs += [(f"{b}mlp.down_proj.{s}", f"{h}mlp.down_proj.{s}", False)]
+                qkv = [f"{h}self_attn.{x}_proj.{s}" for x in "qkv"]
+                fused.append((f"{b}attn.qkv_proj.{s}", qkv, [H * Q, K * Q, K * Q]))
+                fused.append((f"{b}mlp.up_proj.{s}", [f"{h}mlp.gate_proj.{s}", f"{h}mlp.up_proj.{s}"], [M, M]))
+        pairs.append(("norm.weight", "model.norm.weight", False))
+    if not c.tie_embeddings:
+        pairs.append(("lm_head.weight", "lm_head.weight", False))
+    return pairs, fused
+
+
+def to_hf(state: dict, c: ModelConfig) -> dict:
+    """This model's state dict (keys without 'model.') as the transformers class names its weights."""
+    pairs, fused = weight_map(c)
+    out = {theirs: state[ours].t() if transposed else state[ours] for ours, theirs, transposed in pairs}
+    for ours, theirs, rows in fused:
+        out.update(zip(theirs, state[ours].split(rows), strict=True))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf(state: dict, c: ModelConfig) -> dict:
+    """A transformers state dict of either family as this model's: the inverse of to_hf."""
+    pairs, fused = weight_map(c)
+    out = {ours: state[theirs].t() if transposed else state[theirs] for ours, theirs, transposed in pairs}
+    for ours, theirs, _ in fused:
+        out[ours] = torch.cat([state[t] for t in theirs])
+    if c.tie_embeddings:
+        out["lm_head.weight"] = out["tok_emb.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf_config(config: dict, field: str = "init") -> ModelConfig:
+    """The ModelConfig of a transformers config.json of either family."""
+    kind = config.get("model_type")
+    tied = config.get("tie_word_embeddings", True)
+    if kind == "gpt2":
+        return ModelConfig(
+            vocab_size=config["vocab_size"],
+            block_size=config["n_positions"],
+            n_layer=config["n_layer"],
+            n_head=config["n_head"],
+            n_embd=config["n_embd"],
+            intermediate_size=config.get("n_inner"),
+            mlp="gelu",
+            norm="layernorm",
+            norm_eps=config.get("layer_norm_epsilon", 1e-5),
+            position="learned",
+            bias=True,
+            tie_embeddings=tied,
+        )
+    if kind == "llama":
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        if head_dim * config["num_attention_heads"] != config["hidden_size"]:
+            raise ConfigError(f"{field}: head_dim={head_dim} x heads differs from hidden_size; not supported here")
+        if config.get("rope_scaling"):
+            raise ConfigError(f"{field}: rope_scaling={config['rope_scaling']} is not supported; only plain RoPE")
+        return ModelConfig(
+            vocab_size=config["vocab_size"],
+            block_size=config["max_position_embeddings"],
+            n_layer=config["num_hidden_layers"],
+            n_head=config["num_attention_heads"],
+            n_kv_head=config.get("num_key_value_heads") or config["num_attention_heads"],
+            n_embd=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            mlp="swiglu",
+            norm="rmsnorm",
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            position="rope",
+            rope_theta=config.get("rope_theta", 10000.0),
+            bias=bool(config.get("attention_bias", False)),
+            tie_embeddings=tied,
+        )
+    raise ConfigError(f"{field}: model_type={kind} in config.json; only gpt2 and llama folders can be imported")
+
+
+def read_config(folder: Path, field: str) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{field}={folder}: no config.json; give a Hugging Face model folder (GPT-2 or Llama)")
+    return json.loads(path.read_text())
+
+
+def load_weights(folder: Path, field: str = "init") -> dict:
+    """The state dict of a transformers folder: model.safetensors, its shards, or pytorch_model.bin
+    (read weights-only)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        return load_file(folder / "model.safetensors")
+    if index.is_file():
+        state = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(folder / shard))
+        return state
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ConfigError(f"{field}={folder}: no model.safetensors or pytorch_model.bin; give a transformers model folder")
+
+
+def load_pretrained(folder: str | Path, field: str = "init") -> tuple[ModelConfig, dict]:
+    """A GPT-2 or Llama transformers folder as (ModelConfig, this model's state dict)."""
+    config = from_hf_config(read_config(Path(folder), field), f"{field}={folder}")
+    state = {k: v.float() for k, v in load_weights(Path(folder), field).items()}
+    try:
+        return config, from_hf(state, config)
+    except KeyError as exc:
+        raise ConfigError(f"{field}={folder}: the weights lack {exc} that its config.json implies") from exc
+
+
+def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False) -> None:
+    """A transformers folder from a checkpoint: config.json, model.safetensors, the tokenizer,
+    generation_config.json and a model card (README.md). AutoModelForCausalLM and AutoTokenizer load
+    it with no code of this project.
+
+    Args:
+        ckpt: a checkpoint file or DeepSpeed folder (CKPT=)
+        out: the folder to write (OUT=); an existing folder must be empty unless force
+        dtype: fp32 or bf16, the weights' type in model.safetensors
+        force: write into an existing, non-empty folder (FORCE=1)
+    """
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    from llm.checkpoint import load_for_inference, read_checkpoint
+    from llm.data.tokenizer import EOT
+
+    if dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"dtype={dtype}: use fp32 or bf16")
+    if not out:
+        raise ConfigError("out=: give the folder to write, e.g. OUT=runs/<name>/hf")
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
+        raise ConfigError(f"out={out}: exists and is not empty; choose another folder, or FORCE=1 to write into it")
+    loaded = load_for_inference(ckpt)
+    c = loaded.model.config
+    family(c, field=f"ckpt={ckpt}")  # refuses before anything is written
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    tensors = {k: v.to(torch_dtype) for k, v in to_hf(loaded.model.state_dict(), c).items()}
+    target.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    config = hf_config(c, loaded.eot_id) | {"torch_dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype]}
+    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    eot = loaded.data_meta.get("eot_token", EOT)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=loaded.tokenizer, eos_token=eot, bos_token=eot, pad_token=eot)
+    tokenizer.model_max_length = c.block_size
+    tokenizer.save_pretrained(str(target))
+    GenerationConfig(
+        bos_token_id=loaded.eot_id, eos_token_id=loaded.eot_id, pad_token_id=loaded.eot_id
+    ).save_pretrained(str(target))
+    (target / "README.md").write_text(model_card(read_checkpoint(ckpt), c, config["architectures"][0], dtype))
+    print(f"wrote {target} ({config['architectures'][0]}, {dtype})")
+
+
+def model_card(ckpt: dict, c: ModelConfig, architecture: str, dtype: str) -> str:
+    from llm.model import count_params
+
+    cfg = ckpt["llm_config"]
+    world = ckpt.get("world_size") or 1
+    per_step = cfg["trainer"]["accumulate_grad_batches"] * cfg["data"]["batch_size"] * c.block_size * world
+    step = ckpt.get("global_step", 0)
+    summary = Path(cfg.get("run") or ".") / "summary.json"
+    val = json.loads(summary.read_text()).get("final_val_loss") if summary.is_file() else None
+    shape = f"{c.n_layer} layers, {c.n_head} heads ({c.kv_heads} key/value), width {c.n_embd}, MLP {c.mlp_hidden}"
+    return f"""# {Path(cfg.get("run") or "model").name}
+
+A decoder-only Transformer pretrained with this project's template, exported as `{architecture}`.
+
+| | |
+|---|---|
+| architecture | {architecture}: {shape} |
+| context | {c.block_size} tokens |
+| vocabulary | {c.vocab_size} |
+| parameters | {count_params(c):,} |
+| tokens trained | {step * per_step:,} ({step:,} optimizer steps of {per_step:,} tokens) |
+| final validation loss | {f"{val:.4f} nats per token" if val is not None else "not recorded"} |
+| weights | model.safetensors, {dtype} |
+| trained with | `{ckpt.get("command") or "not recorded"}` |
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model, tokenizer = AutoModelForCausalLM.from_pretrained("."), AutoTokenizer.from_pretrained(".")
+print(tokenizer.decode(model.generate(**tokenizer("def ", return_tensors="pt"), max_new_tokens=40)[0]))
+```
+"""

@@ -1,0 +1,153 @@
+"""Export to and import from Hugging Face transformers: a GPT-2-style and a Llama-style model give
+the same logits, greedy text and token ids there as here, and come back with the same weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, program_stderr, run_llm
+from llm.checkpoint import load_for_inference
+from llm.generate import generate
+from llm.hf import load_pretrained
+
+LLAMA = [
+    "--model.config.mlp=swiglu",
+    "--model.config.norm=rmsnorm",
+    "--model.config.position=rope",
+    "--model.config.bias=false",
+    "--model.config.n_kv_head=1",
+    "--model.config.tie_embeddings=false",
+]
+FAMILIES = {"gpt2": [], "llama": LLAMA}
+
+
+def fit_args(corpus: Path, run: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        "configs/experiment/default.yaml",
+        *TINY,
+        f"--data.text={corpus}",
+        "--data.vocab_size=512",
+        f"--data.cache_dir={cache}",
+        f"--run={run}",
+        "--trainer.max_steps=2",
+        "--eval_every=2",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, code_corpus, data_cache):
+    """family -> (checkpoint, exported folder), trained 2 steps and exported once."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            root = tmp_path_factory.mktemp(name)
+            result = run_llm(*fit_args(code_corpus, root / "run", data_cache, *FAMILIES[name]))
+            assert result.returncode == 0, result.stderr[-3000:]
+            ckpt, out = root / "run" / "checkpoints" / "last.ckpt", root / "hf"
+            result = run_llm("export", f"--ckpt={ckpt}", f"--out={out}")
+            assert result.returncode == 0, result.stderr[-3000:]
+            made[name] = ckpt, out
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_transformers_loads_the_export_and_computes_the_same(exported, name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt, out = exported(name)
+    ours = load_for_inference(ckpt)
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(theirs).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[name]
+    idx = torch.randint(0, ours.tokenizer.get_vocab_size(), (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours.model(idx), rtol=0, atol=1e-4)
+    prompt = idx[:1, :8]
+    mine = generate(ours.model, prompt, 20, temperature=0)
+    hf = theirs.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=ours.eot_id)
+    assert hf.tolist() == mine.tolist()
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = "def parse(self, data):\n    return json.loads(data)  # a comment\n"
+    assert tokenizer(text)["input_ids"] == ours.tokenizer.encode(text).ids
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "README.md",
+    }
+    card = (out / "README.md").read_text()
+    assert "tokens trained | 1,024 (2 optimizer steps of 512 tokens)" in card and "python -m llm fit" in card
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_import_gives_back_the_same_weights_and_trains_from_them(exported, name, tmp_path, code_corpus, data_cache):
+    ckpt, out = exported(name)
+    config, state = load_pretrained(out)
+    ours = load_for_inference(ckpt)
+    # the same architecture: Llama's config.json spells out the MLP width this config derives
+    assert replace(config, intermediate_size=None) == replace(ours.model.config, intermediate_size=None)
+    assert config.mlp_hidden == ours.model.config.mlp_hidden
+    for key, value in ours.model.state_dict().items():
+        assert torch.equal(state[key], value), key
+    run = tmp_path / "run"
+    result = run_llm(*fit_args(code_corpus, run, data_cache, f"--model.init={out}", "--model.config.n_layer=7"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["params"] == sum(
+        v.numel() for k, v in state.items() if k != "lm_head.weight" or not config.tie_embeddings
+    )
+
+
+def test_bf16_export_halves_the_weights(exported, tmp_path):
+    ckpt, out = exported("gpt2")
+    half = tmp_path / "bf16"
+    assert run_llm("export", f"--ckpt={ckpt}", f"--out={half}", "--dtype=bf16").returncode == 0
+    size = (half / "model.safetensors").stat().st_size
+    assert size < 0.55 * (out / "model.safetensors").stat().st_size
+    assert json.loads((half / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def refused(result, *fragments):
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = program_stderr(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_export_bad_inputs(exported, tmp_path):
+    ckpt, out = exported("gpt2")
+    refused(run_llm("export", f"--ckpt={tmp_path}/none.ckpt", f"--out={tmp_path}/x"), "no such checkpoint")
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    refused(run_llm("export", f"--ckpt={ckpt}", f"--out={out}"), f"out={out}: exists and is not empty", "FORCE=1")
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+    assert run_llm("export", f"--ckpt={ckpt}", f"--out={out}", "--force=true").returncode == 0
+
+
+def test_a_model_neither_family_expresses_is_not_exported(tmp_path, code_corpus, data_cache):
+    run = tmp_path / "run"
+    odd = ["--model.config.norm=rmsnorm"]  # learned positions (GPT-2) with RMSNorm (Llama)
+    assert run_llm(*fit_args(code_corpus, run, data_cache, *odd)).returncode == 0
+    out = tmp_path / "hf"
+    result = run_llm("export", f"--ckpt={run}/checkpoints/last.ckpt", f"--out={out}")
+    refused(result, "model.config.norm=rmsnorm with position=learned is neither GPT-2 nor Llama")
+    assert not out.exists()
+
+
+def test_init_from_an_unsupported_family(tmp_path, code_corpus, data_cache):
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 30522}))
+    result = run_llm(*fit_args(code_corpus, tmp_path / "run", data_cache, f"--model.init={folder}"))
+    refused(result, f"model.init={folder}: model_type=bert in config.json; only gpt2 and llama")
