@@ -73,7 +73,7 @@ help:
 	@echo "  make train-deepspeed  the DeepSpeed launcher over HOSTFILE= (\"host slots=N\" lines), started on its first host"
 	@echo "  make slurm       submit scripts/slurm/train.sbatch: NNODES= DEVICES= [PARTITION= TIME= ACCOUNT=]; requeues itself"
 	@echo "  make sample      generated text: make sample CKPT=runs/<name>/checkpoints/last.ckpt PROMPT=\"...\""
-	@echo "  make eval        validation loss, perplexity and bits per byte of CKPT= on its run's data"
+	@echo "  make eval        loss, perplexity and bits per byte of CKPT= on its run's validation split, or TEXT= / HF="
 	@echo "  make export      a Hugging Face transformers folder OUT= of CKPT= (GPT-2 or Llama family; FORCE=1, ARGS=--dtype=bf16)"
 	@echo "  make export-fp32 a DeepSpeed checkpoint folder CKPT= as one fp32 file OUT="
 	@echo "  make plan        memory per ZeRO stage and offload, and the preset to use: MODEL= GPUS= NNODES= GPU_MEM= [CPU_MEM=]"
@@ -104,7 +104,7 @@ help:
 	@echo "  RESUME=          auto (the newest complete checkpoint in RUN=, which it needs) or a checkpoint path"
 	@echo "  CONFIG=          an experiment YAML (default: configs/experiment/<MODEL>.yaml if there is one, else default.yaml)"
 	@echo "  ARGS=            further overrides, passed to the CLI as is, e.g. ARGS=\"--model.config.n_layer=6\""
-	@echo "  CKPT=, PROMPT=   checkpoint (a file or a DeepSpeed folder) and prompt for make sample / eval / export-fp32"
+	@echo "  CKPT=, PROMPT=   checkpoint (a file or a DeepSpeed folder) and prompt for make sample / eval / export / export-fp32"
 	@echo "  GPUS=, GPU_MEM=, CPU_MEM=  GPUs per node, GiB per GPU, GiB of CPU memory per node, for make plan"
 	@echo "  TORCH=           the torch requirement installed first (default $(TORCH))"
 
@@ -138,7 +138,7 @@ sample: $(STAMP)
 	$(PY) -m llm sample --ckpt="$$CKPT" --prompt="$$PROMPT" $(ARGS)
 
 eval: $(STAMP)
-	$(PY) -m llm eval --ckpt="$$CKPT" $(ARGS)
+	$(PY) -m llm eval --ckpt="$$CKPT" $(if $(TEXT),--text="$$TEXT") $(if $(HF),--hf="$$HF") $(ARGS)
 
 export: $(STAMP)
 	$(PY) -m llm export --ckpt="$$CKPT" --out="$$OUT" $(if $(FORCE),--force=true) $(ARGS)

@@ -20,7 +20,7 @@ from llm.module import LanguageModel  # noqa: F401  (allows the checkpoint's dat
 
 # what this project reads from rank 0's model-states file of a ZeRO checkpoint: what run.RunInfo
 # adds, and Lightning's step; the rest there is DeepSpeed's own (its partition, optimizer, ...)
-CLIENT_KEYS = ("llm_config", "tokenizer_json", "data_meta", "global_step")
+CLIENT_KEYS = ("llm_config", "tokenizer_json", "data_meta", "global_step", "world_size", "command")
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch reads it at every load
 
 
@@ -32,6 +32,7 @@ class Loaded:
     config: dict  # the run's resolved config
     data_meta: dict
     step: int
+    world_size: int = 1  # processes that trained it
 
 
 def model_config_from(config: dict) -> ModelConfig:
@@ -146,7 +147,8 @@ def load_for_inference(path: str | Path, device: str = "cpu") -> Loaded:
     model.to(device).eval()
     tokenizer = Tokenizer.from_str(ckpt["tokenizer_json"])
     meta = ckpt["data_meta"]
-    return Loaded(model, tokenizer, meta["eot_id"], config, meta, ckpt.get("global_step", 0))
+    step, world = ckpt.get("global_step", 0), ckpt.get("world_size") or 1
+    return Loaded(model, tokenizer, meta["eot_id"], config, meta, step, world)
 
 
 def export_fp32(ckpt: str, out: str) -> None:

@@ -1,69 +1,239 @@
-"""Validation loss, perplexity and bits per byte of a checkpoint on its run's validation split."""
+"""Loss, perplexity and bits per byte of a checkpoint: on its run's validation split (all of it, or
+the blocks the run validated on), or on any text, tokenized on the fly with the checkpoint's own
+tokenizer and read as a stream, so that a large file never sits in memory at once."""
 
 from __future__ import annotations
 
-import json
+import json as jsonlib
 import math
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm.checkpoint import load_for_inference
+from llm.checkpoint import Loaded, load_for_inference
 from llm.data.prepare import PrepareConfig, load_meta, prepare
+from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
 from llm.module import bits_per_byte
+
+TEXT_CHUNK_BYTES = 1 << 20  # a plain-text file is read, and tokenized, about a MiB of lines at a time
 
 
 @torch.no_grad()
 def evaluate(
-    ckpt: str, batch_size: int = 8, max_batches: int | None = None, device: str = "auto", json_out: bool = False
+    ckpt: str,
+    text: str | None = None,
+    hf: str | None = None,
+    hf_split: str = "validation",
+    text_field: str = "text",
+    blocks: str = "all",
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    device: str = "auto",
+    json: bool = False,
+    wandb: bool = True,
 ) -> dict:
-    """Evaluate a checkpoint on every block of its run's validation split (prepared again if missing).
+    """Evaluate a checkpoint; print a table (or one JSON object) and add it to the run's W&B run.
 
     Args:
         ckpt: a checkpoint file or DeepSpeed folder (CKPT=)
+        text: local text to evaluate on: a .txt, .jsonl or .parquet file, a folder or a glob (TEXT=)
+        hf: a Hugging Face dataset, name[:config] or a local dataset folder (HF=), streamed
+        hf_split: the split of the hf dataset
+        text_field: the column that holds the text (.jsonl, .parquet and hf)
+        blocks: without text or hf: "all" blocks of the run's validation split, or "run": the blocks the
+            run validated on, which reproduces the val/loss it logged at the checkpoint's step
         batch_size: sequences per forward pass
-        max_batches: stop after this many batches (none: the whole split)
+        max_batches: stop after this many batches (none: everything)
         device: cpu, cuda, or auto
-        json_out: print one JSON object instead of lines
+        json: print one JSON object instead of a table (--json=true)
+        wandb: add the result (eval/ keys) to the checkpoint's W&B run, when its run folder has one
     """
+    if blocks not in ("all", "run"):
+        raise ConfigError(f"blocks={blocks}: use all (the whole validation split) or run (the run's own blocks)")
+    if (text or hf) and blocks == "run":
+        raise ConfigError("blocks=run: the run's validation blocks exist only for its own data; drop TEXT=/HF=")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     loaded = load_for_inference(ckpt, device)
+    T = loaded.model.config.block_size
+    if text or hf:
+        stream = TextStream(loaded, text, hf, hf_split, text_field)
+        evaluated, batches = stream.describe(), stream.batches(T, batch_size)
+    else:
+        evaluated, batches, stream = validation_blocks(loaded, blocks, batch_size, ckpt)
+    loss_sum, count = 0.0, 0
+    progress = _progress(evaluated)
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        batch = batch.to(device)
+        logits = loaded.model(batch[:, :-1])
+        loss_sum += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+        progress.update(batch.size(0))
+    progress.close()
+    if count == 0:
+        raise ConfigError(
+            f"ckpt={ckpt}: {evaluated} holds fewer than one block of {T + 1} tokens; "
+            "evaluate a model with a smaller block_size, or give more text"
+        )
+    loss = loss_sum / count
+    result = {
+        "checkpoint": str(ckpt),
+        "step": loaded.step,
+        "evaluated": evaluated,
+        "tokens_evaluated": count,
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "bpb": bits_per_byte(loss, stream.tokens, stream.bytes),
+        "tokens": stream.tokens,
+        "bytes": stream.bytes,
+    }
+    if json:
+        print(jsonlib.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:<17} {value:.4f}" if isinstance(value, float) else f"{key:<17} {value}")
+    if wandb:
+        add_to_wandb_run(loaded, result)
+    return result
+
+
+class Counts:
+    """Token and byte counts of what was evaluated, for bits per byte (tokens include end-of-text)."""
+
+    tokens, bytes = 0, 0
+
+
+def validation_blocks(loaded: Loaded, blocks: str, batch_size: int, ckpt: str):
+    from llm.data.datamodule import TokenBlocks
+
     cfg = PrepareConfig.from_data_config(loaded.config["data"])
     folder = prepare(cfg, log=lambda *_: None)  # verifies a cached folder, prepares a missing one
     meta = load_meta(folder)
     info = meta["splits"]["val"]
-    tokens = np.memmap(folder / info["file"], dtype=meta["dtype"], mode="r")[: info["tokens"]]
+    counts = Counts()
+    counts.tokens, counts.bytes = info["tokens"], info["bytes"]
     T = loaded.model.config.block_size
-    starts = list(range(0, len(tokens) - T - 1, T))  # non-overlapping blocks, in order
-    if not starts:
+    path, dtype = folder / info["file"], meta["dtype"]
+    if info["tokens"] < T + 1:
         raise ConfigError(
-            f"ckpt={ckpt}: the validation split of its data ({folder}) holds {len(tokens)} tokens, fewer than "
+            f"ckpt={ckpt}: the validation split of its data ({folder}) holds {info['tokens']} tokens, fewer than "
             f"one block of {T + 1}; evaluate a model with a smaller block_size, or prepare more text"
         )
-    if max_batches:
-        starts = starts[: max_batches * batch_size]
-    total, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        batch = torch.from_numpy(np.stack([tokens[s : s + T + 1] for s in starts[i : i + batch_size]]).astype(np.int64))
-        batch = batch.to(device)
-        logits = loaded.model(batch[:, :-1])
-        total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-        count += batch[:, 1:].numel()
-    loss = total / count
-    result = {
-        "checkpoint": str(ckpt),
-        "step": loaded.step,
-        "tokens_evaluated": count,
-        "val_loss": loss,
-        "val_ppl": math.exp(min(loss, 50.0)),
-        "val_bpb": bits_per_byte(loss, info["tokens"], info["bytes"]),
-        "unigram_val_entropy": meta["unigram_val_entropy"],
-    }
-    if json_out:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:<20} {value:.4f}" if isinstance(value, float) else f"{key:<20} {value}")
-    return result
+    if blocks == "run":  # as the datamodule placed them: val_batches x batch x processes, spread evenly
+        data = loaded.config["data"]
+        n = data["val_batches"] * data["batch_size"] * loaded.world_size
+        dataset = TokenBlocks(path, dtype, info["tokens"], T, offsets="spread", length=n)
+        what = f"the run's {n} validation blocks (those of its val/loss)"
+        return what, _batched((dataset[i] for i in range(n)), batch_size), counts
+    tokens = np.memmap(path, dtype=dtype, mode="r")[: info["tokens"]]
+    starts = range(0, len(tokens) - T - 1, T)  # non-overlapping blocks, in order
+    rows = (torch.from_numpy(tokens[s : s + T + 1].astype(np.int64)) for s in starts)
+    return f"the whole validation split, {len(starts)} blocks", _batched(rows, batch_size), counts
+
+
+class TextStream(Counts):
+    """Documents of local files or a Hub dataset, tokenized as training data is (end-of-text after
+    each), cut into non-overlapping blocks of block_size + 1 tokens."""
+
+    def __init__(self, loaded: Loaded, text: str | None, hf: str | None, hf_split: str, text_field: str):
+        from llm.data.sources import resolve_source
+
+        self.source = resolve_source(text, hf)
+        self.tokenizer, self.eot = ordinary(loaded.tokenizer), loaded.eot_id
+        self.hf_split, self.text_field, self.documents = hf_split, text_field, 0
+
+    def describe(self) -> str:
+        if self.source.kind == "hf":
+            return f"hf={self.source.name} ({self.hf_split})"
+        return f"text={self.source.name} ({len(self.source.files)} file(s))"
+
+    def texts(self) -> Iterator[str]:
+        """Pieces of text, each a whole document or part of one; None ends a document."""
+        import datasets
+
+        if self.source.kind == "hf":
+            spec = self.source.hf_name
+            ds = datasets.load_dataset(spec, self.source.hf_config, split=self.hf_split, streaming=True)
+            for row in ds:
+                yield row[self.text_field]
+                yield None
+            return
+        for path in self.source.files:
+            if path.suffix in (".jsonl", ".json", ".parquet"):
+                builder = "parquet" if path.suffix == ".parquet" else "json"
+                for row in datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True):
+                    yield row[self.text_field]
+                    yield None
+                continue
+            with open(path, encoding="utf-8", errors="replace") as f:  # a plain-text file is one document
+                while lines := f.readlines(TEXT_CHUNK_BYTES):
+                    yield "".join(lines)
+            yield None
+
+    def tokens_stream(self) -> Iterator[int]:
+        for piece in self.texts():
+            if piece is None:
+                self.documents += 1
+                self.tokens += 1
+                yield self.eot
+                continue
+            ids = self.tokenizer.encode(piece).ids
+            self.tokens += len(ids)
+            self.bytes += len(piece.encode("utf-8"))
+            yield from ids
+
+    def batches(self, T: int, batch_size: int) -> Iterator[torch.Tensor]:
+        def rows():
+            buffer: list[int] = []
+            for token in self.tokens_stream():
+                buffer.append(token)
+                if len(buffer) == T + 1:
+                    yield torch.tensor(buffer)
+                    buffer = buffer[-1:]  # the next block predicts from the last token on
+
+        return _batched(rows(), batch_size)
+
+
+def _batched(rows, batch_size: int) -> Iterator[torch.Tensor]:
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == batch_size:
+            yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)
+
+
+def _progress(what: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=f"evaluating {what}", unit="seq", leave=False)
+
+
+def add_to_wandb_run(loaded: Loaded, result: dict) -> None:
+    """eval/ keys in the summary of the checkpoint's own W&B run (offline without an API key)."""
+    run_dir = Path(loaded.config.get("run") or "")
+    id_file = run_dir / "wandb" / "run_id"
+    if not id_file.is_file():
+        return
+    import wandb
+
+    from llm.loggers import wandb_mode
+
+    run = wandb.init(
+        id=id_file.read_text().strip(),
+        resume="allow",
+        dir=str(run_dir),
+        project=loaded.config.get("wandb_project", "llm"),
+        mode=wandb_mode(),
+        settings=wandb.Settings(silent=True, console="off"),
+    )
+    values = {f"eval/{k}": v for k, v in result.items() if k in ("loss", "ppl", "bpb", "tokens_evaluated")}
+    run.summary.update({**values, "eval/evaluated": result["evaluated"], "eval/step": result["step"]})
+    run.finish()

@@ -179,7 +179,7 @@ def test_sample_and_eval_read_a_sharded_checkpoint(train):
     ckpt = train("zero3", ds("zero3"), PROBE) / "checkpoints" / "last.ckpt"
     sample = run_llm("sample", f"--ckpt={ckpt}", "--prompt=def ", "--max_new_tokens=10")
     assert sample.returncode == 0 and sample.stdout.startswith("def "), sample.stderr[-3000:]
-    evaluation = run_llm("eval", f"--ckpt={ckpt}", "--json_out=true", "--max_batches=4", "--batch_size=8")
+    evaluation = run_llm("eval", f"--ckpt={ckpt}", "--json=true", "--max_batches=4", "--batch_size=8")
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     result = json.loads(evaluation.stdout.strip().splitlines()[-1])
     assert result["step"] == 6
@@ -193,9 +193,9 @@ def test_sample_and_eval_read_a_sharded_checkpoint(train):
         logits = loaded.model(batch[:, :-1])
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
     assert result["tokens_evaluated"] == 32 * T
-    assert result["val_loss"] == pytest.approx(expected, abs=1e-5)
+    assert result["loss"] == pytest.approx(expected, abs=1e-5)
     val = meta["splits"]["val"]  # bits per byte: the split's nats per token, times its tokens, over its bytes
-    assert result["val_bpb"] == pytest.approx(result["val_loss"] * val["tokens"] / (val["bytes"] * math.log(2)))
+    assert result["bpb"] == pytest.approx(result["loss"] * val["tokens"] / (val["bytes"] * math.log(2)))
 
 
 @pytest.mark.parametrize("preset", ["ddp", "zero1", "zero2", "zero3"])

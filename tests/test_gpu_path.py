@@ -204,7 +204,7 @@ def test_compiled_training_matches_eager_and_keeps_checkpoint_keys(tmp_path, cod
     ckpt = compiled / "checkpoints" / "last.ckpt"
     sample = run_llm("sample", f"--ckpt={ckpt}", "--prompt=def ", "--max_new_tokens=8")
     assert sample.returncode == 0 and sample.stdout.startswith("def "), sample.stderr[-2000:]
-    evaluation = run_llm("eval", f"--ckpt={ckpt}", "--json_out=true", "--max_batches=2")
+    evaluation = run_llm("eval", f"--ckpt={ckpt}", "--json=true", "--max_batches=2")
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     assert json.loads(evaluation.stdout.strip().splitlines()[-1])["step"] == 4
 

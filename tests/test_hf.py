@@ -151,3 +151,69 @@ def test_init_from_an_unsupported_family(tmp_path, code_corpus, data_cache):
     (folder / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 30522}))
     result = run_llm(*fit_args(code_corpus, tmp_path / "run", data_cache, f"--model.init={folder}"))
     refused(result, f"model.init={folder}: model_type=bert in config.json; only gpt2 and llama")
+
+
+# --- make eval --------------------------------------------------------------------------------------
+
+
+def metrics_rows(run: Path) -> dict[int, dict]:
+    import csv
+
+    with open(run / "metrics.csv", newline="") as f:
+        return {int(r["step"]): r for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory, code_corpus, data_cache):
+    run = tmp_path_factory.mktemp("eval") / "run"
+    result = run_llm(*fit_args(code_corpus, run, data_cache, "--trainer.max_steps=4", "--trainer.log_every_n_steps=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def eval_json(*args: str) -> dict:
+    result = run_llm("eval", *args, "--json=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_eval_over_the_runs_blocks_reports_the_loss_the_run_logged(evaluated_run):
+    ckpt = evaluated_run / "checkpoints" / "last.ckpt"
+    logged = float(metrics_rows(evaluated_run)[3]["val/loss"])  # the validation after step 4
+    result = eval_json(f"--ckpt={ckpt}", "--blocks=run")
+    assert result["step"] == 4 and result["loss"] == pytest.approx(logged, abs=1e-4)
+    assert result["evaluated"] == "the run's 16 validation blocks (those of its val/loss)"
+    whole = eval_json(f"--ckpt={ckpt}", "--wandb=false")
+    assert whole["evaluated"].startswith("the whole validation split, ") and whole["tokens_evaluated"] > 16 * 64
+    # and the run's W&B run got the result
+    records = b"".join(p.read_bytes() for p in (evaluated_run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert b"eval/loss" in records
+
+
+def test_eval_on_any_text_reports_bits_per_byte_from_its_counts(evaluated_run, tmp_path):
+    import math
+
+    text = tmp_path / "notes.txt"
+    text.write_text("def greet(name):\n    return f'hello {name}'\n" * 300 + "é ü\n")
+    result = eval_json(f"--ckpt={evaluated_run}/checkpoints/last.ckpt", f"--text={text}", "--wandb=false")
+    ours = load_for_inference(evaluated_run / "checkpoints" / "last.ckpt")
+    assert result["bytes"] == len(text.read_bytes())
+    assert result["tokens"] == len(ours.tokenizer.encode(text.read_text()).ids) + 1  # and its end-of-text
+    assert result["bpb"] == pytest.approx(result["loss"] * result["tokens"] / (result["bytes"] * math.log(2)))
+    assert result["evaluated"] == f"text={text} (1 file(s))" or result["evaluated"].startswith("text=")
+    assert result["tokens_evaluated"] == (result["tokens"] - 1) // 64 * 64
+
+
+def test_eval_of_a_checkpoint_that_does_not_exist(tmp_path):
+    refused(run_llm("eval", f"--ckpt={tmp_path}/none.ckpt"), f"ckpt={tmp_path}/none.ckpt: no such checkpoint")
+
+
+def test_eval_on_a_dataset_through_the_hub_loading_path(evaluated_run, tmp_path):
+    folder = tmp_path / "dataset"  # a local folder goes through the same datasets.load_dataset call as the Hub
+    folder.mkdir()
+    rows = [{"text": f"def f{i}(x):\n    return x * {i}\n"} for i in range(50)]
+    (folder / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ckpt = f"--ckpt={evaluated_run}/checkpoints/last.ckpt"
+    result = eval_json(ckpt, f"--hf={folder}", "--hf_split=train", "--wandb=false")
+    assert result["evaluated"] == "hf=dataset (train)" and result["bytes"] == sum(len(r["text"]) for r in rows)
+    assert result["tokens"] == sum(len(load_for_inference(ckpt[7:]).tokenizer.encode(r["text"]).ids) + 1 for r in rows)
