@@ -37,6 +37,33 @@ def shared(name: str) -> Path:
     return path
 
 
+def corpus_fit(corpus: Path, run: Path, cache: Path, *extra: str) -> list[str]:
+    """`python -m llm fit` arguments: the default experiment at TINY size on `corpus`, with a
+    512-token BPE trained on it, into `run`; `extra` overrides come last and win."""
+    return [
+        "fit",
+        "--config",
+        "configs/experiment/default.yaml",
+        *TINY,
+        f"--data.text={corpus}",
+        "--data.vocab_size=512",
+        f"--data.cache_dir={cache}",
+        f"--run={run}",
+        *extra,
+    ]
+
+
+def assert_refused(result, *fragments: str) -> str:
+    """Bad input's answer: exit status 2, one line on stderr, `error: ` and each fragment in it."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = program_stderr(result.stderr)
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr[-3000:]}"
+    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 def word_tokenizer(path: Path, size: int) -> Path:
     """A tokenizer.json of `size` whole-word tokens, the last one <|endoftext|>: a large vocabulary
     without the shared data."""

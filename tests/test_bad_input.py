@@ -12,24 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, program_stderr, run_llm, snapshot
+from conftest import assert_refused, corpus_fit, program_stderr, run_llm, snapshot
 from llm.redact import scrub, scrub_text
 
 
 def fit_args(corpus: Path, run: Path, cache: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        "configs/experiment/default.yaml",
-        *TINY,
-        f"--data.text={corpus}",
-        "--data.vocab_size=512",
-        f"--data.cache_dir={cache}",
-        f"--run={run}",
-        "--trainer.max_steps=2",
-        "--eval_every=2",
-        *extra,
-    ]
+    return corpus_fit(corpus, run, cache, "--trainer.max_steps=2", "--eval_every=2", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +28,6 @@ def trained(tmp_path_factory, code_corpus):
     result = run_llm(*fit_args(code_corpus, run, cache))
     assert result.returncode == 0, result.stderr[-3000:]
     return run, cache
-
-
-def refused(result, *fragments: str) -> str:
-    assert result.returncode == 2, result.stderr[-3000:]
-    lines = program_stderr(result.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def unchanged(folder: Path, command):
@@ -69,10 +48,10 @@ def unchanged(folder: Path, command):
     ],
     ids=["model-shape", "batch-size", "seed", "world-size", "no-more-steps"],
 )
-def test_resume_that_cannot_continue_exactly_is_refused(trained, code_corpus, override, fragments):
+def test_resume_that_cannot_continue_exactly_is_assert_refused(trained, code_corpus, override, fragments):
     run, cache = trained
     args = fit_args(code_corpus, run, cache, "--resume=auto", override)
-    refused(unchanged(run, lambda: run_llm(*args)), *fragments)
+    assert_refused(unchanged(run, lambda: run_llm(*args)), *fragments)
 
 
 def test_resume_with_more_steps_warns_and_continues(tmp_path, trained, code_corpus):
@@ -84,23 +63,25 @@ def test_resume_with_more_steps_warns_and_continues(tmp_path, trained, code_corp
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
 
 
-def test_resume_auto_without_a_run_is_refused(trained, code_corpus):
+def test_resume_auto_without_a_run_is_assert_refused(trained, code_corpus):
     args = [a for a in fit_args(code_corpus, trained[0], trained[1], "--resume=auto") if not a.startswith("--run=")]
-    refused(run_llm(*args), "resume=auto: no run to continue was named", "RUN=")
+    assert_refused(run_llm(*args), "resume=auto: no run to continue was named", "RUN=")
 
 
 def test_resume_from_a_file_that_is_no_checkpoint(tmp_path, trained, code_corpus):
     bogus = tmp_path / "notes.ckpt"
     bogus.write_text("not a checkpoint")
     args = fit_args(code_corpus, tmp_path / "run", trained[1], f"--resume={bogus}")
-    refused(unchanged(tmp_path, lambda: run_llm(*args)), f"resume={bogus}: not a readable checkpoint")
+    assert_refused(unchanged(tmp_path, lambda: run_llm(*args)), f"resume={bogus}: not a readable checkpoint")
 
 
 def test_a_truncated_checkpoint(tmp_path, trained):
     whole = (trained[0] / "checkpoints" / "last.ckpt").read_bytes()
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(whole[: len(whole) // 2])
-    refused(run_llm("sample", f"--ckpt={cut}", "--prompt=x"), f"ckpt={cut}: not a readable checkpoint", "truncated")
+    assert_refused(
+        run_llm("sample", f"--ckpt={cut}", "--prompt=x"), f"ckpt={cut}: not a readable checkpoint", "truncated"
+    )
 
 
 class RunsCode:
@@ -122,7 +103,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_unread(tmp_path, trained, c
         "fit": fit_args(code_corpus, tmp_path / "run", trained[1], f"--resume={bad}", "--trainer.max_steps=4"),
     }[command]
     field = "resume" if command == "fit" else "ckpt"
-    refused(run_llm(*args), f"{field}={bad}: holds objects other than tensors and plain data, refused unread")
+    assert_refused(run_llm(*args), f"{field}={bad}: holds objects other than tensors and plain data, refused unread")
     assert not marker.exists(), "loading the checkpoint ran its code"
 
 
@@ -133,7 +114,7 @@ def test_a_sharded_checkpoint_that_would_run_code_is_refused_unread(tmp_path, mo
     (folder / "checkpoint").mkdir(parents=True)
     (folder / "latest").write_text("checkpoint")
     torch.save({"llm_config": {}, "payload": RunsCode()}, folder / "checkpoint" / "mp_rank_00_model_states.pt")
-    refused(run_llm("sample", f"--ckpt={folder}", "--prompt=x"), "refused unread")
+    assert_refused(run_llm("sample", f"--ckpt={folder}", "--prompt=x"), "refused unread")
     assert not marker.exists()
 
 
@@ -158,7 +139,7 @@ def broken_cache(tmp_path: Path, trained, damage) -> Path:
 def test_damaged_prepared_data_is_found_before_training(tmp_path, trained, code_corpus, damage, fragment):
     cache = broken_cache(tmp_path, trained, damage)
     args = fit_args(code_corpus, tmp_path / "run", cache)
-    line = refused(unchanged(tmp_path, lambda: run_llm(*args)), "data.cache_dir: ", fragment)
+    line = assert_refused(unchanged(tmp_path, lambda: run_llm(*args)), "data.cache_dir: ", fragment)
     assert "remove the folder" in line
 
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, TINY, program_stderr, run_llm, snapshot, word_tokenizer
+from conftest import REPO, TINY, assert_refused, run_llm, snapshot, word_tokenizer
 
 
 @pytest.fixture
@@ -21,15 +21,6 @@ def existing(tmp_path):
     (cache / "prepared-0123").mkdir(parents=True)
     (cache / "prepared-0123" / "meta.json").write_text("{}")
     return run, cache
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = program_stderr(result.stderr)
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr[-2000:]}"
-    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def fit_into(existing, *args):
@@ -52,34 +43,34 @@ def fit_into(existing, *args):
 
 def test_missing_text_path(existing, tmp_path):
     result = fit_into(existing, f"--data.text={tmp_path}/nope.txt")
-    assert_one_line_error(result, f"data.text={tmp_path}/nope.txt", "no such file or folder", "give a .txt")
+    assert_refused(result, f"data.text={tmp_path}/nope.txt", "no such file or folder", "give a .txt")
 
 
 def test_n_embd_not_divisible_by_n_head(existing):
     result = fit_into(existing, "--model.config.n_embd=100", "--model.config.n_head=3")
-    assert_one_line_error(result, "model.config.n_embd=100 is not divisible by n_head=3", "choose n_embd")
+    assert_refused(result, "model.config.n_embd=100 is not divisible by n_head=3", "choose n_embd")
 
 
 def test_tokenizer_larger_than_the_model_vocabulary(existing, tmp_path):
     tokenizer = word_tokenizer(tmp_path / "tokenizer.json", 1500)
     result = fit_into(existing, f"--data.tokenizer={tokenizer}", "--model.config.vocab_size=1000")
-    assert_one_line_error(result, "model.config.vocab_size=1000", "1500", "at least 1500")
+    assert_refused(result, "model.config.vocab_size=1000", "1500", "at least 1500")
 
 
 def test_empty_corpus(existing, tmp_path):
     (tmp_path / "empty.txt").write_text("\n   \n")
     result = fit_into(existing, f"--data.text={tmp_path}/empty.txt")
-    assert_one_line_error(result, "empty.txt", "holds no text")
+    assert_refused(result, "empty.txt", "holds no text")
 
 
 def test_missing_tokenizer_file(existing, tmp_path):
     result = fit_into(existing, f"--data.tokenizer={tmp_path}/tok.json")
-    assert_one_line_error(result, f"data.tokenizer={tmp_path}/tok.json", "no such file")
+    assert_refused(result, f"data.tokenizer={tmp_path}/tok.json", "no such file")
 
 
 def test_16_mixed_on_cpu(existing):
     result = fit_into(existing, "--trainer.precision=16-mixed")
-    assert_one_line_error(result, "trainer.precision=16-mixed", "needs a GPU", "bf16-mixed")
+    assert_refused(result, "trainer.precision=16-mixed", "needs a GPU", "bf16-mixed")
 
 
 def test_a_run_folder_in_use_is_not_reused_without_resume(existing):
@@ -94,12 +85,12 @@ def test_a_run_folder_in_use_is_not_reused_without_resume(existing):
         f"--data.cache_dir={cache}",
         "--trainer.max_steps=2",
     )
-    assert_one_line_error(result, f"run={run}", "already holds a run", "RESUME=auto")
+    assert_refused(result, f"run={run}", "already holds a run", "RESUME=auto")
     assert snapshot(run) == before
 
 
 def test_unknown_option(existing):
-    assert_one_line_error(fit_into(existing, "--trainer.max_stepz=3"), "max_stepz")
+    assert_refused(fit_into(existing, "--trainer.max_stepz=3"), "max_stepz")
 
 
 def test_unknown_model_preset_through_make(tmp_path):
@@ -110,5 +101,5 @@ def test_unknown_model_preset_through_make(tmp_path):
         text=True,
         timeout=300,
     )
-    assert_one_line_error(result, "model.config=configs/model/gpt5.yaml", "no such config file", "configs/model/")
+    assert_refused(result, "model.config=configs/model/gpt5.yaml", "no such config file", "configs/model/")
     assert not (tmp_path / "r").exists()

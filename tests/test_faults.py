@@ -18,28 +18,23 @@ import pytest
 import torch
 
 import llm.module  # noqa: F401  (registers the dataclasses a checkpoint holds with weights-only loading)
-from conftest import REPO, TINY, run_llm, trained_steps
+from conftest import REPO, corpus_fit, run_llm, trained_steps
 
 STEPS = 12
 ZERO2 = ("--trainer.devices=2", "--deepspeed=zero2")
 
 
 def fit_args(corpus: Path, run: Path, cache: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        "configs/experiment/default.yaml",
-        *TINY,
-        f"--data.text={corpus}",
-        "--data.vocab_size=512",
-        f"--data.cache_dir={cache}",
-        f"--run={run}",
+    return corpus_fit(
+        corpus,
+        run,
+        cache,
         "--trainer.log_every_n_steps=1",
         f"--trainer.max_steps={STEPS}",
         "--eval_every=4",
         "--save_every=2",
         *extra,
-    ]
+    )
 
 
 def callbacks(*specs: str) -> str:

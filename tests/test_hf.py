@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, program_stderr, run_llm
+from conftest import assert_refused, corpus_fit, run_llm
 from llm.checkpoint import load_for_inference
 from llm.generate import generate
 from llm.hf import load_pretrained
@@ -27,19 +27,7 @@ FAMILIES = {"gpt2": [], "llama": LLAMA}
 
 
 def fit_args(corpus: Path, run: Path, cache: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        "configs/experiment/default.yaml",
-        *TINY,
-        f"--data.text={corpus}",
-        "--data.vocab_size=512",
-        f"--data.cache_dir={cache}",
-        f"--run={run}",
-        "--trainer.max_steps=2",
-        "--eval_every=2",
-        *extra,
-    ]
+    return corpus_fit(corpus, run, cache, "--trainer.max_steps=2", "--eval_every=2", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -118,19 +106,13 @@ def test_bf16_export_halves_the_weights(exported, tmp_path):
     assert json.loads((half / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
-def refused(result, *fragments):
-    assert result.returncode == 2, result.stderr[-3000:]
-    lines = program_stderr(result.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_export_bad_inputs(exported, tmp_path):
     ckpt, out = exported("gpt2")
-    refused(run_llm("export", f"--ckpt={tmp_path}/none.ckpt", f"--out={tmp_path}/x"), "no such checkpoint")
+    assert_refused(run_llm("export", f"--ckpt={tmp_path}/none.ckpt", f"--out={tmp_path}/x"), "no such checkpoint")
     before = (out / "model.safetensors").stat().st_mtime_ns
-    refused(run_llm("export", f"--ckpt={ckpt}", f"--out={out}"), f"out={out}: exists and is not empty", "FORCE=1")
+    assert_refused(
+        run_llm("export", f"--ckpt={ckpt}", f"--out={out}"), f"out={out}: exists and is not empty", "FORCE=1"
+    )
     assert (out / "model.safetensors").stat().st_mtime_ns == before
     assert run_llm("export", f"--ckpt={ckpt}", f"--out={out}", "--force=true").returncode == 0
 
@@ -141,7 +123,7 @@ def test_a_model_neither_family_expresses_is_not_exported(tmp_path, code_corpus,
     assert run_llm(*fit_args(code_corpus, run, data_cache, *odd)).returncode == 0
     out = tmp_path / "hf"
     result = run_llm("export", f"--ckpt={run}/checkpoints/last.ckpt", f"--out={out}")
-    refused(result, "model.config.norm=rmsnorm with position=learned is neither GPT-2 nor Llama")
+    assert_refused(result, "model.config.norm=rmsnorm with position=learned is neither GPT-2 nor Llama")
     assert not out.exists()
 
 
@@ -150,7 +132,7 @@ def test_init_from_an_unsupported_family(tmp_path, code_corpus, data_cache):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 30522}))
     result = run_llm(*fit_args(code_corpus, tmp_path / "run", data_cache, f"--model.init={folder}"))
-    refused(result, f"model.init={folder}: model_type=bert in config.json; only gpt2 and llama")
+    assert_refused(result, f"model.init={folder}: model_type=bert in config.json; only gpt2 and llama")
 
 
 # --- make eval --------------------------------------------------------------------------------------
@@ -205,7 +187,7 @@ def test_eval_on_any_text_reports_bits_per_byte_from_its_counts(evaluated_run, t
 
 
 def test_eval_of_a_checkpoint_that_does_not_exist(tmp_path):
-    refused(run_llm("eval", f"--ckpt={tmp_path}/none.ckpt"), f"ckpt={tmp_path}/none.ckpt: no such checkpoint")
+    assert_refused(run_llm("eval", f"--ckpt={tmp_path}/none.ckpt"), f"ckpt={tmp_path}/none.ckpt: no such checkpoint")
 
 
 def test_eval_on_a_dataset_through_the_hub_loading_path(evaluated_run, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_llm, trained_steps
+from conftest import REPO, TINY, corpus_fit, run_llm, trained_steps
 from llm.checkpoint import load_for_inference
 
 SUMMARY_KEYS = {
@@ -99,19 +99,7 @@ def test_training_on_shakespeare_with_the_gpt2_tokenizer_learns(tmp_path, shakes
 
 
 def fit_args(corpus: Path, run: Path, cache: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        "configs/experiment/default.yaml",
-        *TINY,
-        f"--data.text={corpus}",
-        "--data.vocab_size=512",
-        f"--data.cache_dir={cache}",
-        f"--run={run}",
-        "--trainer.log_every_n_steps=1",
-        "--eval_every=3",
-        *extra,
-    ]
+    return corpus_fit(corpus, run, cache, "--trainer.log_every_n_steps=1", "--eval_every=3", *extra)
 
 
 def train_losses(run: Path) -> dict[int, float]:
