@@ -61,7 +61,7 @@ CLI_ARGS = --config $(CONFIG) \
 	$(if $(INIT),--model.init="$$INIT")
 
 .DEFAULT_GOAL := help
-.PHONY: help install prepare train train-multinode train-deepspeed slurm sample eval export export-fp32 plan bench plot dashboard \
+.PHONY: help install prepare train train-multinode train-deepspeed slurm sample eval export export-fp32 plan bench plot tui \
 	test lint format clean
 
 help:
@@ -80,7 +80,7 @@ help:
 	@echo "  make bench       each path (eager, compiled, zero1-3) through the trainer and through a plain loop or"
 	@echo "                   DeepSpeed's own engine, and data preparation: a table and bench.json (ARGS=\"--paths=[...]\")"
 	@echo "  make plot        PNG charts of a run's loss, throughput, MFU and memory: make plot RUN=runs/<name>"
-	@echo "  make dashboard   a run in W&B's terminal viewer (wandb leet): make dashboard RUN=runs/<name>"
+	@echo "  make tui         a run in W&B's terminal viewer (wandb leet): make tui RUN=runs/<name>"
 	@echo "  make test        the test suite (PYTEST_ARGS= passes options to pytest)"
 	@echo "  make lint        ruff"
 	@echo "Variables (empty: the config's value):"
@@ -156,8 +156,8 @@ bench: $(STAMP)
 plot: $(STAMP)
 	$(PY) -m llm plot --run="$$RUN" $(ARGS)
 
-dashboard: $(STAMP)
-	$(PY) -m llm dashboard --run="$$RUN"
+tui: $(STAMP)
+	$(PY) -m llm tui --run="$$RUN"
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

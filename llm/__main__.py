@@ -33,7 +33,7 @@ COMMANDS = {
     "deepspeed": ("llm.launch", "deepspeed_main", "start a job over a hostfile (the DeepSpeed launcher)"),
     "slurm": ("llm.launch", "slurm_main", "submit a job to SLURM (sbatch scripts/slurm/train.sbatch)"),
     "plot": ("llm.plot", "plot", "PNG charts of a run's loss, throughput, MFU and memory"),
-    "dashboard": ("llm.plot", "dashboard", "open a run in W&B's terminal viewer"),
+    "tui": ("llm.plot", "tui", "open a run in W&B's terminal viewer"),
 }
 READS_ARGV = {"fit", "prepare", "torchrun", "deepspeed", "slurm"}
 

@@ -89,7 +89,7 @@ def plot(run: str) -> list[str]:
     return written
 
 
-def dashboard(run: str) -> None:
+def tui(run: str) -> None:
     """Open a run in W&B's terminal viewer (`wandb leet`).
 
     Args:
@@ -104,7 +104,7 @@ def dashboard(run: str) -> None:
         raise ConfigError(f"run={run}: has no wandb/ folder; give a run folder, e.g. RUN=runs/<name>")
     if not sys.stdin.isatty():
         raise ConfigError(
-            f"run={run}: the dashboard needs a terminal; `wandb leet inspect --summary {wandb_dir}` prints instead"
+            f"run={run}: it needs a terminal to open in; `wandb leet inspect --summary {wandb_dir}` prints instead"
         )
     wandb = shutil.which("wandb", path=os.path.dirname(sys.executable)) or "wandb"
     os.execv(wandb, [wandb, "leet", str(wandb_dir)])

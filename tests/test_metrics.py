@@ -248,12 +248,12 @@ def test_make_plot_writes_png_charts(single):
 
 
 @pytest.mark.slow
-def test_make_dashboard_opens_the_run_in_a_terminal(single):
+def test_make_tui_opens_the_run_in_a_terminal(single):
     pid, fd = pty.fork()
     if pid == 0:  # the child: make, as a user at a terminal types it
         os.chdir(REPO)
         os.environ["TERM"] = "xterm-256color"
-        os.execvp("make", ["make", "-s", "dashboard", f"RUN={single}"])
+        os.execvp("make", ["make", "-s", "tui", f"RUN={single}"])
     screen, deadline = b"", time.time() + 60
     while time.time() < deadline and b"mem/" not in screen:
         ready, _, _ = select.select([fd], [], [], 0.5)
