@@ -12,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+FIXTURES = REPO / "tests" / "fixtures"  # small, in the repository: what a fork's CI runs the fast tests on
+SHARED_FIXTURES = {"shakespeare", "gpt2_tokenizer"}  # tests using these are marked shared_data
 
 # a model and run small enough for a 2-core CPU: a few seconds of training
 TINY = [
@@ -26,15 +28,23 @@ TINY = [
 
 
 def shared(name: str) -> Path:
-    """A file of the shared test data. A fork without it skips the tests that need it; CI, which
-    always has it beside the clone, fails instead: a skip there would hide a lost test."""
+    """A file of the shared test data. A fork without it skips the tests that need it (each has a
+    fast variant on tests/fixtures); a CI that promises the data (LLM_REQUIRE_SHARED_DATA=1, as
+    .ci/run sets) fails instead: a skip there would hide a lost test."""
     path = SHARED_DATA / name
     if not path.exists():
         reason = f"{path} is absent: the shared test data lives beside the project in ../shared/data"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason} (CI=true: the CI checkout must have it)")
+        if os.environ.get("LLM_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(f"{reason} (LLM_REQUIRE_SHARED_DATA=1: this checkout must have it)")
         pytest.skip(reason)
     return path
+
+
+def pytest_collection_modifyitems(items):
+    # `-m "not slow and not shared_data"` (make test-fast) is what runs without ../shared/data
+    for item in items:
+        if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.shared_data)
 
 
 def corpus_fit(corpus: Path, run: Path, cache: Path, *extra: str) -> list[str]:
@@ -84,6 +94,19 @@ def shakespeare() -> Path:
 @pytest.fixture(scope="session")
 def gpt2_tokenizer() -> Path:
     return shared("gpt2/tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def fixture_text() -> Path:
+    """3.4 kB of prose written for these tests (tests/fixtures/corpus.txt)."""
+    return FIXTURES / "corpus.txt"
+
+
+@pytest.fixture(scope="session")
+def fixture_tokenizer() -> Path:
+    """A 512-token byte-level BPE tokenizer.json trained on fixture_text: a ready-made tokenizer, as
+    --data.tokenizer takes, without the shared data (tests/fixtures/README.md says how it was made)."""
+    return FIXTURES / "tokenizer.json"
 
 
 @pytest.fixture(scope="session")

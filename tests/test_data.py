@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from conftest import word_tokenizer
+from conftest import run_llm, word_tokenizer
 from llm.data.datamodule import StepSampler, TokenBlocks, TokenDataModule
 from llm.data.prepare import PrepareConfig, load_meta, prepare, unigram_entropy
 from llm.data.sources import stdlib_files
@@ -48,6 +49,17 @@ def test_jsonl_documents_decode_back_exactly_split_per_document(tmp_path, docume
     assert meta["splits"]["val"]["documents"] == len(val)
 
 
+def test_text_file_tail_split_decodes_back_to_the_file_fixture(tmp_path, fixture_text, fixture_tokenizer):
+    folder = prepare(PrepareConfig(text=str(fixture_text), tokenizer=str(fixture_tokenizer), cache_dir=str(tmp_path)))
+    meta = load_meta(folder)
+    (train,), (val,) = decoded_documents(folder, "train"), decoded_documents(folder, "val")
+    assert train + val == fixture_text.read_text()
+    assert meta["split_mode"] == "tail"
+    tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
+    assert 0.08 < meta["splits"]["val"]["tokens"] / tokens < 0.12  # val_fraction 0.1 of the text, cut at a line
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 512 and meta["eot_id"] == 0
+
+
 def test_text_file_tail_split_decodes_back_to_the_file(tmp_path, shakespeare, gpt2_tokenizer):
     folder = prepare(PrepareConfig(text=str(shakespeare), tokenizer=str(gpt2_tokenizer), cache_dir=str(tmp_path)))
     meta = load_meta(folder)
@@ -71,14 +83,16 @@ def test_end_of_text_separates_documents_and_appears_nowhere_else(tmp_path):
         assert (ids == meta["eot_id"]).sum() == meta["splits"][split]["documents"]
 
 
-@pytest.mark.parametrize("tokenizer", ["trained", "gpt2"])
+@pytest.mark.parametrize(
+    "tokenizer", ["trained", "fixture_tokenizer", pytest.param("gpt2_tokenizer", marks=pytest.mark.shared_data)]
+)
 def test_a_document_quoting_end_of_text_is_text_not_a_boundary(tmp_path, tokenizer, request):
     # web text and code that handles tokenizers quote the token; it must not cut a document in two
     docs = [f"document {i} says hello" for i in range(110)]
     docs += [f"tokenizer.encode('<|endoftext|>') in document {i}, and <|endoftext|>again" for i in range(10)]
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    choice = {"tokenizer": str(request.getfixturevalue("gpt2_tokenizer"))} if tokenizer == "gpt2" else {}
+    choice = {"tokenizer": str(request.getfixturevalue(tokenizer))} if tokenizer != "trained" else {}
     folder = prepare(PrepareConfig(text=str(path), vocab_size=300, cache_dir=str(tmp_path / "c"), **choice))
     meta = load_meta(folder)
     for split in ("train", "val"):
@@ -229,3 +243,36 @@ def test_local_parquet_and_a_missing_text_column(tmp_path, parquet_dataset, docu
     assert sorted(decoded_documents(folder, "train") + decoded_documents(folder, "val")) == sorted(documents)
     with pytest.raises(ConfigError, match=r"has no column data.text_field=text \(columns: content, id\)"):
         prepare(PrepareConfig(text=files, vocab_size=300, cache_dir=str(tmp_path / "c")))
+
+
+def test_preparation_shows_one_bar_per_phase_and_no_download_of_local_files(tmp_path, fixture_text):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text(fixture_text.read_text())
+    (folder / "b.txt").write_text("a second plain text document\n" * 50)
+    (folder / "c.jsonl").write_text("".join(json.dumps({"text": f"json document {i}"}) + "\n" for i in range(30)))
+    result = run_llm(
+        "prepare",
+        "--config",
+        "configs/experiment/default.yaml",
+        f"--data.text={folder}",
+        "--data.vocab_size=300",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        env={"HF_DATASETS_CACHE": str(tmp_path / "hf-cache")},  # nothing cached from an earlier test
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.replace("\r", "\n").splitlines()
+    bars = {re.sub(r" \(num_proc=\d+\)", "", line.split(":")[0]) for line in lines if "%|" in line}
+    assert bars == {
+        "reading 3 files",
+        "training tokenizer (300 tokens)",
+        "tokenizing train",
+        "writing train.bin",
+        "tokenizing val",
+        "writing val.bin",
+    }, bars
+    for noise in ("Downloading", "Filter", "Generating", "splitting"):
+        assert noise not in result.stderr, result.stderr[-3000:]
+    prepared = next((tmp_path / "cache").iterdir())
+    assert sorted(p.name for p in prepared.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert load_meta(prepared)["splits"]["train"]["documents"] == 2 + 30  # two text files, 30 JSON lines (tail split)

@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from llm.data.sources import Source, load_documents, resolve_source
+from llm.data.sources import Source, load_documents, quiet_datasets, resolve_source
 from llm.data.tokenizer import EOT, load_tokenizer, ordinary, train_bpe
 from llm.errors import ConfigError
 from llm.redact import scrub
@@ -172,6 +172,22 @@ def split_documents(docs, cfg: PrepareConfig, num_proc: int | None):
     return docs.map(head, batched=True), docs.map(tail, batched=True), mode
 
 
+def _train_tokenizer(train, cfg: PrepareConfig):
+    """A BPE on the train split under one bar: documents as the trainer reads them, then "merging"
+    while it computes the merges (tokenizers' own bars are one per internal pass)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(train), unit="doc", desc=f"training tokenizer ({cfg.vocab_size} tokens)") as bar:
+
+        def texts():
+            for batch in train.iter(batch_size=256):
+                yield batch["text"]
+                bar.update(len(batch["text"]))
+            bar.set_postfix_str("merging")
+
+        return train_bpe(texts(), cfg.vocab_size, num_texts=math.ceil(len(train) / 256), eot_token=cfg.eot_token)
+
+
 def _tokenize(ds, tokenizer, eot_id: int, num_proc: int | None, cache_file: Path, fingerprint: str, desc: str):
     text_only = ordinary(tokenizer)  # `<|endoftext|>` quoted in a document is text, not a boundary
 
@@ -252,6 +268,7 @@ def _prepare_atomically(out: Path, cfg: PrepareConfig, source: Source, log) -> d
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         for f in tmp.glob("*.arrow"):
             f.unlink()
+        shutil.rmtree(tmp / "work", ignore_errors=True)
         tmp.rename(out)  # atomic: the folder exists only once complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -341,8 +358,12 @@ def invalid_utf8_bytes(files) -> int:
 
 
 def _prepare_into(tmp: Path, cfg: PrepareConfig, source: Source, log) -> None:
-    docs = load_documents(source, cfg.text_field, cfg.hf_split, cfg.hf_streaming, cfg.hf_max_documents)
-    docs = docs.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
+    """The phases a user sees, one bar each: reading, tokenizer training (unless one is given),
+    tokenizing and writing each split. Filtering and splitting are quick and show none."""
+    work = tmp / "work"  # Arrow files made on the way; removed before the folder is published
+    docs = load_documents(source, cfg.text_field, cfg.hf_split, cfg.hf_streaming, cfg.hf_max_documents, work)
+    with quiet_datasets():
+        docs = docs.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
     field = {"stdlib": "corpus", "local": f"data.text={cfg.text}", "hf": f"data.hf={cfg.hf}"}[source.kind]
     if len(docs) == 0:
         raise ConfigError(f"{field}: holds no text (0 non-empty documents); point it at files that contain text")
@@ -351,7 +372,8 @@ def _prepare_into(tmp: Path, cfg: PrepareConfig, source: Source, log) -> None:
         log(f"warning: {field}: {replaced:,} bytes are not UTF-8; each run of them was read as U+FFFD")
     num_proc = min(cfg.num_proc or os.cpu_count() or 1, len(docs))
     num_proc = num_proc if num_proc > 1 else None
-    train, val, mode = split_documents(docs, cfg, num_proc)
+    with quiet_datasets():
+        train, val, mode = split_documents(docs, cfg, num_proc)
     if len(train) == 0 or len(val) == 0:
         raise ConfigError(
             f"data.val_fraction={cfg.val_fraction}: leaves the {'train' if len(train) == 0 else 'val'} "
@@ -363,14 +385,9 @@ def _prepare_into(tmp: Path, cfg: PrepareConfig, source: Source, log) -> None:
         tokenizer = load_tokenizer(cfg.tokenizer, cfg.eot_token)
     else:
         t0 = time.perf_counter()
-        log(f"training a byte-level BPE tokenizer ({cfg.vocab_size} tokens) on the train split")
-        tokenizer = train_bpe(
-            (b["text"] for b in train.iter(batch_size=256)),
-            cfg.vocab_size,
-            num_texts=math.ceil(len(train) / 256),
-            eot_token=cfg.eot_token,
-        )
-        log(f"tokenizer trained in {time.perf_counter() - t0:.1f} s")
+        tokenizer = _train_tokenizer(train, cfg)
+        seconds = time.perf_counter() - t0
+        log(f"tokenizer: byte-level BPE, {cfg.vocab_size} tokens, trained on the train split in {seconds:.1f} s")
     tokenizer.save(str(tmp / "tokenizer.json"))
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     eot_id = tokenizer.token_to_id(cfg.eot_token)

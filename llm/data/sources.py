@@ -8,8 +8,11 @@ document, in a deterministic order.
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import sysconfig
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,27 +108,68 @@ def _text_column(ds, text_field: str, where: str):
     )
 
 
+@contextmanager
+def quiet_datasets():
+    """`datasets`' own progress bars off: over local files they say "Downloading data" where
+    nothing is downloaded, and name internal passes (Filter, Generating split) a user never asked for;
+    preparation shows one bar per phase of its own instead."""
+    import datasets
+
+    was_enabled = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def load_documents(
     source: Source,
     text_field: str = "text",
     hf_split: str = "train",
     hf_streaming: bool = False,
     hf_max_documents: int | None = None,
+    work_dir: str | Path | None = None,
 ):
-    """All documents of the source as a `datasets.Dataset` with one column, `text`."""
+    """All documents of the source as a `datasets.Dataset` with one column, `text`. Local files are
+    read under one "reading" bar (bytes, with their rate); `work_dir` holds the Arrow files made
+    on the way (the preparation's own temporary folder, so nothing stale is ever reused)."""
     import datasets
+    from tqdm.auto import tqdm
 
     if source.kind == "hf":
         return _load_hub(source, text_field, hf_split, hf_streaming, hf_max_documents)
+    where = "data.text" if source.kind == "local" else "corpus"
+    total = sum(f.stat().st_size for f in source.files)
     parts = []
-    # one builder per file type; a plain-text file is one document ("sample_by=document")
-    for builder in dict.fromkeys(BUILDERS.get(f.suffix, "text") for f in source.files):
-        files = [str(f) for f in source.files if BUILDERS.get(f.suffix, "text") == builder]
-        kwargs = {"sample_by": "document", "encoding_errors": "replace"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-        where = "data.text" if source.kind == "local" else "corpus"
-        parts.append(_text_column(ds, text_field if builder != "text" else "text", where))
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"reading {len(source.files):,} files")
+    with quiet_datasets(), bar:
+        # one reader per file type; a plain-text file is one document
+        for builder in dict.fromkeys(BUILDERS.get(f.suffix, "text") for f in source.files):
+            files = [f for f in source.files if BUILDERS.get(f.suffix, "text") == builder]
+            if builder == "text":
+                ds = datasets.Dataset.from_generator(
+                    _read_text_files,
+                    gen_kwargs={"files": files, "bar": bar},
+                    cache_dir=str(work_dir) if work_dir else None,
+                    fingerprint=hashlib.sha256(json.dumps(source.fingerprint()).encode()).hexdigest(),
+                )
+            else:
+                ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+                ds = _text_column(ds, text_field, where)
+                bar.update(sum(f.stat().st_size for f in files))
+            parts.append(ds)
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _read_text_files(files: list[Path], bar):
+    # what datasets' text builder does with sample_by="document": universal newlines, and bytes
+    # that are not UTF-8 replaced by U+FFFD (counted and reported by the preparation)
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield {"text": f.read()}
+        bar.update(path.stat().st_size)
 
 
 def _load_hub(source: Source, text_field: str, split: str, streaming: bool, max_documents: int | None):

@@ -52,7 +52,7 @@ def train_bpe(texts, vocab_size: int, num_texts: int | None = None, eot_token: s
         vocab_size=vocab_size,
         special_tokens=[eot_token],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
-        show_progress=True,
+        show_progress=False,  # the preparation shows its own bar
     )
     tok.train_from_iterator(texts, trainer=trainer, length=num_texts)
     return tok
