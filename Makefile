@@ -60,9 +60,16 @@ CLI_ARGS = --config $(CONFIG) \
 	$(if $(RESUME),--resume="$$RESUME") \
 	$(if $(INIT),--model.init="$$INIT")
 
+# the presets, as the folders hold them: a new file is listed without an edit here
+presets = $(subst $(eval) ,$(comma) ,$(sort $(notdir $(basename $(wildcard configs/$(1)/*.yaml)))))
+comma := ,
+MODEL_PRESETS := $(call presets,model)
+DS_PRESETS := $(call presets,deepspeed)
+EXPERIMENTS := $(sort $(notdir $(basename $(wildcard configs/experiment/*.yaml))))
+
 .DEFAULT_GOAL := help
-.PHONY: help install prepare train train-multinode train-deepspeed slurm sample eval export export-fp32 plan bench plot tui \
-	test lint format clean
+.PHONY: help install prepare train train-multinode train-deepspeed slurm sample eval export export-fp32 plan bench plot tui wandb-dashboard \
+	test test-fast lint format clean
 
 help:
 	@echo "Pretrain decoder-only Transformers. Targets:"
@@ -79,16 +86,19 @@ help:
 	@echo "  make plan        memory per ZeRO stage and offload, and the preset to use: MODEL= GPUS= NNODES= GPU_MEM= [CPU_MEM=]"
 	@echo "  make bench       each path (eager, compiled, zero1-3) through the trainer and through a plain loop or"
 	@echo "                   DeepSpeed's own engine, and data preparation: a table and bench.json (ARGS=\"--paths=[...]\")"
-	@echo "  make plot        PNG charts of a run's loss, throughput, MFU and memory: make plot RUN=runs/<name>"
+	@echo "  make plot        PNG charts of a run's loss, optimizer, throughput and memory: make plot RUN=runs/<name>"
 	@echo "  make tui         a run in W&B's terminal viewer (wandb leet): make tui RUN=runs/<name>"
+	@echo "  make wandb-dashboard  save (or, ARGS=--url=..., update) a W&B workspace of every logged metric: needs"
+	@echo "                   WANDB_API_KEY; WANDB_ENTITY=, WANDB_PROJECT= choose where (ARGS=--x=tokens: tokens on x)"
 	@echo "  make test        the test suite (PYTEST_ARGS= passes options to pytest)"
+	@echo "  make test-fast   the tests a fork's CI runs: no multi-process runs, no ../shared/data (.github/workflows/ci.yml)"
 	@echo "  make lint        ruff"
 	@echo "Variables (empty: the config's value):"
-	@echo "  MODEL=           a preset in configs/model/: tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, llama-1b, llama-7b;"
-	@echo "                   gpt2-124m and llama-1b also bring their experiment (configs/experiment/), tuned for GPUs"
+	@echo "  MODEL=           a preset in configs/model/: $(MODEL_PRESETS);"
+	@echo "                   one with an experiment of its name brings it too ($(subst $(eval) ,$(comma) ,$(filter-out default,$(EXPERIMENTS))), tuned for GPUs)"
 	@echo "  TEXT=            local text: a .txt, .jsonl or .parquet file, a folder or a glob (default: the embedded corpus)"
 	@echo "  HF=              a Hugging Face Hub dataset, name[:config]"
-	@echo "  DS=              DeepSpeed preset in configs/deepspeed/: zero1, zero2, zero2_offload, zero3, zero3_offload, zero3_nvme (empty: DDP)"
+	@echo "  DS=              DeepSpeed preset in configs/deepspeed/: $(DS_PRESETS) (empty: DDP)"
 	@echo "  NVME_PATH=       folder on a fast local disk for DS=zero3_nvme"
 	@echo "  TOKENIZER=       a tokenizer.json (default: train a byte-level BPE on the data)"
 	@echo "  DEVICES=         processes per node (default 1)"
@@ -159,8 +169,14 @@ plot: $(STAMP)
 tui: $(STAMP)
 	$(PY) -m llm tui --run="$$RUN"
 
+wandb-dashboard: $(STAMP)
+	$(PY) -m llm wandb-dashboard $(ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not shared_data" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check llm tests scripts

@@ -32,8 +32,9 @@ COMMANDS = {
     "torchrun": ("llm.launch", "torchrun_main", "start this node's processes of a multi-node job (torchrun)"),
     "deepspeed": ("llm.launch", "deepspeed_main", "start a job over a hostfile (the DeepSpeed launcher)"),
     "slurm": ("llm.launch", "slurm_main", "submit a job to SLURM (sbatch scripts/slurm/train.sbatch)"),
-    "plot": ("llm.plot", "plot", "PNG charts of a run's loss, throughput, MFU and memory"),
+    "plot": ("llm.plot", "plot", "PNG charts of a run: loss, optimizer, throughput, memory"),
     "tui": ("llm.plot", "tui", "open a run in W&B's terminal viewer"),
+    "wandb-dashboard": ("llm.dashboard", "wandb_dashboard", "build or update a saved W&B workspace of the metrics"),
 }
 READS_ARGV = {"fit", "prepare", "torchrun", "deepspeed", "slurm"}
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         print("usage: python -m llm {" + ",".join(COMMANDS) + "} [options]", file=sys.stderr)
         for name, (_, _, what) in COMMANDS.items():
-            print(f"  {name:<12} {what}", file=sys.stderr)
+            print(f"  {name:<15} {what}", file=sys.stderr)
         sys.exit(2)
     sys.argv = [sys.argv[0], *argv]
     command, args = argv[0], argv[1:]

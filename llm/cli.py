@@ -46,7 +46,9 @@ RUN_ARGUMENTS = [
     ("max_skipped_steps", int, 5, "stop when more optimizer steps than this in a row had a non-finite gradient"),
     ("deepspeed", str | None, None, "DeepSpeed preset in configs/deepspeed/ (DS=), or a .yaml or .json; none: DDP"),
     ("nvme_path", str | None, None, "folder for ZeRO NVMe offload (NVME_PATH=)"),
-    ("wandb_project", str, "llm", "W&B project"),
+    ("wandb_project", str | None, None, "W&B project; default: WANDB_PROJECT, else llm"),
+    ("wandb_entity", str | None, None, "W&B entity (user or team); default: WANDB_ENTITY, else the API key's"),
+    ("wandb_log_model", bool, False, "put the final checkpoint's weights in the run's W&B model artifact too"),
     ("peak_flops", float | None, None, "peak FLOP/s of one device for MFU; default: GPU datasheet, measured on CPU"),
 ]
 
@@ -145,7 +147,8 @@ class LLMCLI(LightningCLI):
         callbacks.append(NonFiniteSteps(cfg.max_skipped_steps))
         save_every = cfg.save_every or cfg.eval_every
         callbacks += run.callbacks(scrub(resolved), self.run_dir, self.data_folder, save_every, cfg.keep_last)
-        loggers = make_loggers(self.run_dir, cfg.experiment, cfg.wandb_project)
+        loggers = make_loggers(self.run_dir, cfg.experiment, cfg.wandb_project, cfg.wandb_entity, run_tags(cfg))
+        loggers += preflight.extra_loggers(self._get(self.config_init, "trainer", default={}).get("logger"))
         strategy = build_strategy(
             cfg.deepspeed,
             cfg.nvme_path,
@@ -170,7 +173,12 @@ class LLMCLI(LightningCLI):
         # a checkpoint is read as tensors and plain data only, DeepSpeed's shards included
         with weights_only_loads() if ckpt_path else contextlib.nullcontext():
             self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        run.write_summary(self.trainer, datamodule, model, time.perf_counter() - started)
+        summary = run.write_summary(self.trainer, datamodule, model, time.perf_counter() - started)
+        files = [self.run_dir / "config.yaml", self.run_dir / "summary.json", datamodule.folder / "tokenizer.json"]
+        weights = Path(summary["last_checkpoint"]).resolve() if self._config().wandb_log_model else None
+        for logger in self.trainer.loggers:
+            if isinstance(logger, RunWandbLogger):
+                logger.record_outcome(summary, [f for f in files if f.is_file()], weights)
 
     def wandb_config(self, model_config, resolved: dict) -> dict:
         """What W&B's run config holds: the resolved config and the figures a dashboard needs."""
@@ -180,6 +188,7 @@ class LLMCLI(LightningCLI):
             "flops_per_token": flops_per_token(model_config, model_config.block_size),
             "world_size": self.trainer.world_size,
             "strategy": run.strategy_label(self.trainer.strategy),
+            "model_preset": model_preset(self._config()),
         }
 
     def print_header(self, c, datamodule) -> None:
@@ -192,6 +201,23 @@ class LLMCLI(LightningCLI):
             f"strategy: {run.strategy_label(self.trainer.strategy)}; "
             f"compile: {'on' if self.model.compile_model else 'off'}; run: {self.run_dir}"
         )
+
+
+def model_preset(cfg) -> str:
+    """The name of the model preset the config used (configs/model/<name>.yaml), or "custom"."""
+    path = cfg.model.config.get("__path__")
+    return Path(str(path)).stem if path else "custom"
+
+
+def run_tags(cfg) -> list[str]:
+    """W&B tags: what a run list is filtered by."""
+    ds = Path(cfg.deepspeed).stem if cfg.deepspeed else "none"
+    return [
+        f"model:{model_preset(cfg)}",
+        f"ds:{ds}",
+        f"precision:{cfg.trainer.precision}",  # filled in by preflight.check
+        f"world:{preflight.world_size(cfg.trainer)}",
+    ]
 
 
 def prepare_main() -> None:

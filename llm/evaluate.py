@@ -224,13 +224,14 @@ def add_to_wandb_run(loaded: Loaded, result: dict) -> None:
         return
     import wandb
 
-    from llm.loggers import wandb_mode
+    from llm.loggers import wandb_entity, wandb_mode, wandb_project
 
     run = wandb.init(
         id=id_file.read_text().strip(),
         resume="allow",
         dir=str(run_dir),
-        project=loaded.config.get("wandb_project", "llm"),
+        project=wandb_project(loaded.config.get("wandb_project")),
+        entity=wandb_entity(loaded.config.get("wandb_entity")),
         mode=wandb_mode(),
         settings=wandb.Settings(silent=True, console="off"),
     )

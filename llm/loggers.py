@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from llm import ranks
+from llm.metrics import STEP
 from llm.redact import scrub, scrub_text
 
 
@@ -32,6 +33,16 @@ def wandb_mode() -> str:
     except (OSError, netrc.NetrcParseError):
         pass
     return "offline"
+
+
+def wandb_project(project: str | None = None) -> str:
+    """The config's W&B project, else WANDB_PROJECT, else llm."""
+    return project or os.environ.get("WANDB_PROJECT") or "llm"
+
+
+def wandb_entity(entity: str | None = None) -> str | None:
+    """The config's W&B entity, else WANDB_ENTITY, else None: the API key's default entity."""
+    return entity or os.environ.get("WANDB_ENTITY") or None
 
 
 class _StepRowsWriter(_ExperimentWriter):
@@ -88,10 +99,12 @@ class RunCSVLogger(CSVLogger):
 
 
 class RunWandbLogger(WandbLogger):
-    """Lightning's WandbLogger with three changes:
+    """Lightning's WandbLogger with these changes:
     - the run id is kept in the run folder, so RESUME=auto continues the same W&B run;
     - W&B's config is the run's resolved config and a few derived figures (`run_config`), scrubbed
       of secrets, rather than the module's hyperparameters;
+    - the summary keeps the best validation loss (val/loss.min) beside the last, and at the end
+      holds summary.json's figures; the run's tokenizer and config are logged as a model artifact;
     - if W&B fails to start or to write, training goes on with metrics.csv, and says so once."""
 
     def __init__(self, run_dir: Path, **kwargs):
@@ -100,6 +113,7 @@ class RunWandbLogger(WandbLogger):
         self._wandb_init.pop("anonymous", None)
         self.run_config: dict = {}
         self.failed = False
+        self.defined = False
 
     @staticmethod
     def run_id(run_dir: Path) -> str | None:
@@ -132,9 +146,14 @@ class RunWandbLogger(WandbLogger):
         try:
             argv, sys.argv = sys.argv, [scrub_text(a) for a in sys.argv]  # W&B records the command line
             try:
-                return WandbLogger.experiment.fget(self)
+                experiment = WandbLogger.experiment.fget(self)
             finally:
                 sys.argv = argv
+            if not self.defined and hasattr(experiment, "define_metric"):
+                # Lightning puts every key on its step axis; a key defined by name must say so again
+                experiment.define_metric("val/loss", step_metric=STEP, step_sync=True, summary="min,last")
+                self.defined = True
+            return experiment
         except Exception as exc:  # wandb raises many kinds: bad mode, unwritable dir, network
             self._give_up(exc)
             return _DummyExperiment()
@@ -154,6 +173,26 @@ class RunWandbLogger(WandbLogger):
             return
         try:
             super().log_metrics(metrics, step)
+        except Exception as exc:
+            self._give_up(exc)
+
+    @rank_zero_only
+    def record_outcome(self, summary: dict, files: list[Path], weights: Path | None) -> None:
+        """summary.json's figures in the run's summary, and an artifact `<run>-model` holding the
+        files (tokenizer, config, summary) and, when given, the final checkpoint's weights."""
+        if self.failed:
+            return
+        try:
+            import wandb
+
+            experiment = self.experiment
+            experiment.summary.update(scrub(summary))
+            artifact = wandb.Artifact(f"{self._name}-model", type="model", metadata=scrub(summary))
+            for path in files:
+                artifact.add_file(str(path), name=path.name)
+            if weights is not None:
+                (artifact.add_dir if weights.is_dir() else artifact.add_file)(str(weights), name=weights.name)
+            experiment.log_artifact(artifact, aliases=["latest", f"step-{summary['steps']}"])
         except Exception as exc:
             self._give_up(exc)
 
@@ -184,6 +223,19 @@ def quiet_lightning() -> None:
         logging.getLogger(name).addFilter(_DropNoise())
 
 
-def make_loggers(run_dir: Path, experiment: str, project: str) -> list:
+def make_loggers(
+    run_dir: Path, experiment: str, project: str | None, entity: str | None = None, tags: list[str] | None = None
+) -> list:
+    """metrics.csv and W&B: the run is named after its folder, grouped by experiment, job_type
+    train, tagged (`run_tags`)."""
     os.environ["WANDB_MODE"] = wandb_mode()  # the processes a launcher starts inherit the decision
-    return [RunCSVLogger(str(run_dir)), RunWandbLogger(run_dir, project=project, name=run_dir.name, group=experiment)]
+    wandb = RunWandbLogger(
+        run_dir,
+        project=wandb_project(project),
+        entity=wandb_entity(entity),
+        name=run_dir.name,
+        group=experiment,
+        job_type="train",
+        tags=tags or [],
+    )
+    return [RunCSVLogger(str(run_dir)), wandb]

@@ -166,6 +166,12 @@ class PerformanceMonitor(Callback):
     def on_validation_start(self, trainer, pl_module) -> None:
         self.last_end = None  # validation and the checkpoint after it are not training time
 
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and hasattr(self, "tokens_per_step"):
+            # in the validation row too, so that W&B can chart val/ against tokens (`make wandb-dashboard`)
+            tokens = float(trainer.global_step * self.tokens_per_step)
+            pl_module.log("train/tokens", tokens, on_step=False, on_epoch=True, rank_zero_only=True)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.samples += len(batch)
         stepped = trainer.global_step != self.last_step

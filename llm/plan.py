@@ -25,20 +25,25 @@ import yaml
 
 from llm.errors import ConfigError
 from llm.model import ModelConfig, Transformer, count_params
+from llm.strategy import PRESETS as DS_PRESETS
+from llm.strategy import preset_names
 
 GiB = 2**30
 MODELS = Path(__file__).resolve().parents[1] / "configs" / "model"
 OVERHEAD_BYTES = 2 * GiB  # CUDA context, NCCL buffers, allocator fragmentation: a floor that always goes
-# fastest first: offload moves work onto PCIe and the CPU, NVMe onto the disk
-ROWS = [  # (preset, stage, offload)
-    ("ddp", 0, None),
-    ("zero1", 1, None),
-    ("zero2", 2, None),
-    ("zero3", 3, None),
-    ("zero2_offload", 2, "optim→cpu"),
-    ("zero3_offload", 3, "optim+params→cpu"),
-    ("zero3_nvme", 3, "optim+params→nvme"),
-]
+OFFLOAD_COST = {None: 0, "cpu": 1, "nvme": 2}  # offload moves work onto PCIe and the CPU, NVMe onto the disk
+
+
+def plan_rows() -> list[tuple[str, int, str | None, bool]]:
+    """(preset, stage, offload device, parameters offloaded too) for plain DDP and every preset in
+    configs/deepspeed/, read from the preset itself; fastest first."""
+    rows = [("ddp", 0, None, False)]
+    for name in preset_names():
+        zero = (yaml.safe_load((DS_PRESETS / f"{name}.yaml").read_text()) or {}).get("zero_optimization", {})
+        devices = [(zero.get(k) or {}).get("device") for k in ("offload_optimizer", "offload_param")]
+        optim, params = (d if d not in (None, "none") else None for d in devices)
+        rows.append((name, zero.get("stage", 0), params or optim, params is not None))
+    return sorted(rows, key=lambda r: (OFFLOAD_COST[r[2]], r[1]))
 
 
 @dataclass
@@ -101,18 +106,19 @@ def plan(
     activations = activation_bytes(config, micro_batch, seq_len, checkpointing)
     largest = largest_layer_params(config)
     rows = []
-    for preset, stage, offload in ROWS:
+    for preset, stage, device, params_offloaded in plan_rows():
         cpu, nvme = 0.0, 0.0
-        if offload is None:
+        if device is None:
             states = zero_paper_bytes(stage, psi, n)
-        elif stage == 2:
+        elif stage < 3:
             cpu, states = estimate_zero2_model_states_mem_needs(psi, gpus, nnodes, cpu_offload=True)
         else:
             cpu, states, _ = estimate_zero3_model_states_mem_needs(
-                psi, largest, gpus, nnodes, cpu_offload=True, cpu_offload_params=True
+                psi, largest, gpus, nnodes, cpu_offload=True, cpu_offload_params=params_offloaded
             )
-            if offload.endswith("nvme"):  # the same states, on disk; the CPU keeps only staging buffers
-                cpu, nvme = 0.0, cpu
+        if device == "nvme":  # the same states, on disk; the CPU keeps only staging buffers
+            cpu, nvme = 0.0, cpu
+        offload = f"optim{'+params' if params_offloaded else ''}→{device}" if device else None
         total = states + activations + OVERHEAD_BYTES
         fits = total <= gpu_mem * GiB and (cpu_mem is None or cpu <= cpu_mem * GiB)
         rows.append(

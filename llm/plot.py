@@ -1,4 +1,5 @@
-"""PNG charts of a run against step: loss, throughput, MFU and memory, from its metrics.csv."""
+"""PNG charts of a run, one file per section of llm/metrics.py (loss, optimizer, throughput, memory)
+and all of them on one page, from its metrics.csv."""
 
 from __future__ import annotations
 
@@ -6,27 +7,7 @@ import csv
 from pathlib import Path
 
 from llm.errors import ConfigError
-
-# chart -> (title, y label, [(column, legend)])
-CHARTS = {
-    "loss": ("Loss", "nats per token", [("train/loss", "train"), ("val/loss", "validation")]),
-    "throughput": (
-        "Throughput",
-        "tokens / s",
-        [("perf/tokens_per_sec", "all devices"), ("perf/tokens_per_sec_per_device", "per device")],
-    ),
-    "mfu": ("Model FLOPs utilisation", "MFU", [("perf/mfu", "MFU")]),
-    "memory": (
-        "Memory",
-        "GiB",
-        [
-            ("mem/peak_max", "peak (max over ranks)"),
-            ("mem/allocated_max", "allocated (max)"),
-            ("mem/allocated_min", "allocated (min)"),
-            ("mem/host_rss_max", "host RSS (max)"),
-        ],
-    ),
-}
+from llm.metrics import SECTIONS, X_AXES, charts
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -37,49 +18,67 @@ def read_metrics(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def series(rows: list[dict], column: str) -> tuple[list[int], list[float]]:
-    points = [(int(r["step"]) + 1, float(r[column])) for r in rows if r.get(column)]  # steps done, from 1
+def series(rows: list[dict], column: str, x: str = "step") -> tuple[list[float], list[float]]:
+    """(x, y) of one column: x is steps done (from 1) or tokens trained (metrics.csv's step is the
+    index of the step being logged, from 0)."""
+    if x == "step":
+        points = [(int(r["step"]) + 1, float(r[column])) for r in rows if r.get(column)]
+    else:
+        points = [(float(r[X_AXES["tokens"]]), float(r[column])) for r in rows if r.get(column) and r.get(X_AXES[x])]
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot(run: str) -> list[str]:
-    """Write loss, throughput, MFU and memory charts against step into <run>/plots/, and all four
-    on one page as overview.png.
+def _draw(ax, chart, rows: list[dict], x: str) -> None:
+    for key, legend in chart.series:
+        xs, ys = series(rows, key, x)
+        if xs:
+            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=legend)
+    ax.set(title=chart.title, xlabel=x, ylabel=chart.unit)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def plot(run: str, x: str = "step") -> list[str]:
+    """Write one PNG per section of the logged metrics (loss, optimizer, throughput, memory) into
+    <run>/plots/, and all of them on one page as overview.png.
 
     Args:
         run: a run folder (RUN=), e.g. runs/default-20261128-120000
+        x: the x-axis, step or tokens
     """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
+    if x not in X_AXES:
+        raise ConfigError(f"x={x}: not an x-axis; use one of {', '.join(X_AXES)}")
     folder = Path(run)
     rows = read_metrics(folder)
     out = folder / "plots"
     out.mkdir(exist_ok=True)
     written, contents = [], []
-    overview, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for (name, (title, ylabel, columns)), overview_ax in zip(CHARTS.items(), axes.flat, strict=True):
-        figure, ax = plt.subplots(figsize=(7, 4))
-        counts = [f"{legend} {len(series(rows, column)[0])} points" for column, legend in columns]
-        contents.append(f"{name}.png: {', '.join(counts)}")  # a series the run never logged shows as 0
-        for target in (ax, overview_ax):
-            for column, legend in columns:
-                steps, values = series(rows, column)
-                if steps:
-                    target.plot(steps, values, marker="." if len(steps) < 30 else None, label=legend)
-            target.set(title=title, xlabel="step", ylabel=ylabel)
-            target.grid(alpha=0.3)
-            if target.get_legend_handles_labels()[0]:
-                target.legend()
+    width = max(len(charts(s)) for s in SECTIONS)
+    overview, grid = plt.subplots(len(SECTIONS), width, figsize=(4.2 * width, 3.2 * len(SECTIONS)), squeeze=False)
+    for section, row in zip(SECTIONS, grid, strict=True):
+        items = charts(section)
+        figure, axes = plt.subplots(1, len(items), figsize=(4.5 * len(items), 3.6), squeeze=False)
+        for chart, ax, overview_ax in zip(items, axes[0], row, strict=False):
+            _draw(ax, chart, rows, x)
+            _draw(overview_ax, chart, rows, x)
+        for unused in row[len(items) :]:
+            unused.axis("off")
+        name = f"{section.lower()}.png"
+        # a series the run never logged shows as 0 points
+        contents.append(f"{name}: " + ", ".join(f"{k} {len(series(rows, k)[0])}" for c in items for k in c.keys))
         figure.tight_layout()
-        figure.savefig(out / f"{name}.png", dpi=100)
+        figure.savefig(out / name, dpi=90)
         plt.close(figure)
-        written.append(str(out / f"{name}.png"))
+        written.append(str(out / name))
     overview.suptitle(folder.name)
     overview.tight_layout()
-    overview.savefig(out / "overview.png", dpi=100)
+    overview.savefig(out / "overview.png", dpi=80)
     plt.close(overview)
     written.append(str(out / "overview.png"))
     for path in written:

@@ -63,10 +63,28 @@ def check(cfg, command: str) -> None:
     if command == "prepare":
         return
     check_trainer(cfg.trainer)
+    check_loggers(cfg.trainer)
     resolve_speed_options(cfg)
     if cfg.deepspeed:
         load_preset(cfg.deepspeed, cfg.nvme_path)  # an unknown preset, offload it cannot do, a bad NVMe path
     run.check(cfg)
+
+
+def check_loggers(trainer) -> None:
+    """trainer.logger in a YAML: loggers there are added to the run's own (metrics.csv and W&B,
+    which the run folder, `make plot` and resuming rely on); turning logging off is refused."""
+    if trainer.logger is False:
+        raise ConfigError(
+            "trainer.logger=false: a run always writes metrics.csv and a W&B run (offline without a key); "
+            "remove it, and set WANDB_MODE=disabled to leave W&B out"
+        )
+
+
+def extra_loggers(logger) -> list:
+    """The instantiated trainer.logger of the config (none, one or a list), added to the run's own."""
+    if logger in (None, True):
+        return []
+    return list(logger) if isinstance(logger, list | tuple) else [logger]
 
 
 def take_architecture(cfg) -> None:

@@ -18,25 +18,20 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, run_llm
+from conftest import REPO, TINY, assert_refused, run_llm
+from llm.dashboard import build_workspace, panel_keys
+from llm.metrics import CHARTS, STEP, TOKENS, X_AXES, logged_keys
 from llm.model import ModelConfig, count_params, flops_per_token
 from llm.peaks import measure_matmul_peak
 from llm.redact import scrub
 
-MEMORY = [f"mem/{name}_{side}" for name in ("allocated", "reserved", "peak", "host_rss") for side in ("max", "min")]
-PERF = [
-    "perf/tokens_per_sec",
-    "perf/tokens_per_sec_per_device",
-    "perf/samples_per_sec",
-    "perf/step_time",
-    "perf/mfu",
-    "perf/data_wait_frac",
-]
-KEYS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens", "val/loss", "val/ppl", "val/bpb", *PERF, *MEMORY]
+KEYS = sorted(logged_keys())  # llm/metrics.py: what every training run logs
+W_AND_B_OWN = {"_runtime", "_step", "_timestamp", "epoch", STEP}  # what W&B and Lightning add to each row
 # secrets in the environment of the run, which nothing it writes may contain
 FAKE_HF_TOKEN = "hf_" + "Zq7WkP3xR9mT2vL8nB4yC6dF1gH5jK0s"
 FAKE_WANDB_KEY = "f00dfeed" * 5
 SECRETS = {"HF_TOKEN": FAKE_HF_TOKEN, "WANDB_API_KEY": FAKE_WANDB_KEY, "WANDB_MODE": "offline"}
+WHERE = {"WANDB_PROJECT": "llm-tests", "WANDB_ENTITY": "a-team"}  # where a user sends the runs
 RUN = [*TINY, "--data.vocab_size=512", "--trainer.max_steps=8", "--trainer.log_every_n_steps=2", "--eval_every=4"]
 
 
@@ -90,7 +85,7 @@ def csv_rows(run: Path) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, code_corpus, data_cache) -> Path:
     run = tmp_path_factory.mktemp("metrics") / "single"
-    result = fit(code_corpus, run, data_cache)
+    result = fit(code_corpus, run, data_cache, "--wandb_log_model=true", env=WHERE)
     assert result.returncode == 0, result.stderr[-3000:]
     return run
 
@@ -98,7 +93,7 @@ def single(tmp_path_factory, code_corpus, data_cache) -> Path:
 @pytest.fixture(scope="module")
 def deepspeed(tmp_path_factory, code_corpus, data_cache) -> Path:
     run = tmp_path_factory.mktemp("metrics") / "deepspeed"
-    result = fit(code_corpus, run, data_cache, "--trainer.devices=2", "--deepspeed=zero2")
+    result = fit(code_corpus, run, data_cache, "--trainer.devices=2", "--deepspeed=zero2", env=WHERE)
     assert result.returncode == 0, result.stderr[-3000:]
     return run
 
@@ -112,8 +107,9 @@ def run(request) -> Path:
 def test_every_metric_reaches_wandb_with_plausible_values(run):
     (wandb_run,) = wandb_runs(run)
     items = history(wandb_records(wandb_run))
-    logged = {k for item in items for k in item}
+    logged = {k for item in items for k in item} - W_AND_B_OWN
     assert set(KEYS) <= logged, f"missing from W&B: {sorted(set(KEYS) - logged)}"
+    assert logged <= set(KEYS), f"logged but not declared in llm/metrics.py: {sorted(logged - set(KEYS))}"
     for item in items:
         if "perf/tokens_per_sec" in item:
             assert item["perf/tokens_per_sec"] > 0 and item["perf/samples_per_sec"] > 0 and item["perf/step_time"] > 0
@@ -145,6 +141,61 @@ def test_metrics_csv_holds_what_wandb_received(run):
         assert logged == set(KEYS) & set(item), f"step {step}"
         for key in logged:
             assert float(rows[step][key]) == pytest.approx(item[key], rel=1e-6), key
+
+
+@pytest.mark.slow
+def test_wandb_run_metadata_summary_and_model_artifact(run):
+    (wandb_run,) = wandb_runs(run)
+    records = wandb_records(wandb_run)
+    (header,) = [r["run"] for r in records if r["type"] == "run"]
+    world_size, ds = (2, "zero2") if world(run) == 2 else (1, "none")
+    assert header["tags"] == ["model:tiny", f"ds:{ds}", "precision:32-true", f"world:{world_size}"]
+    assert header["job_type"] == "train" and header["run_group"] == "default" and header["display_name"] == run.name
+    assert header["project"] == "llm-tests" and header["entity"] == "a-team"
+    assert wandb_config(records)["model_preset"] == "tiny"
+    (val_loss,) = [r["metric"] for r in records if r["type"] == "metric" and r["metric"].get("name") == "val/loss"]
+    assert val_loss["summary"] == {"min": True, "last": True} and val_loss["step_metric"] == STEP
+    summary = json.loads((run / "summary.json").read_text())
+    final = {}
+    for r in records:
+        if r["type"] == "summary":
+            final.update(r["summary"]["update"])
+    assert {k: final[k] for k in summary} == summary  # summary.json mirrored
+    assert final["val/loss"]["min"] == min(float(r["val/loss"]) for r in csv_rows(run).values() if r.get("val/loss"))
+    (artifact,) = [r["artifact"] for r in records if r["type"] == "artifact"]
+    assert artifact["name"] == f"{run.name}-model" and artifact["type"] == "model"
+    files = sorted(c["path"] for c in artifact["manifest"]["contents"])
+    weights = ["step-000008.ckpt"] if world_size == 1 else []  # --wandb_log_model=true in the single run only
+    assert files == sorted(["config.yaml", "summary.json", "tokenizer.json", *weights])
+
+
+@pytest.mark.slow
+def test_dashboard_panels_show_keys_a_real_run_logged(single):
+    (wandb_run,) = wandb_runs(single)
+    logged = {k for item in history(wandb_records(wandb_run)) for k in item}
+    for x in X_AXES:
+        workspace = build_workspace("a-team", "llm-tests", x)  # built offline; nothing is sent
+        keys = panel_keys(workspace)
+        assert keys <= logged, sorted(keys - logged)
+        assert {s.name for s in workspace.sections} == {"Loss", "Optimizer", "Throughput", "Memory"}
+        assert workspace.settings.x_axis == X_AXES[x] and {p.x for s in workspace.sections for p in s.panels} == {
+            X_AXES[x]
+        }
+        workspace._to_model()  # the saved form builds, as `save` would send it
+    # every validation row carries the tokens trained so far, so val/ charts work with tokens on x
+    assert all(TOKENS in item for item in history(wandb_records(wandb_run)) if "val/loss" in item)
+
+
+def test_wandb_dashboard_offline_refuses_in_one_line(tmp_path):
+    result = subprocess.run(
+        ["make", "-s", "wandb-dashboard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "WANDB_MODE": "offline", "HOME": str(tmp_path)},
+    )
+    assert_refused(result, "wandb-dashboard: W&B is offline", "set WANDB_API_KEY")
 
 
 @pytest.mark.slow
@@ -235,16 +286,19 @@ def test_make_plot_writes_png_charts(single):
         ["make", "-s", "plot", f"RUN={single}"], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    for name in ("loss", "throughput", "mfu", "memory", "overview"):
+    for name in ("loss", "optimizer", "throughput", "memory", "overview"):
         png = single / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
-    # every series of every chart has its points: 8 steps logged every 2, validation at steps 4 and 8
+    # every declared series has its points: 8 steps logged every 2, validation at steps 4 and 8
     lines = [line for line in result.stdout.splitlines() if not line.startswith("wrote ")]
-    contents = {line.split(":")[0]: line for line in lines if line.split(":")[0].endswith(".png")}
-    assert contents["loss.png"] == "loss.png: train 4 points, validation 2 points"
-    for name in ("throughput", "mfu", "memory"):
-        counts = re.findall(r"(\d+) points", contents[f"{name}.png"])
-        assert counts and all(int(c) == 4 for c in counts), contents[f"{name}.png"]
+    counts = {}
+    for line in lines:
+        for key, points in re.findall(r"(\S+/\S+) (\d+)", line):
+            counts[key] = int(points)
+    for chart in CHARTS:
+        for key in chart.keys:
+            expected = 2 if key.startswith("val/") else 4
+            assert counts[key] == expected, (key, lines)
 
 
 @pytest.mark.slow

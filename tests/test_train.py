@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, corpus_fit, run_llm, trained_steps
+from conftest import REPO, TINY, assert_refused, corpus_fit, run_llm, trained_steps
 from llm.checkpoint import load_for_inference
 
 SUMMARY_KEYS = {
@@ -140,3 +140,34 @@ def test_checkpoint_holds_config_and_tokenizer_and_reproduces_the_logits(tmp_pat
     trained = torch.load(run / "probe-rank0.pt", weights_only=True)  # taken in the training process, at its end
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(trained["idx"]), trained["logits"], rtol=0, atol=1e-6)
+
+
+def test_loggers_and_callbacks_of_a_yaml_are_added_to_the_runs_own(tmp_path, fixture_text, data_cache):
+    # a fork's own logger and callback, in its own config file: honoured beside metrics.csv and W&B
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(
+        "trainer:\n"
+        "  logger:\n"
+        "    - class_path: lightning.pytorch.loggers.CSVLogger\n"
+        f"      init_args: {{save_dir: {tmp_path / 'theirs'}, name: csv}}\n"
+        "  callbacks:\n"
+        "    - class_path: lightning.pytorch.callbacks.LearningRateMonitor\n"
+    )
+    run = tmp_path / "run"
+    args = corpus_fit(fixture_text, run, data_cache, "--data.vocab_size=300", "--data.val_fraction=0.3")
+    result = run_llm(*args, "--config", str(extra), "--trainer.max_steps=2", "--trainer.log_every_n_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(run / "metrics.csv", newline="") as f:
+        ours = list(csv.DictReader(f))
+    (theirs,) = (tmp_path / "theirs" / "csv").glob("version_*/metrics.csv")
+    with open(theirs, newline="") as f:
+        their_rows = list(csv.DictReader(f))
+    assert [r["train/loss"] for r in their_rows if r.get("train/loss")] == [r["train/loss"] for r in ours]
+    assert all(r.get("lr-AdamW/pg1") for r in ours)  # the LearningRateMonitor's key, in the run's own log
+
+
+def test_turning_the_runs_loggers_off_is_refused(tmp_path, fixture_text, data_cache):
+    run = tmp_path / "run"
+    result = run_llm(*corpus_fit(fixture_text, run, data_cache, "--trainer.logger=false"))
+    assert_refused(result, "trainer.logger=false: a run always writes metrics.csv", "WANDB_MODE=disabled")
+    assert not run.exists()

@@ -1,0 +1,62 @@
+"""The metrics a training run logs, declared once. `make plot`'s charts and `make wandb-dashboard`'s
+panels are built from this list, and the tests check it against what a real run logs (every key
+declared is logged, every key logged is declared), so a new metric is added here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SECTIONS = ("Loss", "Optimizer", "Throughput", "Memory")
+STEP = "trainer/global_step"  # the optimizer step, as Lightning's W&B logger writes it beside each row
+TOKENS = "train/tokens"  # tokens trained so far, the whole job's: the other x-axis
+X_AXES = {"step": STEP, "tokens": TOKENS}
+
+
+@dataclass(frozen=True)
+class Chart:
+    section: str  # one of SECTIONS
+    title: str
+    unit: str  # the y axis
+    series: tuple[tuple[str, str], ...]  # (key, legend)
+
+    @property
+    def keys(self) -> list[str]:
+        return [key for key, _ in self.series]
+
+
+def _memory(name: str, title: str) -> Chart:
+    return Chart("Memory", title, "GiB", ((f"mem/{name}_max", "max over ranks"), (f"mem/{name}_min", "min over ranks")))
+
+
+CHARTS = (
+    Chart("Loss", "Loss", "nats per token", (("train/loss", "train"), ("val/loss", "validation"))),
+    Chart("Loss", "Bits per byte", "bits per byte of text", (("val/bpb", "validation"),)),
+    Chart("Loss", "Perplexity", "perplexity", (("val/ppl", "validation"),)),
+    Chart("Optimizer", "Learning rate", "learning rate", (("train/lr", "learning rate"),)),
+    Chart("Optimizer", "Gradient norm", "L2 norm before clipping", (("train/grad_norm", "gradient norm"),)),
+    Chart("Optimizer", "Skipped steps", "steps so far", (("train/skipped_steps", "non-finite, skipped"),)),
+    Chart(
+        "Throughput",
+        "Tokens per second",
+        "tokens / s",
+        (("perf/tokens_per_sec", "all devices"), ("perf/tokens_per_sec_per_device", "per device")),
+    ),
+    Chart("Throughput", "Samples per second", "samples / s", (("perf/samples_per_sec", "all devices"),)),
+    Chart("Throughput", "Model FLOPs utilisation", "MFU", (("perf/mfu", "MFU"),)),
+    Chart("Throughput", "Step time", "seconds per optimizer step", (("perf/step_time", "step time"),)),
+    Chart("Throughput", "Data wait", "fraction of the step", (("perf/data_wait_frac", "waiting for data"),)),
+    _memory("allocated", "Allocated"),
+    _memory("reserved", "Reserved"),
+    _memory("peak", "Peak allocated"),
+    _memory("host_rss", "Host RSS"),
+)
+
+
+def charts(section: str) -> list[Chart]:
+    return [c for c in CHARTS if c.section == section]
+
+
+def logged_keys() -> set[str]:
+    """The keys every training run logs."""
+    return {TOKENS} | {key for c in CHARTS for key in c.keys}
