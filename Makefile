@@ -42,6 +42,7 @@ GPU_MEM ?=
 CPU_MEM ?=
 ARGS ?=
 PYTEST_ARGS ?=
+NAME ?=
 
 # values reach the program through the environment and "$$VAR", so quotes and spaces in them survive
 export TEXT HF TOKENIZER NVME_PATH RUN RESUME INIT CKPT PROMPT OUT HOSTFILE
@@ -69,7 +70,7 @@ EXPERIMENTS := $(sort $(notdir $(basename $(wildcard configs/experiment/*.yaml))
 
 .DEFAULT_GOAL := help
 .PHONY: help install prepare train train-multinode train-deepspeed slurm sample eval export export-fp32 plan bench plot tui wandb-dashboard \
-	test test-fast lint format clean
+	test test-fast lint format clean rename
 
 help:
 	@echo "Pretrain decoder-only Transformers. Targets:"
@@ -93,6 +94,7 @@ help:
 	@echo "  make test        the test suite (PYTEST_ARGS= passes options to pytest)"
 	@echo "  make test-fast   the tests a fork's CI runs: no multi-process runs, no ../shared/data (.github/workflows/ci.yml)"
 	@echo "  make lint        ruff"
+	@echo "  make rename      give a fork its own package name: make rename NAME=mylm (docs/extending.md)"
 	@echo "Variables (empty: the config's value):"
 	@echo "  MODEL=           a preset in configs/model/: $(MODEL_PRESETS);"
 	@echo "                   one with an experiment of its name brings it too ($(subst $(eval) ,$(comma) ,$(filter-out default,$(EXPERIMENTS))), tuned for GPUs)"
@@ -185,6 +187,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PY) -m ruff check --fix llm tests scripts
 	$(PY) -m ruff format llm tests scripts
+
+rename:
+	$(PYTHON) scripts/rename.py "$(NAME)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache  # never data/ or runs/: they hold work

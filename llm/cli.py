@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from llm import job, preflight, ranks, run
 from llm.checkpoint import weights_only_loads
-from llm.data.datamodule import TokenDataModule
+from llm.data.datamodule import TokenDataModule, datamodule_args
 from llm.errors import ConfigError, OneLineErrors
 from llm.guards import NonFiniteSteps
 from llm.loggers import RunWandbLogger, make_loggers, quiet_lightning
@@ -73,8 +73,9 @@ class LLMCLI(LightningCLI):
         self.prepare_only = prepare_only
         super().__init__(
             LanguageModel,
-            TokenDataModule,
+            TokenDataModule,  # or a subclass, named by data.class_path (--data=<class>): docs/extending.md
             *args,
+            subclass_mode_data=True,
             parser_class=ArgumentParser,
             save_config_callback=ScrubbedConfigFile,  # a resumed run rewrites it with its own config
             load_from_checkpoint_support=False,
@@ -84,7 +85,9 @@ class LLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name, kind, default, help in RUN_ARGUMENTS:
             parser.add_argument(f"--{name}", type=kind, default=default, help=help)
-        parser.link_arguments("model.config.block_size", "data.block_size")
+        # the data section may be written flat (the TokenDataModule's arguments): that class is the default
+        parser.set_defaults({"data": {"class_path": f"{TokenDataModule.__module__}.{TokenDataModule.__name__}"}})
+        parser.link_arguments("model.config.block_size", "data.init_args.block_size")
         parser.link_arguments(
             ("eval_every", "trainer.accumulate_grad_batches"),
             "trainer.val_check_interval",
@@ -152,7 +155,7 @@ class LLMCLI(LightningCLI):
         strategy = build_strategy(
             cfg.deepspeed,
             cfg.nvme_path,
-            cfg.data.batch_size,
+            datamodule_args(cfg.data).batch_size,
             preflight.uses_gpu(cfg.trainer),
             preflight.world_size(cfg.trainer),
         )

@@ -109,9 +109,9 @@ class Counts:
 
 
 def validation_blocks(loaded: Loaded, blocks: str, batch_size: int, ckpt: str):
-    from llm.data.datamodule import TokenBlocks
+    from llm.data.datamodule import TokenBlocks, datamodule_args
 
-    cfg = PrepareConfig.from_data_config(loaded.config["data"])
+    cfg = PrepareConfig.from_data_config(datamodule_args(loaded.config["data"]))
     folder = prepare(cfg, log=lambda *_: None)  # verifies a cached folder, prepares a missing one
     meta = load_meta(folder)
     info = meta["splits"]["val"]
@@ -125,7 +125,7 @@ def validation_blocks(loaded: Loaded, blocks: str, batch_size: int, ckpt: str):
             f"one block of {T + 1}; evaluate a model with a smaller block_size, or prepare more text"
         )
     if blocks == "run":  # as the datamodule placed them: val_batches x batch x processes, spread evenly
-        data = loaded.config["data"]
+        data = datamodule_args(loaded.config["data"])
         n = data["val_batches"] * data["batch_size"] * loaded.world_size
         dataset = TokenBlocks(path, dtype, info["tokens"], T, offsets="spread", length=n)
         what = f"the run's {n} validation blocks (those of its val/loss)"

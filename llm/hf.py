@@ -268,7 +268,10 @@ def model_card(ckpt: dict, c: ModelConfig, architecture: str, dtype: str) -> str
 
     cfg = ckpt["llm_config"]
     world = ckpt.get("world_size") or 1
-    per_step = cfg["trainer"]["accumulate_grad_batches"] * cfg["data"]["batch_size"] * c.block_size * world
+    from llm.data.datamodule import datamodule_args
+
+    batch = datamodule_args(cfg["data"])["batch_size"]
+    per_step = cfg["trainer"]["accumulate_grad_batches"] * batch * c.block_size * world
     step = ckpt.get("global_step", 0)
     summary = Path(cfg.get("run") or ".") / "summary.json"
     val = json.loads(summary.read_text()).get("final_val_loss") if summary.is_file() else None

@@ -170,7 +170,7 @@ class PerformanceMonitor(Callback):
         if not trainer.sanity_checking and hasattr(self, "tokens_per_step"):
             # in the validation row too, so that W&B can chart val/ against tokens (`make wandb-dashboard`)
             tokens = float(trainer.global_step * self.tokens_per_step)
-            pl_module.log("train/tokens", tokens, on_step=False, on_epoch=True, rank_zero_only=True)
+            pl_module.log("train/tokens", tokens, on_step=False, on_epoch=True, sync_dist=True)  # equal on all ranks
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.samples += len(batch)

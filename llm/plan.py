@@ -211,7 +211,8 @@ def print_table(result: dict, rows: list[Row], best: Row | None) -> None:
             f"{row.nvme_per_node_gib:,.1f}",
             "yes" if row.fits else "no",
         )
-    console = Console(width=max(Console().width, 110))
+    # never narrower than the table: a terminal that is, or a pipe and a log, get every name whole
+    console = Console(width=max(Console().width, Console(width=1000).measure(table).maximum))
     console.print(table)
     console.print(
         f"GiB per GPU: model states (params, grads, Adam) + activations + {r['overhead_gib']:g} GiB of CUDA "

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from llm import ranks, run
+from llm.data.datamodule import datamodule_args
 from llm.data.prepare import PrepareConfig, load_meta, prepare, prepared_dir
 from llm.data.sources import resolve_source
 from llm.data.tokenizer import tokenizer_vocab_size
@@ -30,7 +31,7 @@ def model_config(cfg) -> ModelConfig:
 
 
 def prepare_config(cfg) -> PrepareConfig:
-    return PrepareConfig.from_data_config(vars(cfg.data))
+    return PrepareConfig.from_data_config(vars(datamodule_args(cfg.data)))
 
 
 def round_up(n: int, multiple: int = 64) -> int:

@@ -111,12 +111,15 @@ def check_resume(cfg, path: str) -> None:
             raise ConfigError(
                 f"model.config.{key}={model_now.get(key)}: the checkpoint {path} has {model_then.get(key)}; {hint}"
             )
+    from llm.data.datamodule import datamodule_args
+
     accumulate = "trainer.accumulate_grad_batches"
+    data_then, data_now = datamodule_args(then["data"]), datamodule_args(cfg.data)
     same = [
-        ("data.batch_size", then["data"]["batch_size"], cfg.data.batch_size),
+        ("data.batch_size", data_then["batch_size"], data_now.batch_size),
         (accumulate, then["trainer"]["accumulate_grad_batches"], cfg.trainer.accumulate_grad_batches),
         ("seed_everything", then.get("seed_everything"), cfg.seed_everything),
-        ("data.seed", then["data"]["seed"], cfg.data.seed),
+        ("data.seed", data_then["seed"], data_now.seed),
     ]
     from llm.preflight import world_size
 

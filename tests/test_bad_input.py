@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import assert_refused, corpus_fit, program_stderr, run_llm, snapshot
+from llm.data.datamodule import datamodule_args
 from llm.redact import scrub, scrub_text
 
 
@@ -158,7 +159,8 @@ def test_eval_on_a_split_shorter_than_one_block(tmp_path, trained):
     ckpt = torch.load(trained[0] / "checkpoints" / "last.ckpt", weights_only=False)
     small = tmp_path / "small.txt"
     small.write_text("x = 1\n" * 30)
-    ckpt["llm_config"]["data"].update(text=str(small), cache_dir=str(tmp_path / "data"), val_fraction=0.05)
+    data = datamodule_args(ckpt["llm_config"]["data"])
+    data.update(text=str(small), cache_dir=str(tmp_path / "data"), val_fraction=0.05)
     path = tmp_path / "other-data.ckpt"
     torch.save(ckpt, path)
     result = run_llm("eval", f"--ckpt={path}")  # prepares that text first, with its progress bars on stderr

@@ -198,7 +198,7 @@ def test_datamodule_serves_the_prepared_tokens(tmp_path, code_corpus):
     # each row is the window of train.bin that sample number i starts at
     info = dm.meta["splits"]["train"]
     tokens = np.memmap(dm.folder / "train.bin", dtype=dm.meta["dtype"], mode="r")[: info["tokens"]]
-    blocks = dm._blocks("train", seed=dm.seed, offsets="random")
+    blocks = dm.blocks("train", seed=dm.seed, offsets="random")
     for i, row in enumerate(batch):
         start = blocks.start(i)
         assert torch.equal(row, torch.from_numpy(tokens[start : start + 33].astype(np.int64))), f"row {i}"

@@ -28,6 +28,7 @@ import torch
 
 from conftest import run_llm, snapshot, trained_steps
 from llm.checkpoint import load_for_inference
+from llm.data.datamodule import datamodule_args
 from llm.data.prepare import PrepareConfig, prepared_dir
 
 pytestmark = pytest.mark.slow
@@ -186,7 +187,7 @@ def test_sample_and_eval_read_a_sharded_checkpoint(train):
     # the same numbers, computed here: the first 4 x 8 non-overlapping blocks of the validation split
     loaded = load_for_inference(ckpt)
     meta, T = loaded.data_meta, loaded.model.config.block_size
-    folder = prepared_dir(PrepareConfig.from_data_config(loaded.config["data"]))
+    folder = prepared_dir(PrepareConfig.from_data_config(datamodule_args(loaded.config["data"])))
     tokens = np.memmap(folder / "val.bin", dtype=meta["dtype"], mode="r")[: meta["splits"]["val"]["tokens"]]
     batch = torch.from_numpy(np.stack([tokens[i * T : i * T + T + 1] for i in range(32)]).astype(np.int64))
     with torch.no_grad():

@@ -171,3 +171,35 @@ def test_turning_the_runs_loggers_off_is_refused(tmp_path, fixture_text, data_ca
     result = run_llm(*corpus_fit(fixture_text, run, data_cache, "--trainer.logger=false"))
     assert_refused(result, "trainer.logger=false: a run always writes metrics.csv", "WANDB_MODE=disabled")
     assert not run.exists()
+
+
+FORK_DATAMODULE = '''
+from pathlib import Path
+
+from llm.data.datamodule import TokenDataModule
+
+
+class MarkedData(TokenDataModule):
+    """A fork's DataModule: the project's, plus an argument of its own."""
+
+    def __init__(self, *args, marker: str = "marker.txt", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.marker = marker
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        Path(self.marker).write_text(f"{stage} {self.batch_size} {self.block_size}")
+'''
+
+
+def test_the_datamodule_is_chosen_by_config(tmp_path, fixture_text, data_cache):
+    (tmp_path / "forkdata.py").write_text(FORK_DATAMODULE)
+    run, marker = tmp_path / "run", tmp_path / "marker.txt"
+    args = corpus_fit(fixture_text, run, data_cache, "--data.vocab_size=300", "--data.val_fraction=0.3")
+    args += ["--data=forkdata.MarkedData", f"--data.marker={marker}", "--trainer.max_steps=2"]
+    result = run_llm(*args, env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert marker.read_text() == "TrainerFn.FITTING 8 64"  # its own argument, and the linked block size
+    assert "class_path: forkdata.MarkedData" in (run / "config.yaml").read_text()
+    not_one = run_llm(*args[:-3], "--data=lightning.pytorch.demos.boring_classes.BoringDataModule")
+    assert not_one.returncode == 2 and "does not correspond to a subclass of TokenDataModule" in not_one.stderr

@@ -23,6 +23,14 @@ from llm.data.tokenizer import EOT
 MASK64 = (1 << 64) - 1
 
 
+def datamodule_args(section):
+    """The DataModule's arguments in a config's data section (a dict or a Namespace): LightningCLI's
+    subclass form, {class_path, init_args}, or the flat form of the YAML files and older checkpoints."""
+    if isinstance(section, dict):
+        return section.get("init_args", section)
+    return section.init_args if "init_args" in section else section
+
+
 def splitmix64(x: int) -> int:
     """A well-mixed 64-bit hash of x (Steele et al., SplitMix64): sample i's offset, from i alone."""
     x = (x + 0x9E3779B97F4A7C15) & MASK64
@@ -187,7 +195,9 @@ class TokenDataModule(L.LightningDataModule):
         self.folder = prepared_dir(self.prepare_config)
         self.meta = load_meta(self.folder)
 
-    def _blocks(self, split: str, **kwargs) -> TokenBlocks:
+    def blocks(self, split: str, **kwargs) -> TokenBlocks:
+        """The blocks of a split that the loaders sample from: what a subclass changes to train on
+        other blocks (docs/extending.md, "A DataModule")."""
         info = self.meta["splits"][split]
         return TokenBlocks(self.folder / info["file"], self.meta["dtype"], info["tokens"], self.block_size, **kwargs)
 
@@ -201,12 +211,12 @@ class TokenDataModule(L.LightningDataModule):
     def train_loader(self, rank: int, world_size: int, start_batch: int, end_batch: int) -> DataLoader:
         """Micro-batches start_batch .. end_batch - 1 of this rank."""
         sampler = StepSampler(self.batch_size, rank, world_size, start_batch, end_batch)
-        return self._loader(self._blocks("train", seed=self.seed, offsets="random"), sampler, StepDataLoader)
+        return self._loader(self.blocks("train", seed=self.seed, offsets="random"), sampler, StepDataLoader)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         n = self.val_batches * self.batch_size * world
-        blocks = self._blocks("val", offsets="spread", length=n)
+        blocks = self.blocks("val", offsets="spread", length=n)
         return self._loader(blocks, list(range(rank, n, world)))  # disjoint share per rank
 
     def _loader(self, dataset, sampler, loader_class=DataLoader) -> DataLoader:
