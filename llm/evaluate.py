@@ -217,7 +217,9 @@ def _progress(what: str):
 
 
 def add_to_wandb_run(loaded: Loaded, result: dict) -> None:
-    """eval/ keys in the summary of the checkpoint's own W&B run (offline without an API key)."""
+    """The result (eval/ keys) in the summary of the checkpoint's own W&B run, where its curves are,
+    and as a W&B run of its own beside it: job_type eval, in the training run's group (offline
+    without an API key; kept in <run>/eval/wandb/)."""
     run_dir = Path(loaded.config.get("run") or "")
     id_file = run_dir / "wandb" / "run_id"
     if not id_file.is_file():
@@ -225,16 +227,27 @@ def add_to_wandb_run(loaded: Loaded, result: dict) -> None:
     import wandb
 
     from llm.loggers import wandb_entity, wandb_mode, wandb_project
+    from llm.redact import scrub
 
-    run = wandb.init(
-        id=id_file.read_text().strip(),
-        resume="allow",
-        dir=str(run_dir),
-        project=wandb_project(loaded.config.get("wandb_project")),
-        entity=wandb_entity(loaded.config.get("wandb_entity")),
-        mode=wandb_mode(),
-        settings=wandb.Settings(silent=True, console="off"),
-    )
     values = {f"eval/{k}": v for k, v in result.items() if k in ("loss", "ppl", "bpb", "tokens_evaluated")}
-    run.summary.update({**values, "eval/evaluated": result["evaluated"], "eval/step": result["step"]})
-    run.finish()
+    values |= {"eval/evaluated": result["evaluated"], "eval/step": result["step"]}
+    where = {
+        "project": wandb_project(loaded.config.get("wandb_project")),
+        "entity": wandb_entity(loaded.config.get("wandb_entity")),
+        "mode": wandb_mode(),
+        "settings": wandb.Settings(silent=True, console="off"),
+    }
+    training = wandb.init(id=id_file.read_text().strip(), resume="allow", dir=str(run_dir), **where)
+    training.summary.update(values)
+    training.finish()
+    (run_dir / "eval").mkdir(exist_ok=True)
+    evaluation = wandb.init(
+        dir=str(run_dir / "eval"),
+        name=f"{run_dir.name}-eval-step{result['step']}",
+        group=loaded.config.get("experiment"),
+        job_type="eval",
+        config=scrub({k: v for k, v in result.items() if k in ("checkpoint", "step", "evaluated")}),
+        **where,
+    )
+    evaluation.summary.update(values)
+    evaluation.finish()

@@ -141,6 +141,16 @@ def run_llm(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict |
 MAKE_ERROR = re.compile(r"^make(\[\d+\])?: \*\*\*")
 
 
+def wandb_records(wandb_run: Path) -> list[dict]:
+    """The records of an offline W&B run folder, as W&B's own reader prints them."""
+    import json
+
+    wandb = Path(sys.executable).with_name("wandb")
+    command = [str(wandb), "leet", "inspect", "--json", str(wandb_run)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
 def program_stderr(stderr: str) -> list[str]:
     """The non-empty stderr lines the program wrote, without the ones make adds after it."""
     return [line for line in stderr.splitlines() if line.strip() and not MAKE_ERROR.match(line)]

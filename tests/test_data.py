@@ -49,27 +49,32 @@ def test_jsonl_documents_decode_back_exactly_split_per_document(tmp_path, docume
     assert meta["splits"]["val"]["documents"] == len(val)
 
 
-def test_text_file_tail_split_decodes_back_to_the_file_fixture(tmp_path, fixture_text, fixture_tokenizer):
-    folder = prepare(PrepareConfig(text=str(fixture_text), tokenizer=str(fixture_tokenizer), cache_dir=str(tmp_path)))
+@pytest.mark.parametrize(
+    "text, tokenizer, expected",
+    [
+        ("fixture_text", "fixture_tokenizer", {"vocab_size": 512, "eot_id": 0}),
+        # nanoGPT's 90/10 split of this file with the GPT-2 tokenizer: 301,966 and 36,059 tokens, plus end-of-text
+        pytest.param(
+            "shakespeare",
+            "gpt2_tokenizer",
+            {"vocab_size": 50257, "eot_id": 50256, "train": 301_966 + 1, "val": 36_059 + 1},
+            marks=pytest.mark.shared_data,
+        ),
+    ],
+)
+def test_text_file_tail_split_decodes_back_to_the_file(tmp_path, request, text, tokenizer, expected):
+    text, tokenizer = request.getfixturevalue(text), request.getfixturevalue(tokenizer)
+    folder = prepare(PrepareConfig(text=str(text), tokenizer=str(tokenizer), cache_dir=str(tmp_path)))
     meta = load_meta(folder)
     (train,), (val,) = decoded_documents(folder, "train"), decoded_documents(folder, "val")
-    assert train + val == fixture_text.read_text()
+    assert train + val == text.read_text()
     assert meta["split_mode"] == "tail"
-    tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
-    assert 0.08 < meta["splits"]["val"]["tokens"] / tokens < 0.12  # val_fraction 0.1 of the text, cut at a line
-    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 512 and meta["eot_id"] == 0
-
-
-def test_text_file_tail_split_decodes_back_to_the_file(tmp_path, shakespeare, gpt2_tokenizer):
-    folder = prepare(PrepareConfig(text=str(shakespeare), tokenizer=str(gpt2_tokenizer), cache_dir=str(tmp_path)))
-    meta = load_meta(folder)
-    (train,), (val,) = decoded_documents(folder, "train"), decoded_documents(folder, "val")
-    assert train + val == shakespeare.read_text()
-    assert meta["split_mode"] == "tail"
-    # nanoGPT's 90/10 split of this file with the GPT-2 tokenizer: 301,966 and 36,059 tokens, plus end-of-text
-    assert meta["splits"]["train"]["tokens"] == 301_966 + 1
-    assert meta["splits"]["val"]["tokens"] == 36_059 + 1
-    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 50257 and meta["eot_id"] == 50256
+    tokens = {split: meta["splits"][split]["tokens"] for split in ("train", "val")}
+    assert 0.08 < tokens["val"] / (tokens["train"] + tokens["val"]) < 0.12  # val_fraction 0.1, cut at a line
+    for split in ("train", "val"):
+        assert tokens[split] == expected.get(split, tokens[split])
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == expected["vocab_size"]
+    assert meta["eot_id"] == expected["eot_id"]
 
 
 def test_end_of_text_separates_documents_and_appears_nowhere_else(tmp_path):

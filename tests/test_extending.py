@@ -60,6 +60,8 @@ def overlay_venv(folder: Path) -> Path:
 
 
 def follow(title: str, copy: Path, env: dict) -> None:
+    # as a user's shell runs them, not as a sub-make of `make test` (which prints "Entering directory")
+    env = {k: v for k, v in env.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     for info, body in recipes()[title]:
         words = info.split(maxsplit=2)
         if info == "sh":
@@ -131,3 +133,23 @@ def test_renamed_project_installs_and_passes_its_tests(tmp_path):
     assert "MYLM_SHARED_DATA" in (copy / "tests" / "conftest.py").read_text()
     refused = subprocess.run(["make", "-s", "rename", "NAME=Bad-Name"], cwd=copy, capture_output=True, text=True)
     assert refused.returncode != 0 and "error: NAME=Bad-Name: not a lowercase Python identifier" in refused.stderr
+
+
+def test_make_help_lists_every_target_and_every_preset():
+    help_text = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    phony = re.search(r"^\.PHONY:(.*?)(?<!\\)$", (REPO / "Makefile").read_text(), re.M | re.S)[1]
+    targets = set(phony.replace("\\\n", " ").split()) - {"help"}
+    assert {t for t in targets if not re.search(rf"^  make {re.escape(t)}\s", help_text, re.M)} == set()
+    for folder in ("model", "deepspeed"):
+        for preset in (REPO / "configs" / folder).glob("*.yaml"):
+            assert re.search(rf"[:,] {re.escape(preset.stem)}[,;( ]", help_text), preset
+
+
+def test_the_code_hosts_ci_runs_lint_and_the_fast_tests_and_nothing_that_needs_shared_data():
+    import yaml
+
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "ci.yml").read_text())
+    runs = [step["run"] for job in workflow["jobs"].values() for step in job["steps"] if "run" in step]
+    assert runs == ["make lint", "make test-fast"]
+    recipe = subprocess.run(["make", "-n", "test-fast"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert '-m "not slow and not shared_data"' in recipe

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_refused, corpus_fit, run_llm
+from conftest import assert_refused, corpus_fit, run_llm, wandb_records
 from llm.checkpoint import load_for_inference
 from llm.generate import generate
 from llm.hf import load_pretrained
@@ -167,9 +167,19 @@ def test_eval_over_the_runs_blocks_reports_the_loss_the_run_logged(evaluated_run
     assert result["evaluated"] == "the run's 16 validation blocks (those of its val/loss)"
     whole = eval_json(f"--ckpt={ckpt}", "--wandb=false")
     assert whole["evaluated"].startswith("the whole validation split, ") and whole["tokens_evaluated"] > 16 * 64
-    # and the run's W&B run got the result
+    # the run's W&B run got the result, and so did a W&B run of job_type eval in its group
     records = b"".join(p.read_bytes() for p in (evaluated_run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert b"eval/loss" in records
+    (eval_run,) = (evaluated_run / "eval" / "wandb").glob("offline-run-*")
+    eval_records = wandb_records(eval_run)
+    (header,) = [r["run"] for r in eval_records if r["type"] == "run"]
+    assert header["job_type"] == "eval" and header["run_group"] == "default"
+    assert header["display_name"] == f"{evaluated_run.name}-eval-step4"
+    summary = {}
+    for r in eval_records:
+        if r["type"] == "summary":
+            summary.update(r["summary"]["update"])
+    assert summary["eval/loss"] == pytest.approx(result["loss"]) and summary["eval/step"] == 4
 
 
 def test_eval_on_any_text_reports_bits_per_byte_from_its_counts(evaluated_run, tmp_path):

@@ -12,13 +12,12 @@ import re
 import select
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, assert_refused, run_llm
+from conftest import REPO, TINY, assert_refused, run_llm, wandb_records
 from llm.dashboard import build_workspace, panel_keys
 from llm.metrics import CHARTS, STEP, TOKENS, X_AXES, logged_keys
 from llm.model import ModelConfig, count_params, flops_per_token
@@ -51,18 +50,6 @@ def fit(corpus: Path, run: Path, cache: Path, *extra: str, env: dict | None = No
 
 def wandb_runs(run: Path) -> list[Path]:
     return sorted((run / "wandb").glob("offline-run-*"))
-
-
-def wandb_records(wandb_run: Path) -> list[dict]:
-    wandb = Path(sys.executable).with_name("wandb")
-    out = subprocess.run(
-        [str(wandb), "leet", "inspect", "--json", str(wandb_run)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 def history(records: list[dict]) -> list[dict]:
