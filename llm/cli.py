@@ -178,7 +178,8 @@ class LLMCLI(LightningCLI):
             self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         summary = run.write_summary(self.trainer, datamodule, model, time.perf_counter() - started)
         files = [self.run_dir / "config.yaml", self.run_dir / "summary.json", datamodule.folder / "tokenizer.json"]
-        weights = Path(summary["last_checkpoint"]).resolve() if self._config().wandb_log_model else None
+        last = summary["last_checkpoint"]
+        weights = Path(last).resolve() if self._config().wandb_log_model and last else None
         for logger in self.trainer.loggers:
             if isinstance(logger, RunWandbLogger):
                 logger.record_outcome(summary, [f for f in files if f.is_file()], weights)
