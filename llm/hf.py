@@ -119,9 +119,17 @@ def weight_map(c: ModelConfig) -> tuple[list[tuple[str, str, bool]], list[tuple[
     return pairs, fused
 
 
-def to_hf(state: dict, c: ModelConfig) -> dict:
-    """This model's state dict (keys without 'model.') as the transformers class names its weights."""
+def to_hf(state: dict, c: ModelConfig, field: str = "ckpt") -> dict:
+    """This model's state dict (keys without 'model.') as the transformers class names its weights;
+    a weight the map has no place for (an option added to the model, docs/extending.md) is refused."""
     pairs, fused = weight_map(c)
+    mapped = {ours for ours, _, _ in pairs} | {ours for ours, _, _ in fused} | {"lm_head.weight"}  # tied: a copy
+    if unmapped := sorted(set(state) - mapped):
+        raise ConfigError(
+            f"{field}: {len(unmapped)} weights ({', '.join(unmapped[:2])}{', ...' if len(unmapped) > 2 else ''}) "
+            "have no place in the transformers "
+            "model; teach llm/hf.py's weight_map the option that made them, or export a model without it"
+        )
     out = {theirs: state[ours].t() if transposed else state[ours] for ours, theirs, transposed in pairs}
     for ours, theirs, rows in fused:
         out.update(zip(theirs, state[ours].split(rows), strict=True))
@@ -247,7 +255,7 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False) -
     c = loaded.model.config
     family(c, field=f"ckpt={ckpt}")  # refuses before anything is written
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    tensors = {k: v.to(torch_dtype) for k, v in to_hf(loaded.model.state_dict(), c).items()}
+    tensors = {k: v.to(torch_dtype) for k, v in to_hf(loaded.model.state_dict(), c, f"ckpt={ckpt}").items()}
     target.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
     config = hf_config(c, loaded.eot_id) | {"torch_dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype]}

@@ -12,8 +12,10 @@ import torch
 
 from conftest import assert_refused, corpus_fit, run_llm, wandb_records
 from llm.checkpoint import load_for_inference
+from llm.errors import ConfigError
 from llm.generate import generate
-from llm.hf import load_pretrained
+from llm.hf import load_pretrained, to_hf
+from llm.model import ModelConfig, Transformer
 
 LLAMA = [
     "--model.config.mlp=swiglu",
@@ -209,3 +211,13 @@ def test_eval_on_a_dataset_through_the_hub_loading_path(evaluated_run, tmp_path)
     result = eval_json(ckpt, f"--hf={folder}", "--hf_split=train", "--wandb=false")
     assert result["evaluated"] == "hf=dataset (train)" and result["bytes"] == sum(len(r["text"]) for r in rows)
     assert result["tokens"] == sum(len(load_for_inference(ckpt[7:]).tokenizer.encode(r["text"]).ids) + 1 for r in rows)
+
+
+def test_a_weight_the_map_does_not_know_is_refused_not_dropped():
+    # an option a fork added (docs/extending.md's QK-norm) makes weights GPT-2 has no place for
+    config = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    state = Transformer(config).state_dict()
+    assert len(to_hf(state, config)) == len(state) - 1  # everything but the tied lm_head copy
+    state["blocks.1.attn.q_norm.weight"] = torch.ones(16)
+    with pytest.raises(ConfigError, match=r"ckpt=x: 1 weights \(blocks.1.attn.q_norm.weight\) have no place"):
+        to_hf(state, config, "ckpt=x")
