@@ -106,7 +106,7 @@ def fixture_text() -> Path:
 def fixture_tokenizer() -> Path:
     """A 512-token byte-level BPE tokenizer.json trained on fixture_text: a ready-made tokenizer, as
     --data.tokenizer takes, without the shared data (tests/fixtures/README.md says how it was made)."""
-    return FIXTURES / "tokenizer.json"
+    return FIXTURES / "bpe-512.json"
 
 
 @pytest.fixture(scope="session")
