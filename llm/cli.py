@@ -142,7 +142,8 @@ class LLMCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         cfg = self._config()
-        callbacks = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
+        trainer_init = self._get(self.config_init, "trainer", default={})  # the YAML's, instantiated
+        callbacks = list(trainer_init.get("callbacks") or [])
         resolved = yaml.safe_load(self._parser(self.subcommand).dump(cfg, skip_check=True))
         model = preflight.model_config(cfg)
         # the monitor first: the progress lines of a logging step show what it has just measured
@@ -151,7 +152,7 @@ class LLMCLI(LightningCLI):
         save_every = cfg.save_every or cfg.eval_every
         callbacks += run.callbacks(scrub(resolved), self.run_dir, self.data_folder, save_every, cfg.keep_last)
         loggers = make_loggers(self.run_dir, cfg.experiment, cfg.wandb_project, cfg.wandb_entity, run_tags(cfg))
-        loggers += preflight.extra_loggers(self._get(self.config_init, "trainer", default={}).get("logger"))
+        loggers += preflight.extra_loggers(trainer_init.get("logger"))
         strategy = build_strategy(
             cfg.deepspeed,
             cfg.nvme_path,

@@ -3,7 +3,6 @@ so that its panels show exactly the keys the runs log, with `wandb-workspaces`."
 
 from __future__ import annotations
 
-import os
 import warnings
 
 from llm.errors import ConfigError
@@ -65,7 +64,7 @@ def wandb_dashboard(entity: str | None = None, project: str | None = None, x: st
         x: the x-axis of every panel: step or tokens
         url: a workspace this command saved before, to update in place instead of saving a new one
     """
-    from llm.loggers import wandb_mode
+    from llm.loggers import wandb_entity, wandb_mode, wandb_project
 
     if wandb_mode() != "online":
         raise ConfigError(
@@ -74,8 +73,8 @@ def wandb_dashboard(entity: str | None = None, project: str | None = None, x: st
         )
     import wandb
 
-    project = project or os.environ.get("WANDB_PROJECT") or "llm"
-    entity = entity or os.environ.get("WANDB_ENTITY") or wandb.Api().default_entity
+    project = wandb_project(project)
+    entity = wandb_entity(entity) or wandb.Api().default_entity
     if not entity:
         raise ConfigError("wandb-dashboard: no W&B entity; set WANDB_ENTITY to your user or team name")
     built = build_workspace(entity, project, x)

@@ -24,7 +24,7 @@ def series(rows: list[dict], column: str, x: str = "step") -> tuple[list[float],
     if x == "step":
         points = [(int(r["step"]) + 1, float(r[column])) for r in rows if r.get(column)]
     else:
-        points = [(float(r[X_AXES["tokens"]]), float(r[column])) for r in rows if r.get(column) and r.get(X_AXES[x])]
+        points = [(float(r[X_AXES[x]]), float(r[column])) for r in rows if r.get(column) and r.get(X_AXES[x])]
     return [p[0] for p in points], [p[1] for p in points]
 
 
