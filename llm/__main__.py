@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [sys.argv[0], *argv]
     command, args = argv[0], argv[1:]
     module, name, _ = COMMANDS[command]
-    sys.stdout.reconfigure(errors="replace")
+    if hasattr(sys.stdout, "reconfigure"):  # a text stream whose errors can be set (not a StringIO)
+        sys.stdout.reconfigure(errors="replace")
     try:
         function = getattr(importlib.import_module(module), name)
         function() if command in READS_ARGV else function_cli(function, args)
@@ -72,6 +73,15 @@ def main(argv: list[str] | None = None) -> None:
         if ranks.is_first_process() and str(exc):  # empty: already said
             print(f"stopped: {exc}", file=sys.stderr)
         sys.exit(exc.status)
+    except RuntimeError as exc:
+        from llm.collectives import end_child_processes, failed_collective
+
+        line = failed_collective(exc)
+        if line is None:
+            raise
+        print(f"stopped: {line}", file=sys.stderr, flush=True)
+        end_child_processes()
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ job (`scontrol requeue`), which then resumes from that checkpoint. A second sign
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -121,12 +122,18 @@ class Checkpoints(Checkpoint):
         self.last_saved: Path | None = None
         self._saved_step = -1
         self._stop_pending = 0
+        self._best: dict | None = None  # the lowest validation loss so far and its step, alike on every rank
 
     # --- when ----------------------------------------------------------------------------------
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # before Lightning's own handlers: it then leaves SIGUSR1 alone (no mid-step SLURM save)
         self.signals.install()
+        # every rank reads the best so far once, before rank 0 can change the file; from then on each
+        # keeps it in memory. Deciding from the file at each validation made the ranks disagree when
+        # rank 0 had already written this step's best: one waited at the barrier below, the other
+        # trained on, and the job hung (until the collective timeout)
+        self._best = self.best()
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.signals.install()  # again: Lightning has added its SIGTERM handler since setup
@@ -150,13 +157,16 @@ class Checkpoints(Checkpoint):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
             return
-        loss = float(trainer.callback_metrics["val/loss"])
-        best = self.best()
-        if best is None or loss < best["val_loss"]:
+        loss = float(trainer.callback_metrics["val/loss"])  # the same on every rank (synchronised)
+        if not math.isfinite(loss):
+            return  # a NaN is never the best, and nothing is lower than it
+        if self._best is None or loss < self._best["val_loss"]:
+            self._best = {"step": trainer.global_step, "val_loss": loss}
             path = self.save(trainer)  # already saved at this step, unless save_every skips it
             if trainer.is_global_zero:
                 point(self.folder / "best.ckpt", path.name)
-                write_json(self.folder / "best.json", {"step": trainer.global_step, "val_loss": loss})
+                write_json(self.folder / "best.json", self._best)
+                self._prune()  # the best one before it was kept as best: now it is only an old one
             trainer.strategy.barrier("best checkpoint")
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -231,7 +241,7 @@ class Checkpoints(Checkpoint):
         return final
 
     def _prune(self) -> None:
-        best = self.best()
+        best = self._best
         keep = {f"step-{best['step']:06d}.ckpt"} if best else set()
         for path in complete_checkpoints(self.folder)[: -self.keep_last]:
             if path.name not in keep:

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from llm import job, preflight, ranks, run
 from llm.checkpoint import weights_only_loads
+from llm.collectives import DEFAULT_TIMEOUT, CollectiveTimeout
 from llm.data.datamodule import TokenDataModule, datamodule_args
 from llm.errors import ConfigError, OneLineErrors
 from llm.guards import NonFiniteSteps
@@ -49,6 +50,12 @@ RUN_ARGUMENTS = [
     ("wandb_project", str | None, None, "W&B project; default: WANDB_PROJECT, else llm"),
     ("wandb_entity", str | None, None, "W&B entity (user or team); default: WANDB_ENTITY, else the API key's"),
     ("wandb_log_model", bool, False, "put the final checkpoint's weights in the run's W&B model artifact too"),
+    (
+        "collective_timeout",
+        float,
+        DEFAULT_TIMEOUT,
+        "seconds a collective waits for the other processes before the run stops",
+    ),
     ("peak_flops", float | None, None, "peak FLOP/s of one device for MFU; default: GPU datasheet, measured on CPU"),
 ]
 
@@ -149,6 +156,7 @@ class LLMCLI(LightningCLI):
         # the monitor first: the progress lines of a logging step show what it has just measured
         callbacks.append(PerformanceMonitor(flops_per_token(model, model.block_size), cfg.peak_flops))
         callbacks.append(NonFiniteSteps(cfg.max_skipped_steps))
+        callbacks.append(CollectiveTimeout(cfg.collective_timeout))
         save_every = cfg.save_every or cfg.eval_every
         callbacks += run.callbacks(scrub(resolved), self.run_dir, self.data_folder, save_every, cfg.keep_last)
         loggers = make_loggers(self.run_dir, cfg.experiment, cfg.wandb_project, cfg.wandb_entity, run_tags(cfg))
@@ -159,8 +167,9 @@ class LLMCLI(LightningCLI):
             datamodule_args(cfg.data).batch_size,
             preflight.uses_gpu(cfg.trainer),
             preflight.world_size(cfg.trainer),
+            cfg.collective_timeout,
         )
-        if strategy == "auto":
+        if strategy == "auto" or (cfg.trainer.strategy not in ("auto", "ddp") and not cfg.deepspeed):
             strategy = cfg.trainer.strategy
         return super().instantiate_trainer(logger=loggers, callbacks=callbacks, strategy=strategy, **kwargs)
 
@@ -174,16 +183,22 @@ class LLMCLI(LightningCLI):
             if isinstance(logger, RunWandbLogger):
                 logger.run_config = self.wandb_config(model.config, info.config)
         started = time.perf_counter()
-        # a checkpoint is read as tensors and plain data only, DeepSpeed's shards included
-        with weights_only_loads() if ckpt_path else contextlib.nullcontext():
-            self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        wandb_loggers = [logger for logger in self.trainer.loggers if isinstance(logger, RunWandbLogger)]
+        try:
+            # a checkpoint is read as tensors and plain data only, DeepSpeed's shards included
+            with weights_only_loads() if ckpt_path else contextlib.nullcontext():
+                self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        except BaseException:
+            for logger in wandb_loggers:
+                logger.finish(exit_code=1)
+            raise
         summary = run.write_summary(self.trainer, datamodule, model, time.perf_counter() - started)
         files = [self.run_dir / "config.yaml", self.run_dir / "summary.json", datamodule.folder / "tokenizer.json"]
         last = summary["last_checkpoint"]
         weights = Path(last).resolve() if self._config().wandb_log_model and last else None
-        for logger in self.trainer.loggers:
-            if isinstance(logger, RunWandbLogger):
-                logger.record_outcome(summary, [f for f in files if f.is_file()], weights)
+        for logger in wandb_loggers:
+            logger.record_outcome(summary, [f for f in files if f.is_file()], weights)
+            logger.finish(exit_code=0)
 
     def wandb_config(self, model_config, resolved: dict) -> dict:
         """What W&B's run config holds: the resolved config and the figures a dashboard needs."""

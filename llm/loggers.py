@@ -197,6 +197,18 @@ class RunWandbLogger(WandbLogger):
             self._give_up(exc)
 
     @rank_zero_only
+    def finish(self, exit_code: int = 0) -> None:
+        """End the W&B run: its files are complete, and a later run in the same process (a notebook,
+        a test) starts a run of its own instead of continuing this one."""
+        wandb = sys.modules.get("wandb")
+        if self.failed or wandb is None or wandb.run is None:
+            return
+        try:
+            wandb.run.finish(exit_code=exit_code)
+        except Exception as exc:
+            self._give_up(exc)
+
+    @rank_zero_only
     def finalize(self, status: str) -> None:
         if not self.failed:
             try:
@@ -229,6 +241,8 @@ def make_loggers(
     """metrics.csv and W&B: the run is named after its folder, grouped by experiment, job_type
     train, tagged (`run_tags`)."""
     os.environ["WANDB_MODE"] = wandb_mode()  # the processes a launcher starts inherit the decision
+    if os.environ["WANDB_MODE"] == "disabled":  # W&B left out: not even imported
+        return [RunCSVLogger(str(run_dir))]
     wandb = RunWandbLogger(
         run_dir,
         project=wandb_project(project),

@@ -65,6 +65,10 @@ def check(cfg, command: str) -> None:
         return
     check_trainer(cfg.trainer)
     check_loggers(cfg.trainer)
+    if not cfg.collective_timeout > 0:
+        raise ConfigError(
+            f"collective_timeout={cfg.collective_timeout}: must be a positive number of seconds, e.g. 600"
+        )
     resolve_speed_options(cfg)
     if cfg.deepspeed:
         load_preset(cfg.deepspeed, cfg.nvme_path)  # an unknown preset, offload it cannot do, a bad NVMe path

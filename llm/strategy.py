@@ -10,16 +10,20 @@ Lightning's as it is; on CPU, `CPUDeepSpeedStrategy` lets the same ZeRO engine r
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
 import tempfile
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import yaml
-from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
+from llm.collectives import DEFAULT_TIMEOUT
 from llm.errors import ConfigError
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
@@ -97,6 +101,42 @@ def preset_of(strategy: Strategy) -> str | None:
     return getattr(strategy, "preset", None)
 
 
+# DeepSpeed's CPU backend makes a shared-memory all-reduce buffer per process when its launcher sets
+# LOCAL_SIZE (about 69 MB each in /dev/shm, named <prefix>_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>)
+# and never removes it; training never uses it (it serves inference's tensor-parallel all-reduce)
+SHM = Path("/dev/shm")
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def shm_buffer_of_this_process(rank: int) -> Path:
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return SHM / f"{SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def remove_stale_shm_buffers(min_age: float = 60.0) -> list[Path]:
+    """Remove this user's DeepSpeed all-reduce buffers that no live process maps (left by a run that
+    was killed); one younger than `min_age` seconds may be in the making, not yet mapped, and stays."""
+    buffers = list(SHM.glob(f"{SHM_PREFIX}_{os.getuid()}_*"))
+    if not buffers:
+        return []
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process ended, or is not ours to read
+            continue
+        mapped.update(line.split(None, 5)[-1] for line in text.splitlines() if SHM_PREFIX in line)
+    removed = []
+    for path in buffers:
+        try:
+            if str(path) not in mapped and time.time() - path.stat().st_mtime > min_age:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy with the three places that assume CUDA relaxed, so the real ZeRO
     engine runs on CPU processes over gloo (tests, and anyone without a GPU)."""
@@ -113,7 +153,11 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
         reset_seed()
         self.set_world_ranks()
+        if self.local_rank == 0:
+            remove_stale_shm_buffers()
         self._init_deepspeed_distributed()
+        if "LOCAL_SIZE" in os.environ:  # DeepSpeed made its buffer: remove it when this process ends
+            atexit.register(shm_buffer_of_this_process(self.global_rank).unlink, missing_ok=True)
 
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
         import deepspeed
@@ -132,11 +176,17 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
 
 def build_strategy(
-    preset: str | None, nvme_path: str | None, batch_size: int, on_gpu: bool, world_size: int | None = None
+    preset: str | None,
+    nvme_path: str | None,
+    batch_size: int,
+    on_gpu: bool,
+    world_size: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> Strategy | str:
-    """ "auto" without a preset (one device, or DDP for several), else a DeepSpeed strategy."""
+    """ "auto" for one device, DDP for several, a DeepSpeed strategy with a preset; the process
+    group's collectives time out after `timeout` seconds (llm/collectives.py)."""
     if not preset:
-        return "auto"
+        return DDPStrategy(timeout=timedelta(seconds=timeout)) if world_size and world_size > 1 else "auto"
     config = load_preset(preset, nvme_path)
     # Lightning derives the rest (accumulation, clipping, precision) from the trainer
     config["train_micro_batch_size_per_gpu"] = batch_size
@@ -145,9 +195,9 @@ def build_strategy(
         # cost measured on one H200, see configs/deepspeed/zero2.yaml)
         config["zero_optimization"]["overlap_comm"] = False
     if on_gpu:
-        strategy = DeepSpeedStrategy(config=config)
+        strategy = DeepSpeedStrategy(config=config, timeout=timedelta(seconds=timeout))
     else:
-        strategy = CPUDeepSpeedStrategy(config=config, process_group_backend="gloo")
+        strategy = CPUDeepSpeedStrategy(config=config, process_group_backend="gloo", timeout=timedelta(seconds=timeout))
     strategy.preset = Path(preset).stem
     return strategy
 

@@ -1,0 +1,32 @@
+"""What the project needs from its libraries that they offer no public API for, in one place.
+
+Each function names the versions it was written against (torch 2.13, lightning 2.6, deepspeed
+0.19) and has a test in tests/test_compat.py that fails when a library changes under it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+
+def set_timeout_of_every_process_group(timeout: timedelta) -> None:
+    """Give every process group of this process `timeout`. `init_process_group(timeout=)` sets it
+    for the default group only; a group made later with `new_group()` (DeepSpeed's copy of the
+    world group, which ZeRO reduces over) takes torch's 30-minute default instead. torch 2.13 keeps
+    the groups in `distributed_c10d._world.pg_map` and sets a group's timeout with `_set_pg_timeout`."""
+    from torch.distributed import distributed_c10d
+
+    for group in list(distributed_c10d._world.pg_map):
+        distributed_c10d._set_pg_timeout(timeout, group)
+
+
+def process_group_timeouts() -> list[timedelta]:
+    """The timeout of every process group of this process (for tests and diagnostics)."""
+    import torch
+    from torch.distributed import distributed_c10d
+
+    timeouts = []
+    for group in distributed_c10d._world.pg_map:
+        for device in group._device_types:
+            timeouts.append(group._get_backend(torch.device(device)).options._timeout)
+    return timeouts
