@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,18 @@ from llm.errors import ConfigError
 from llm.module import bits_per_byte
 
 TEXT_CHUNK_BYTES = 1 << 20  # a plain-text file is read, and tokenized, about a MiB of lines at a time
+# where a piece of text may end so that tokenizing the pieces gives the tokens of the whole: at a line
+# break between two characters that are not white space (a run of spaces or newlines split in two
+# would be pre-tokenized otherwise, e.g. an indentation after a line break)
+SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+
+
+def safe_cut(text: str) -> int:
+    """The last place in text where it can be cut (0: none; the whole of it waits for more)."""
+    cut = 0
+    for match in SAFE_CUT.finditer(text):
+        cut = match.start()
+    return cut
 
 
 @torch.no_grad()
@@ -171,8 +184,13 @@ class TextStream(Counts):
                     yield None
                 continue
             with open(path, encoding="utf-8", errors="replace") as f:  # a plain-text file is one document
+                carry = ""
                 while lines := f.readlines(TEXT_CHUNK_BYTES):
-                    yield "".join(lines)
+                    text = carry + "".join(lines)
+                    cut = safe_cut(text)
+                    yield text[:cut]
+                    carry = text[cut:]
+                yield carry
             yield None
 
     def tokens_stream(self) -> Iterator[int]:

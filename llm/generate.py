@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from llm.checkpoint import load_for_inference
+from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
 from llm.model import KVCache, Transformer
 
@@ -98,7 +99,8 @@ def sample(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_for_inference(ckpt, device)
-    ids = loaded.tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else [loaded.eot_id]
+    # a prompt quoting <|endoftext|> is text, as it is in the training data (ordinary), not a document end
+    ids = ordinary(loaded.tokenizer).encode(prompt, add_special_tokens=False).ids if prompt else [loaded.eot_id]
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     out = generate(loaded.model, idx, max_new_tokens, temperature, top_k, top_p, loaded.eot_id, generator)

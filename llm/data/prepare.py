@@ -87,7 +87,9 @@ def cache_key(cfg: PrepareConfig, source: Source) -> str:
 
 def prepared_dir(cfg: PrepareConfig, source: Source | None = None) -> Path:
     source = source or resolve_source(cfg.text, cfg.hf)
-    return Path(cfg.cache_dir) / f"{source.name}-{cache_key(cfg, source)[:12]}"
+    # the source's name is for people, the hash for uniqueness: the name is cut so that the folder
+    # and its temporary sibling (with a host name and pid) stay within a file name's 255 bytes
+    return Path(cfg.cache_dir) / f"{source.name[:80]}-{cache_key(cfg, source)[:12]}"
 
 
 def load_meta(folder: str | Path) -> dict:
@@ -337,7 +339,9 @@ def _prepare_into(tmp: Path, cfg: PrepareConfig, source: Source, log) -> None:
     # tokenizers parallelises inside encode_batch; with several processes each one runs single-threaded
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if num_proc else "true")
     splits = {}
-    key = tmp.name
+    # datasets refuses a fingerprint over 64 characters: a hash of this preparation's own folder
+    # (unique per host and process), whatever the length of the host or file name
+    key = hashlib.sha256(tmp.name.encode()).hexdigest()[:32]
     for name, ds in (("train", train), ("val", val)):
         t0 = time.perf_counter()
         encoded = _tokenize(
