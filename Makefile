@@ -42,6 +42,8 @@ GPU_MEM ?=
 CPU_MEM ?=
 ARGS ?=
 PYTEST_ARGS ?=
+STRESS_RUNS ?= 10
+TEST_WORKERS ?= 2
 NAME ?=
 
 # values reach the program through the environment and "$$VAR", so quotes and spaces in them survive
@@ -70,7 +72,7 @@ EXPERIMENTS := $(sort $(notdir $(basename $(wildcard configs/experiment/*.yaml))
 
 .DEFAULT_GOAL := help
 .PHONY: help install prepare train train-multinode train-deepspeed slurm sample eval export export-fp32 plan bench plot tui wandb-dashboard \
-	test test-fast lint format clean rename
+	test test-fast test-long test-gpu test-bench stress lint format clean rename
 
 help:
 	@echo "Pretrain decoder-only Transformers. Targets:"
@@ -91,8 +93,14 @@ help:
 	@echo "  make tui         a run in W&B's terminal viewer (wandb leet): make tui RUN=runs/<name>"
 	@echo "  make wandb-dashboard  save (or, ARGS=--url=..., update) a W&B workspace of every logged metric: needs"
 	@echo "                   WANDB_API_KEY; WANDB_ENTITY=, WANDB_PROJECT= choose where (ARGS=--x=tokens: tokens on x)"
-	@echo "  make test        the test suite (PYTEST_ARGS= passes options to pytest)"
+	@echo "  make test        the CPU test suite, GPUs hidden, in TEST_WORKERS= processes (2; PYTEST_ARGS= to pytest)"
 	@echo "  make test-fast   the tests a fork's CI runs: no multi-process runs, no ../shared/data (.github/workflows/ci.yml)"
+	@echo "  make test-long   the end-to-end runs of a minute or more each: every docs/extending.md recipe, the"
+	@echo "                   launchers (torchrun, DeepSpeed, SLURM), the presets at smoke size, learning Shakespeare"
+	@echo "  make test-gpu    the GPU-only tests (compiled bf16, ZeRO on one GPU, no host sync between logging steps)"
+	@echo "  make test-bench  the test of make bench itself (minutes: the benchmark compiles and runs every path)"
+	@echo "  make stress      the stress tests, then STRESS_RUNS= 2-process ZeRO-2 CPU runs in a row, each bounded"
+	@echo "                   in time (default 10), the stacks of a hung one printed"
 	@echo "  make lint        ruff check and format check"
 	@echo "  make format      ruff: fix what it can and format"
 	@echo "  make clean       remove .venv and the tool caches; never data/ or runs/"
@@ -177,10 +185,23 @@ wandb-dashboard: $(STAMP)
 	$(PY) -m llm wandb-dashboard $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not long and not gpu and not bench and not stress" $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow and not shared_data" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not shared_data and not long and not gpu and not bench and not stress" $(PYTEST_ARGS)
+
+test-long: $(STAMP)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "long and not gpu" $(PYTEST_ARGS)
+
+test-gpu: $(STAMP)
+	LLM_TEST_GPU=1 $(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+test-bench: $(STAMP)
+	$(PY) -m pytest -m bench $(PYTEST_ARGS)
+
+stress: $(STAMP)
+	$(PY) -m pytest -m stress $(PYTEST_ARGS)
+	$(PY) scripts/stress.py --runs=$(STRESS_RUNS) $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check llm tests scripts

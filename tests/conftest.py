@@ -1,30 +1,26 @@
-"""Shared fixtures: the shared data beside the project, and the real entry point in a subprocess."""
+"""Shared fixtures: the shared data beside the project, the trained runs the tests read, and a
+CPU-only environment (tests/support.py holds the helpers)."""
 
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+# The CPU suite runs on the CPU wherever it runs: on a workstation with GPUs, configs would default
+# to the GPU and bf16, and the 32-true, devices=2 and exactness checks would test something else.
+# Hidden before torch is imported, here and in every process the tests start. `make test-gpu`
+# (LLM_TEST_GPU=1) runs the GPU tests with the GPUs visible.
+GPU_SESSION = os.environ.get("LLM_TEST_GPU") == "1"
+if not GPU_SESSION:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest  # noqa: E402
+
+from support import REPO, Runs, exclusive  # noqa: E402
+
 SHARED_DATA = Path(os.environ.get("LLM_SHARED_DATA", REPO.parent / "shared" / "data"))
 FIXTURES = REPO / "tests" / "fixtures"  # small, in the repository: what a fork's CI runs the fast tests on
 SHARED_FIXTURES = {"shakespeare", "gpt2_tokenizer"}  # tests using these are marked shared_data
-
-# a model and run small enough for a 2-core CPU: a few seconds of training
-TINY = [
-    "--model.config.n_layer=2",
-    "--model.config.n_head=2",
-    "--model.config.n_embd=64",
-    "--model.config.block_size=64",
-    "--data.batch_size=8",
-    "--data.val_batches=2",
-    "--data.num_workers=0",
-]
 
 
 def shared(name: str) -> Path:
@@ -45,45 +41,8 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.shared_data)
-
-
-def corpus_fit(corpus: Path, run: Path, cache: Path, *extra: str) -> list[str]:
-    """`python -m llm fit` arguments: the default experiment at TINY size on `corpus`, with a
-    512-token BPE trained on it, into `run`; `extra` overrides come last and win."""
-    return [
-        "fit",
-        "--config",
-        "configs/experiment/default.yaml",
-        *TINY,
-        f"--data.text={corpus}",
-        "--data.vocab_size=512",
-        f"--data.cache_dir={cache}",
-        f"--run={run}",
-        *extra,
-    ]
-
-
-def assert_refused(result, *fragments: str) -> str:
-    """Bad input's answer: exit status 2, one line on stderr, `error: ` and each fragment in it."""
-    assert result.returncode == 2, result.stderr[-3000:]
-    lines = program_stderr(result.stderr)
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr[-3000:]}"
-    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-def word_tokenizer(path: Path, size: int) -> Path:
-    """A tokenizer.json of `size` whole-word tokens, the last one <|endoftext|>: a large vocabulary
-    without the shared data."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(size - 1)} | {"<|endoftext|>": size - 1}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.save(str(path))
-    return path
+        if item.get_closest_marker("gpu") and not GPU_SESSION:
+            item.add_marker(pytest.mark.skip(reason="a GPU test: `make test-gpu` runs it, with the GPUs visible"))
 
 
 @pytest.fixture(scope="session")
@@ -110,14 +69,25 @@ def fixture_tokenizer() -> Path:
 
 
 @pytest.fixture(scope="session")
-def data_cache(tmp_path_factory) -> Path:
-    """One prepared-data cache for the whole session: the same inputs are prepared once."""
-    return tmp_path_factory.mktemp("data")
+def shared_dir(tmp_path_factory, request) -> Path:
+    """A folder of this session that every test worker shares (`make test` runs two: pytest-xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if hasattr(request.config, "workerinput") else base) / "shared"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_cache(shared_dir) -> Path:
+    """One prepared-data cache for the whole session: the same inputs are prepared once (the
+    preparation's own lock keeps two workers from preparing them twice)."""
+    return shared_dir / "data"
 
 
 @pytest.fixture(scope="session", autouse=True)
 def offline_env(tmp_path_factory):
-    """No network in tests, W&B offline, and the datasets cache out of the user's home."""
+    """No network in tests, W&B offline, and the datasets cache out of the user's home. (Inductor's
+    cache stays where torch keeps it: a graph compiled by one run is not compiled again by the next.)"""
     os.environ["WANDB_MODE"] = "offline"
     os.environ["WANDB_SILENT"] = "true"
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -125,61 +95,24 @@ def offline_env(tmp_path_factory):
     os.environ.pop("WANDB_API_KEY", None)
 
 
-def run_llm(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
-    """`python -m llm <args>` as a user runs it; returns the CompletedProcess (text output)."""
-    return subprocess.run(
-        [sys.executable, "-m", "llm", *args],
-        cwd=cwd or REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
-# make's own "make: *** [train] Error 2" (or "make[1]: ***" when make runs inside make, as in CI)
-MAKE_ERROR = re.compile(r"^make(\[\d+\])?: \*\*\*")
-
-
-def wandb_records(wandb_run: Path) -> list[dict]:
-    """The records of an offline W&B run folder, as W&B's own reader prints them."""
-    import json
-
-    wandb = Path(sys.executable).with_name("wandb")
-    command = [str(wandb), "leet", "inspect", "--json", str(wandb_run)]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-
-
-def program_stderr(stderr: str) -> list[str]:
-    """The non-empty stderr lines the program wrote, without the ones make adds after it."""
-    return [line for line in stderr.splitlines() if line.strip() and not MAKE_ERROR.match(line)]
-
-
-def trained_steps(stdout: str) -> list[int]:
-    """The optimizer steps a process trained, from its plain progress lines ("step 5/8 | loss ...",
-    printed at every logging step when the output is not a terminal)."""
-    return [int(m.group(1)) for m in re.finditer(r"^step (\d+)/\d+ \| loss ", stdout, re.M)]
-
-
-def snapshot(folder: Path) -> dict:
-    """Every file under folder with its size, modification time and bytes: to prove nothing changed."""
-    return {
-        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 @pytest.fixture(scope="session")
-def code_corpus(tmp_path_factory) -> Path:
+def code_corpus(shared_dir) -> Path:
     """~400 kB of Python source in one text file: quick to prepare, no shared data needed."""
     import email
     import json as json_module
     import typing
 
-    path = tmp_path_factory.mktemp("corpus") / "code.txt"
-    sources = [Path(m.__file__).read_text() for m in (typing, json_module.decoder, json_module.encoder)]
-    sources += [p.read_text() for p in sorted(Path(email.__file__).parent.glob("*.py"))]
-    path.write_text("\n\n".join(sources))
+    path = shared_dir / "corpus" / "code.txt"
+    with exclusive(shared_dir / "corpus.lock"):
+        if not path.exists():  # written once: its size and time are part of the prepared data's key
+            sources = [Path(m.__file__).read_text() for m in (typing, json_module.decoder, json_module.encoder)]
+            sources += [p.read_text() for p in sorted(Path(email.__file__).parent.glob("*.py"))]
+            path.parent.mkdir(exist_ok=True)
+            path.write_text("\n\n".join(sources))
     return path
+
+
+@pytest.fixture(scope="session")
+def runs(shared_dir, code_corpus, data_cache) -> Runs:
+    """The trained runs the tests share (support.CANONICAL), each trained once on first use."""
+    return Runs(shared_dir / "runs", code_corpus, data_cache)

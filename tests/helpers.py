@@ -29,12 +29,19 @@ class EngineProbe(Callback):
         optimizer = trainer.optimizers[0]
         base = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO optimizer wraps the real one
         state = sum(t.numel() for s in base.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+        from llm.module import param_groups
+
+        # which parameters the optimizer decays, as the module groups them from what it holds (under
+        # ZeRO-3: flat partitions, whose full shape is in ds_shape)
+        names = {id(p): n for n, p in model.named_parameters()}
+        decayed = sorted(names[id(p)] for p in param_groups(model, 0.1)[0]["params"])
         idx = (torch.arange(48) * 7 % model.config.vocab_size).view(2, 24).to(pl_module.device)
         model.eval()
         with torch.no_grad():
             logits = model(idx).float().cpu()  # ZeRO-3 gathers each layer's shards on every rank here
         model.train()
         probe = {"params_held": held, "params_total": total, "optimizer_state": state, "logits": logits, "idx": idx}
+        probe["decayed"] = decayed
         torch.save(probe, f"{trainer.default_root_dir}/probe-rank{trainer.global_rank}.pt")
 
 
@@ -138,3 +145,51 @@ class BreakSave(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if trainer.global_step == self.step and trainer.is_global_zero:
             checkpoint["breaks"] = _KillWhenPickled() if self.how == "kill" else _NoSpaceWhenPickled()
+
+
+class StallRank(Callback):
+    """Rank `rank` sleeps `seconds` before the backward pass of optimizer step `step` (counted from
+    0): the other ranks reach that step's gradient reduction alone, a collective that cannot complete."""
+
+    def __init__(self, rank: int, step: int, seconds: float):
+        self.rank, self.step, self.seconds = rank, step, seconds
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        import time
+
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            time.sleep(self.seconds)
+
+
+class NoSyncBetweenLogs(Callback):
+    """On a GPU: any host synchronisation during a step that logs nothing raises (torch's sync
+    debug mode "error"); logging steps, validation and checkpoints may synchronise."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import torch
+
+        step = trainer.global_step + 1  # the optimizer step this batch belongs to
+        logs = step % trainer.log_every_n_steps == 0 or step >= trainer.max_steps or step <= 2  # warm-up: compile
+        torch.cuda.set_sync_debug_mode("default" if logs else "error")
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        import torch
+
+        torch.cuda.set_sync_debug_mode("default")
+
+
+class SlowRank(Callback):
+    """Rank `rank` reaches the end of each validation `seconds` late (it runs before the project's
+    own callbacks), so the other ranks are ahead of it there; writes <run>/slow-rank<r>.txt."""
+
+    def __init__(self, rank: int, seconds: float):
+        self.rank, self.seconds, self.times = rank, seconds, 0
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        import time
+
+        if trainer.global_rank == self.rank and not trainer.sanity_checking:
+            time.sleep(self.seconds)
+            self.times += 1
+            with open(f"{trainer.default_root_dir}/slow-rank{self.rank}.txt", "w") as f:
+                f.write(str(self.times))

@@ -4,7 +4,6 @@ reaches the run folder or W&B."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -12,23 +11,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_refused, corpus_fit, program_stderr, run_llm, snapshot
 from llm.data.datamodule import datamodule_args
+from llm.data.prepare import PrepareConfig, prepared_dir
 from llm.redact import scrub, scrub_text
+from support import RUN_ENV, assert_refused, corpus_fit, llm_here, program_stderr, run_llm, snapshot
 
 
-def fit_args(corpus: Path, run: Path, cache: Path, *extra: str) -> list[str]:
-    return corpus_fit(corpus, run, cache, "--trainer.max_steps=2", "--eval_every=2", *extra)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, code_corpus):
-    """A finished 2-step run and its own data cache (which tests copy before they break it)."""
-    root = tmp_path_factory.mktemp("trained")
-    run, cache = root / "run", root / "data"
-    result = run_llm(*fit_args(code_corpus, run, cache))
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture
+def trained(tmp_path, runs, code_corpus, data_cache):
+    """A copy of the canonical one-process run (12 steps), and a data cache holding only its data,
+    which tests may break: the originals are shared."""
+    run, cache = tmp_path / "trained", tmp_path / "trained-data"
+    shutil.copytree(runs("single"), run, symlinks=True)
+    folder = prepared_dir(PrepareConfig(text=str(code_corpus), vocab_size=512, cache_dir=str(data_cache)))
+    shutil.copytree(folder, cache / folder.name)
     return run, cache
+
+
+def canonical_args(runs, run: Path, cache: Path, *extra: str) -> list[str]:
+    return runs.args(run, f"--data.cache_dir={cache}", *extra, probes=())
 
 
 def unchanged(folder: Path, command):
@@ -42,38 +43,29 @@ def unchanged(folder: Path, command):
     "override, fragments",
     [
         ("--model.config.n_layer=3", ["model.config.n_layer=3: the checkpoint", "has 2"]),
-        ("--data.batch_size=4", ["data.batch_size=4: the checkpoint", "was trained with 8"]),
+        ("--data.batch_size=8", ["data.batch_size=8: the checkpoint", "was trained with 4"]),
         ("--seed_everything=7", ["seed_everything=7: the checkpoint", "was trained with 1337"]),
         ("--trainer.devices=2", ["trainer.devices x trainer.num_nodes=2", "was trained with 1"]),
-        ("--trainer.max_steps=2", ["trainer.max_steps=2: the checkpoint", "has already trained 2 steps"]),
+        ("--trainer.max_steps=12", ["trainer.max_steps=12: the checkpoint", "has already trained 12 steps"]),
     ],
     ids=["model-shape", "batch-size", "seed", "world-size", "no-more-steps"],
 )
-def test_resume_that_cannot_continue_exactly_is_assert_refused(trained, code_corpus, override, fragments):
+def test_resume_that_cannot_continue_exactly_is_refused(trained, runs, override, fragments):
     run, cache = trained
-    args = fit_args(code_corpus, run, cache, "--resume=auto", override)
-    assert_refused(unchanged(run, lambda: run_llm(*args)), *fragments)
+    args = canonical_args(runs, run, cache, "--resume=auto", override)
+    assert_refused(unchanged(run, lambda: llm_here(*args)), *fragments)
 
 
-def test_resume_with_more_steps_warns_and_continues(tmp_path, trained, code_corpus):
-    run = tmp_path / "run"
-    shutil.copytree(trained[0], run, symlinks=True)
-    result = run_llm(*fit_args(code_corpus, run, trained[1], "--resume=auto", "--trainer.max_steps=4"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "warning: trainer.max_steps 2 -> 4: continuing from step 2" in result.stdout
-    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+def test_resume_auto_without_a_run_is_refused(trained, runs):
+    args = [a for a in canonical_args(runs, *trained, "--resume=auto") if not a.startswith("--run=")]
+    assert_refused(llm_here(*args), "resume=auto: no run to continue was named", "RUN=")
 
 
-def test_resume_auto_without_a_run_is_assert_refused(trained, code_corpus):
-    args = [a for a in fit_args(code_corpus, trained[0], trained[1], "--resume=auto") if not a.startswith("--run=")]
-    assert_refused(run_llm(*args), "resume=auto: no run to continue was named", "RUN=")
-
-
-def test_resume_from_a_file_that_is_no_checkpoint(tmp_path, trained, code_corpus):
+def test_resume_from_a_file_that_is_no_checkpoint(tmp_path, trained, runs):
     bogus = tmp_path / "notes.ckpt"
     bogus.write_text("not a checkpoint")
-    args = fit_args(code_corpus, tmp_path / "run", trained[1], f"--resume={bogus}")
-    assert_refused(unchanged(tmp_path, lambda: run_llm(*args)), f"resume={bogus}: not a readable checkpoint")
+    args = canonical_args(runs, tmp_path / "run", trained[1], f"--resume={bogus}")
+    assert_refused(unchanged(tmp_path, lambda: llm_here(*args)), f"resume={bogus}: not a readable checkpoint")
 
 
 def test_a_truncated_checkpoint(tmp_path, trained):
@@ -81,7 +73,7 @@ def test_a_truncated_checkpoint(tmp_path, trained):
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(whole[: len(whole) // 2])
     assert_refused(
-        run_llm("sample", f"--ckpt={cut}", "--prompt=x"), f"ckpt={cut}: not a readable checkpoint", "truncated"
+        llm_here("sample", f"--ckpt={cut}", "--prompt=x"), f"ckpt={cut}: not a readable checkpoint", "truncated"
     )
 
 
@@ -91,7 +83,7 @@ class RunsCode:
 
 
 @pytest.mark.parametrize("command", ["sample", "eval", "fit"])
-def test_a_checkpoint_that_would_run_code_is_refused_unread(tmp_path, trained, code_corpus, command, monkeypatch):
+def test_a_checkpoint_that_would_run_code_is_refused_unread(tmp_path, trained, runs, command, monkeypatch):
     marker = tmp_path / "code-ran"
     monkeypatch.setenv("LLM_TEST_MARKER", str(marker))
     ckpt = torch.load(trained[0] / "checkpoints" / "last.ckpt", weights_only=False)
@@ -101,10 +93,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_unread(tmp_path, trained, c
     args = {
         "sample": ["sample", f"--ckpt={bad}", "--prompt=x"],
         "eval": ["eval", f"--ckpt={bad}"],
-        "fit": fit_args(code_corpus, tmp_path / "run", trained[1], f"--resume={bad}", "--trainer.max_steps=4"),
+        "fit": canonical_args(runs, tmp_path / "run", trained[1], f"--resume={bad}", "--trainer.max_steps=14"),
     }[command]
     field = "resume" if command == "fit" else "ckpt"
-    assert_refused(run_llm(*args), f"{field}={bad}: holds objects other than tensors and plain data, refused unread")
+    assert_refused(llm_here(*args), f"{field}={bad}: holds objects other than tensors and plain data, refused unread")
     assert not marker.exists(), "loading the checkpoint ran its code"
 
 
@@ -115,7 +107,7 @@ def test_a_sharded_checkpoint_that_would_run_code_is_refused_unread(tmp_path, mo
     (folder / "checkpoint").mkdir(parents=True)
     (folder / "latest").write_text("checkpoint")
     torch.save({"llm_config": {}, "payload": RunsCode()}, folder / "checkpoint" / "mp_rank_00_model_states.pt")
-    assert_refused(run_llm("sample", f"--ckpt={folder}", "--prompt=x"), "refused unread")
+    assert_refused(llm_here("sample", f"--ckpt={folder}", "--prompt=x"), "refused unread")
     assert not marker.exists()
 
 
@@ -137,18 +129,18 @@ def broken_cache(tmp_path: Path, trained, damage) -> Path:
     ],
     ids=["truncated-shard", "overwritten-shard", "corrupt-meta", "missing-shard"],
 )
-def test_damaged_prepared_data_is_found_before_training(tmp_path, trained, code_corpus, damage, fragment):
+def test_damaged_prepared_data_is_found_before_training(tmp_path, trained, runs, damage, fragment):
     cache = broken_cache(tmp_path, trained, damage)
-    args = fit_args(code_corpus, tmp_path / "run", cache)
-    line = assert_refused(unchanged(tmp_path, lambda: run_llm(*args)), "data.cache_dir: ", fragment)
+    args = canonical_args(runs, tmp_path / "run", cache)
+    line = assert_refused(unchanged(tmp_path, lambda: llm_here(*args)), "data.cache_dir: ", fragment)
     assert "remove the folder" in line
 
 
 def test_a_corpus_too_small_for_one_block(tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("a few words only, " * 20)
-    args = fit_args(small, tmp_path / "run", tmp_path / "data", "--data.vocab_size=300")
-    result = run_llm(*args)  # token counts exist only once the text is tokenized: its progress bars come first
+    args = corpus_fit(small, tmp_path / "run", tmp_path / "data", "--data.vocab_size=300")
+    result = llm_here(*args)  # token counts exist only once the text is tokenized: its progress bars come first
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = program_stderr(result.stderr)[-1]
     assert last.startswith("error: model.config.block_size=64: the val split holds only"), last
@@ -163,7 +155,7 @@ def test_eval_on_a_split_shorter_than_one_block(tmp_path, trained):
     data.update(text=str(small), cache_dir=str(tmp_path / "data"), val_fraction=0.05)
     path = tmp_path / "other-data.ckpt"
     torch.save(ckpt, path)
-    result = run_llm("eval", f"--ckpt={path}")  # prepares that text first, with its progress bars on stderr
+    result = llm_here("eval", f"--ckpt={path}")  # prepares that text first, with its progress bars on stderr
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = program_stderr(result.stderr)[-1]
     assert (
@@ -175,7 +167,7 @@ def test_eval_on_a_split_shorter_than_one_block(tmp_path, trained):
 def test_text_that_is_not_utf8_is_reported_with_the_bytes_replaced(tmp_path):
     text = tmp_path / "latin1.txt"
     text.write_bytes(("def café():\n    return 'naïve'\n" * 400).encode("latin-1"))
-    result = run_llm(
+    result = llm_here(
         "prepare",
         "--config",
         "configs/experiment/default.yaml",
@@ -194,6 +186,9 @@ SECRETS = {
     "github": "ghp_" + "Ab1Cd2Ef3G" * 4,
     "github_fine": "github_pat_" + "11AB22CD33" * 4,
     "aws": "AKIA" + "ABCDEFGHIJKLMNOP",
+    "slack": "xoxb-" + "1234567890-0987654321-" + "aBcDeFgHiJkL" * 2,
+    "jwt": "eyJhbGciOiJIUzI1NiJ9" + ".eyJzdWIiOiIxMjM0NTY3ODkwIn0" + ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV",
+    "pem": "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA0Z3VS5JJcds3xfn\n-----END RSA PRIVATE KEY-----",
 }
 
 
@@ -206,19 +201,27 @@ def test_every_secret_form_is_scrubbed(name):
 
 def test_secret_keys_and_url_credentials_are_scrubbed():
     config = {"token": "abc", "private_key": "k", "hf_token": "t", "tokenizer": "data/tokenizer.json", "max_tokens": 5}
-    config |= {"flops_per_token": 6e9, "eot_token": "<|endoftext|>"}  # this project's own: not secrets
-    assert scrub(config) == {**config, "token": "<redacted>", "private_key": "<redacted>", "hf_token": "<redacted>"}
+    config |= {"cookie": "session=1f2e", "flops_per_token": 6e9, "eot_token": "<|endoftext|>"}  # the last two: ours
+    redacted = {k: "<redacted>" for k in ("token", "private_key", "hf_token", "cookie")}
+    assert scrub(config) == {**config, **redacted}
     assert scrub_text("https://alice:s3cr3t@example.com/corpus") == "https://<redacted>@example.com/corpus"
 
 
-def test_no_secret_reaches_the_run_folder_wandb_or_a_checkpoint(tmp_path, trained, code_corpus):
+def test_no_secret_reaches_the_run_folder_wandb_a_checkpoint_the_data_or_an_export(tmp_path, trained, runs):
     secret = SECRETS["github"]
-    run = tmp_path / "run"
+    run, cache = tmp_path / "run", tmp_path / "data"
     # a field that takes any text and changes nothing here (the Hub split, unused with local text)
-    result = run_llm(*fit_args(code_corpus, run, trained[1], f"--data.hf_split=https://bot:{secret}@example.com"))
+    split = f"--data.hf_split=https://bot:{secret}@example.com"
+    result = run_llm(
+        *runs.args(run, f"--data.cache_dir={cache}", split, "--trainer.max_steps=2", probes=()), env=RUN_ENV
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert secret not in result.stdout + result.stderr
-    leaks = [str(p) for p in run.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    export = llm_here("export", f"--ckpt={run}/checkpoints/last.ckpt", f"--out={tmp_path / 'hf'}")
+    assert export.returncode == 0, export.stderr[-3000:]
+    written = [p for folder in (run, cache, tmp_path / "hf") for p in folder.rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"config.yaml", "meta.json", "README.md", "last.ckpt", "summary.json"}
+    leaks = [str(p) for p in written if secret.encode() in p.read_bytes()]
     assert not leaks, f"the secret was written to {leaks}"
     assert "hf_split: https://<redacted>@example.com" in (run / "config.yaml").read_text()
     # W&B recorded the command line (in its run file, offline), with the credentials taken out

@@ -11,11 +11,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from conftest import run_llm, word_tokenizer
 from llm.data.datamodule import StepSampler, TokenBlocks, TokenDataModule
 from llm.data.prepare import PrepareConfig, load_meta, prepare, unigram_entropy
 from llm.data.sources import stdlib_files
 from llm.errors import ConfigError
+from support import run_llm, word_tokenizer
 
 
 def decoded_documents(folder: Path, split: str) -> list[str]:
@@ -52,7 +52,7 @@ def test_jsonl_documents_decode_back_exactly_split_per_document(tmp_path, docume
 @pytest.mark.parametrize(
     "text, tokenizer, expected",
     [
-        ("fixture_text", "fixture_tokenizer", {"vocab_size": 512, "eot_id": 0}),
+        ("fixture_text", "fixture_tokenizer", {"vocab_size": 512, "eot_id": 0, "train": 1_210 + 1, "val": 138 + 1}),
         # nanoGPT's 90/10 split of this file with the GPT-2 tokenizer: 301,966 and 36,059 tokens, plus end-of-text
         pytest.param(
             "shakespeare",
@@ -72,7 +72,7 @@ def test_text_file_tail_split_decodes_back_to_the_file(tmp_path, request, text, 
     tokens = {split: meta["splits"][split]["tokens"] for split in ("train", "val")}
     assert 0.08 < tokens["val"] / (tokens["train"] + tokens["val"]) < 0.12  # val_fraction 0.1, cut at a line
     for split in ("train", "val"):
-        assert tokens[split] == expected.get(split, tokens[split])
+        assert tokens[split] == expected[split]
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == expected["vocab_size"]
     assert meta["eot_id"] == expected["eot_id"]
 
@@ -200,13 +200,18 @@ def test_datamodule_serves_the_prepared_tokens(tmp_path, code_corpus):
     dm.setup("fit")
     (batch,) = list(dm.train_loader(rank=0, world_size=1, start_batch=0, end_batch=1))
     assert batch.shape == (4, 33) and batch.dtype == torch.long
-    # each row is the window of train.bin that sample number i starts at
+    # each row is a window of 33 consecutive tokens of train.bin, each from another place in it
     info = dm.meta["splits"]["train"]
-    tokens = np.memmap(dm.folder / "train.bin", dtype=dm.meta["dtype"], mode="r")[: info["tokens"]]
-    blocks = dm.blocks("train", seed=dm.seed, offsets="random")
+    stream = np.fromfile(dm.folder / "train.bin", dtype=dm.meta["dtype"])[: info["tokens"]].tobytes()
+    itemsize = np.dtype(dm.meta["dtype"]).itemsize
+    places = set()
     for i, row in enumerate(batch):
-        start = blocks.start(i)
-        assert torch.equal(row, torch.from_numpy(tokens[start : start + 33].astype(np.int64))), f"row {i}"
+        found = stream.find(row.numpy().astype(dm.meta["dtype"]).tobytes())
+        while found >= 0 and found % itemsize:  # a match must start on a token, not inside one
+            found = stream.find(row.numpy().astype(dm.meta["dtype"]).tobytes(), found + 1)
+        assert found >= 0, f"row {i} is not a window of train.bin"
+        places.add(found)
+    assert len(places) == len(batch)
     val = list(dm.val_dataloader())
     assert len(val) == 3 and torch.equal(val[0], list(dm.val_dataloader())[0])  # the same blocks each time
 
@@ -281,3 +286,14 @@ def test_preparation_shows_one_bar_per_phase_and_no_download_of_local_files(tmp_
     prepared = next((tmp_path / "cache").iterdir())
     assert sorted(p.name for p in prepared.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
     assert load_meta(prepared)["splits"]["train"]["documents"] == 2 + 30  # two text files, 30 JSON lines (tail split)
+
+
+def test_preparation_on_a_long_host_name_and_a_long_file_name(tmp_path, monkeypatch):
+    # cluster hosts are named like ip-10-0-12-34.ec2.internal; a node of a long domain reaches 60 characters
+    monkeypatch.setattr("socket.gethostname", lambda: "node-0042.rack-17.pod-3.cluster.research-lab.example.org"[:60])
+    text = tmp_path / ("a-corpus-file-with-a-rather-long-descriptive-name-" * 2 + ".txt")
+    assert len(text.name) == 104
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    folder = prepare(PrepareConfig(text=str(text), vocab_size=300, cache_dir=str(tmp_path / "c")))
+    assert load_meta(folder)["splits"]["train"]["tokens"] > 0
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [folder.name]  # nothing else left behind

@@ -1,12 +1,12 @@
-"""DeepSpeed ZeRO for real: two CPU processes over gloo, through the same entry point as `make train`.
+"""DeepSpeed ZeRO for real: two CPU processes over gloo, through the same entry point as `make train`
+(the canonical runs of tests/support.py: 12 steps of a 0.47M-parameter model, fp32).
 
-Tolerances (fp32, 6 steps of a 0.47M-parameter model), and what was measured when they were set:
+Tolerances, and what was measured when they were set:
 - loss curves of every ZeRO preset against 2-process DDP: |Δloss| <= 1e-5 per step (measured
   4.8e-7 for all five): the only differences are the order of floating-point reductions and, with
   offload, DeepSpeed's CPU Adam; the gradient norm before clipping likewise, within 1e-4 relative
   (measured 7.6e-7 for all five);
-- resumed against uninterrupted runs of the same preset, and activation checkpointing against
-  none: |Δloss| <= 1e-6 (measured 0);
+- resumed against uninterrupted runs of the same preset: |Δloss| <= 1e-6 (measured 0);
 - partitions: each of the 2 ranks holds 50% ± 1% of the parameters (ZeRO-3) or of DDP's optimizer
   state (ZeRO-1, 2, 3) (measured 50.0%);
 - consolidated fp32 checkpoint against the engine's own logits: max |Δ| <= 1e-5 (measured 0 for
@@ -17,153 +17,103 @@ Tolerances (fp32, 6 steps of a 0.47M-parameter model), and what was measured whe
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_llm, snapshot, trained_steps
 from llm.checkpoint import load_for_inference
 from llm.data.datamodule import datamodule_args
 from llm.data.prepare import PrepareConfig, prepared_dir
-
-pytestmark = pytest.mark.slow
+from llm.strategy import build_strategy
+from support import (
+    CANONICAL_MODEL,
+    RUN_ENV,
+    STEPS,
+    assert_refused,
+    column,
+    llm_here,
+    losses,
+    probes,
+    run_llm,
+    snapshot,
+    trained_steps,
+)
 
 PRESETS = ["zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"]
-# weights of 16k elements or more, so that ZeRO-3 partitions nearly all of them (the presets keep
-# tensors under 1e4 elements whole on every rank, as they cost more to gather than to hold)
-MODEL = [
-    "--model.config.n_layer=2",
-    "--model.config.n_head=2",
-    "--model.config.n_embd=128",
-    "--model.config.block_size=64",
-    "--data.batch_size=4",
-    "--data.val_batches=2",
-    "--data.num_workers=0",
-    "--data.vocab_size=512",
-]
-PROBE = '--trainer.callbacks=[{"class_path": "tests.helpers.EngineProbe"}]'
-COUNT_FORWARDS = '--trainer.callbacks=[{"class_path": "tests.helpers.BlockForwardCount"}]'
-STOP_AT_3 = '--trainer.callbacks=[{"class_path": "tests.helpers.StopAtStep", "init_args": {"step": 3}}]'
 
 
-class Runs:
-    """2-process runs of 6 steps, each one once per session: `run(name, *args)` gives its folder."""
-
-    def __init__(self, root: Path, corpus: Path, cache: Path):
-        self.root, self.corpus, self.cache = root, corpus, cache
-        self.done: dict[tuple, Path] = {}
-
-    def args(self, folder: Path, *extra: str) -> list[str]:
-        return [
-            "fit",
-            "--config",
-            "configs/experiment/default.yaml",
-            *MODEL,
-            f"--data.text={self.corpus}",
-            f"--data.cache_dir={self.cache}",
-            f"--run={folder}",
-            "--trainer.devices=2",
-            "--trainer.log_every_n_steps=1",
-            "--eval_every=3",
-            "--trainer.max_steps=6",
-            *extra,
-        ]
-
-    def __call__(self, name: str, *extra: str) -> Path:
-        if (name, *extra) not in self.done:
-            folder = self.root / name
-            result = run_llm(*self.args(folder, *extra))
-            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-            self.done[(name, *extra)] = folder
-        return self.done[(name, *extra)]
+def summary(run) -> dict:
+    return json.loads((run / "summary.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def train(tmp_path_factory, code_corpus, data_cache) -> Runs:
-    return Runs(tmp_path_factory.mktemp("ds"), code_corpus, data_cache)
-
-
-def column(run: Path, key: str) -> dict[int, float]:
-    with open(run / "metrics.csv", newline="") as f:
-        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
-
-
-def losses(run: Path) -> dict[int, float]:
-    return column(run, "train/loss")
-
-
-def probes(run: Path) -> list[dict]:
-    return [torch.load(run / f"probe-rank{r}.pt", weights_only=True) for r in (0, 1)]
-
-
-def ds(preset: str) -> str:
-    return f"--deepspeed={preset}"
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
-def test_zero_preset_follows_the_ddp_loss_curve(train, preset):
-    ddp, zero = train("ddp", PROBE), train(preset, ds(preset), PROBE)
+def test_zero_preset_follows_the_ddp_loss_curve(runs, preset):
+    ddp, zero = runs("ddp"), runs(preset)
     expected, got = losses(ddp), losses(zero)
-    assert sorted(got) == sorted(expected) == list(range(6))
-    for step in range(6):
+    assert sorted(got) == sorted(expected) == list(range(STEPS))
+    for step in range(STEPS):
         assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
     # the gradients themselves, not only the losses: a sum where DDP averages would hide behind Adam,
     # which is invariant to the scale of the gradients, but not behind their norm
     expected, got = column(ddp, "train/grad_norm"), column(zero, "train/grad_norm")
-    assert sorted(got) == sorted(expected) == list(range(6))
-    for step in range(6):
+    assert sorted(got) == sorted(expected) == list(range(STEPS))
+    for step in range(STEPS):
         assert got[step] == pytest.approx(expected[step], rel=1e-4), f"step {step}"
-    summary = json.loads((zero / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["strategy"] == f"deepspeed {preset}"
-    assert json.loads((ddp / "summary.json").read_text())["strategy"] == "ddp"
+    assert summary(zero)["world_size"] == 2 and summary(zero)["strategy"] == f"deepspeed {preset}"
+    assert summary(ddp)["strategy"] == "ddp"
 
 
-def test_zero3_partitions_the_parameters(train):
+@pytest.mark.slow
+def test_zero3_partitions_the_parameters(runs):
     total = None
-    for probe in probes(train("zero3", ds("zero3"), PROBE)):
+    for probe in probes(runs("zero3"), 2):
         total = probe["params_total"]
         assert probe["params_held"] / total == pytest.approx(0.5, abs=0.01)
-    ddp = probes(train("ddp", PROBE))[0]
-    assert ddp["params_held"] == ddp["params_total"] == total
+    ddp = probes(runs("ddp"), 2)[0]
+    assert ddp["params_held"] == ddp["params_total"] == total == 470_528  # test_metrics.py writes it out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["zero1", "zero2", "zero2_offload", "zero3"])
-def test_zero_partitions_the_optimizer_state(train, preset):
-    full = probes(train("ddp", PROBE))[0]["optimizer_state"]  # exp_avg and exp_avg_sq of every parameter
-    assert full == 2 * probes(train("ddp", PROBE))[0]["params_total"]
-    for probe in probes(train(preset, ds(preset), PROBE)):
+def test_zero_partitions_the_optimizer_state(runs, preset):
+    ddp = probes(runs("ddp"), 2)[0]
+    full = ddp["optimizer_state"]  # exp_avg and exp_avg_sq of every parameter
+    assert full == 2 * ddp["params_total"]
+    for probe in probes(runs(preset), 2):
         assert probe["optimizer_state"] / full == pytest.approx(0.5, abs=0.01)
 
 
-@pytest.mark.parametrize("preset", ["zero2", "zero3"])
-def test_resume_auto_continues_a_sharded_run_exactly(train, preset, tmp_path):
-    whole = train(preset, ds(preset), PROBE)
-    stopped = train(f"{preset}-stopped", ds(preset), STOP_AT_3)
-    assert (stopped / "checkpoints" / "last.ckpt" / "latest").is_file(), "no sharded checkpoint"
-    resumed = run_llm(*train.args(stopped, ds(preset), "--resume=auto"))
+@pytest.mark.slow
+def test_resume_from_a_zero3_checkpoint_continues_exactly(runs, tmp_path):
+    # ZeRO-2's sharded resume with resume=auto is tested by the kill -9 test (test_faults.py); this one
+    # continues the canonical (compiled) ZeRO-3 run from its step-6 checkpoint, given as a path
+    canonical = runs("zero3")
+    step6 = canonical / "checkpoints" / "step-000006.ckpt"
+    assert (step6 / "latest").is_file(), "no sharded checkpoint"
+    run = tmp_path / "run"
+    zero3 = ("--trainer.devices=2", "--deepspeed=zero3", "--model.compile=true", f"--resume={step6}")
+    resumed = run_llm(*runs.args(run, *zero3, probes=()), env={**RUN_ENV, "WANDB_MODE": "disabled"})
     assert resumed.returncode == 0, resumed.stderr[-5000:]
-    assert "resuming from" in resumed.stdout
-    # the resumed process trained steps 4 to 6 only: it did not start again from step 0 (metrics.csv,
-    # keyed by step, would not show a deterministic restart)
-    assert trained_steps(resumed.stdout) == [4, 5, 6]
-    expected, got = losses(whole), losses(stopped)
-    assert sorted(got) == list(range(6))
-    for step in range(6):
+    # the resumed process trained steps 7 to 12 only: it did not start again from step 0
+    assert trained_steps(resumed.stdout) == list(range(7, STEPS + 1))
+    expected, got = losses(canonical), losses(run)
+    assert sorted(got) == list(range(6, STEPS))
+    for step in range(6, STEPS):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["zero2", "zero3"])
-def test_consolidated_checkpoint_gives_the_engines_logits(train, preset, tmp_path):
-    run = train(preset, ds(preset), PROBE)
+def test_consolidated_checkpoint_gives_the_engines_logits(runs, preset, tmp_path):
+    run = runs(preset)
     out = tmp_path / "fp32.ckpt"
     result = run_llm("export-fp32", f"--ckpt={run}/checkpoints/last.ckpt", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
-    probe = probes(run)[0]
+    probe = probes(run, 2)[0]
     model = load_for_inference(out).model
     with torch.no_grad():
         logits = model(probe["idx"])
@@ -172,18 +122,19 @@ def test_consolidated_checkpoint_gives_the_engines_logits(train, preset, tmp_pat
     direct = load_for_inference(run / "checkpoints" / "last.ckpt").model
     with torch.no_grad():
         assert torch.equal(direct(probe["idx"]), logits)
-    again = run_llm("export-fp32", f"--ckpt={run}/checkpoints/last.ckpt", f"--out={out}")
-    assert again.returncode == 2 and "already exists" in again.stderr
+    again = llm_here("export-fp32", f"--ckpt={run}/checkpoints/last.ckpt", f"--out={out}")
+    assert_refused(again, "already exists")
 
 
-def test_sample_and_eval_read_a_sharded_checkpoint(train):
-    ckpt = train("zero3", ds("zero3"), PROBE) / "checkpoints" / "last.ckpt"
-    sample = run_llm("sample", f"--ckpt={ckpt}", "--prompt=def ", "--max_new_tokens=10")
+@pytest.mark.slow
+def test_sample_and_eval_read_a_sharded_checkpoint(runs):
+    ckpt = runs("zero3") / "checkpoints" / "last.ckpt"
+    sample = llm_here("sample", f"--ckpt={ckpt}", "--prompt=def ", "--max_new_tokens=10")
     assert sample.returncode == 0 and sample.stdout.startswith("def "), sample.stderr[-3000:]
-    evaluation = run_llm("eval", f"--ckpt={ckpt}", "--json=true", "--max_batches=4", "--batch_size=8")
+    evaluation = llm_here("eval", f"--ckpt={ckpt}", "--json=true", "--max_batches=4", "--batch_size=8", "--wandb=false")
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     result = json.loads(evaluation.stdout.strip().splitlines()[-1])
-    assert result["step"] == 6
+    assert result["step"] == STEPS
     # the same numbers, computed here: the first 4 x 8 non-overlapping blocks of the validation split
     loaded = load_for_inference(ckpt)
     meta, T = loaded.data_meta, loaded.model.config.block_size
@@ -199,42 +150,45 @@ def test_sample_and_eval_read_a_sharded_checkpoint(train):
     assert result["bpb"] == pytest.approx(result["loss"] * val["tokens"] / (val["bytes"] * math.log(2)))
 
 
-@pytest.mark.parametrize("preset", ["ddp", "zero1", "zero2", "zero3"])
-def test_compiled_model_under_ddp_and_zero_follows_the_eager_loss_curve(train, preset):
-    strategy = () if preset == "ddp" else (ds(preset),)
-    eager = losses(train(preset, *strategy, PROBE))
-    compiled = train(f"{preset}-compiled", *strategy, "--model.compile=true")
+# compiled under each strategy (the canonical runs of DDP, ZeRO-1, ZeRO-2 with offload and ZeRO-3 are,
+# tests/support.py), against an eager run of the same world: ZeRO-2's, or ZeRO-3's with offload
+COMPILED = {"ddp": ("ddp", "zero2"), "zero1": ("zero1", "zero2"), "zero2": ("zero2_offload", "zero2")}
+COMPILED["zero3"] = ("zero3", "zero3_offload")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", sorted(COMPILED))
+def test_compiled_model_under_ddp_and_zero_follows_the_eager_loss_curve(runs, strategy):
+    compiled_run, eager_run = COMPILED[strategy]
+    eager = losses(runs(eager_run))
+    compiled = runs(compiled_run)
     got = losses(compiled)
-    assert sorted(got) == list(range(6))
-    for step in range(6):
+    assert sorted(got) == list(range(STEPS))
+    for step in range(STEPS):
         assert got[step] == pytest.approx(eager[step], abs=1e-5), f"step {step}"
-    summary = json.loads((compiled / "summary.json").read_text())
-    assert summary["compile"] is True and summary["compile_seconds"] > 0
+    assert summary(compiled)["compile"] is True and summary(compiled)["compile_seconds"] > 0
+    assert summary(runs(eager_run))["compile"] is False
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_under_zero3_recomputes_and_changes_no_loss(runs):
+    # the ZeRO-3 offload run recomputes every block in backward (support.CANONICAL); ZeRO-3's is compiled
+    run = runs("zero3_offload")
+    recomputed, plain = losses(run), losses(runs("zero3"))
+    for step in range(STEPS):
+        assert recomputed[step] == pytest.approx(plain[step], abs=1e-5), f"step {step}"
+    for rank in (0, 1):  # each of the 2 blocks ran twice per batch: forward, and again in backward
+        assert json.loads((run / f"block-forwards-rank{rank}.json").read_text()) == [4] * STEPS
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_overlap_comm_is_off_for_one_process_only(preset):
-    from llm.strategy import build_strategy
-
     for world, overlap in ((1, False), (2, True), (None, True)):
         strategy = build_strategy(preset, None, batch_size=4, on_gpu=False, world_size=world)
         assert strategy.config["zero_optimization"]["overlap_comm"] is overlap, world
 
 
-def test_a_preset_that_is_not_yaml_is_refused(refusal, tmp_path):
-    bad = tmp_path / "broken.yaml"
-    bad.write_text("zero_optimization: {stage: 2\n")
-    refusal(f"--deepspeed={bad}", fragments=(f"deepspeed={bad}", "not valid YAML"))
-
-
-def test_activation_checkpointing_under_zero3_recomputes_and_changes_no_loss(train):
-    plain = losses(train("zero3", ds("zero3"), PROBE))
-    run = train("zero3-ckpt", ds("zero3"), "--model.activation_checkpointing=true", COUNT_FORWARDS)
-    recomputed = losses(run)
-    for step in range(6):
-        assert recomputed[step] == pytest.approx(plain[step], abs=1e-6), f"step {step}"
-    for rank in (0, 1):  # each of the 2 blocks ran twice per batch: forward, and again in backward
-        assert json.loads((run / f"block-forwards-rank{rank}.json").read_text()) == [4] * 6
+# --- refusals, decided before any process group: checked in this process -------------------------------
 
 
 @pytest.fixture
@@ -247,11 +201,11 @@ def refusal(tmp_path, code_corpus, data_cache):
 
     def refuse(*args: str, fragments: tuple[str, ...]) -> None:
         before = snapshot(tmp_path)
-        result = run_llm(
+        result = llm_here(
             "fit",
             "--config",
             "configs/experiment/default.yaml",
-            *MODEL,
+            *CANONICAL_MODEL,
             f"--data.text={code_corpus}",
             f"--data.cache_dir={data_cache}",
             f"--run={run}",
@@ -259,14 +213,17 @@ def refusal(tmp_path, code_corpus, data_cache):
             "--trainer.devices=2",
             *args,
         )
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-        for fragment in fragments:
-            assert fragment in lines[0]
+        assert_refused(result, *fragments)
         assert "initializing deepspeed distributed" not in result.stdout + result.stderr
         assert snapshot(tmp_path) == before
 
     return refuse
+
+
+def test_a_preset_that_is_not_yaml_is_refused(refusal, tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("zero_optimization: {stage: 2\n")
+    refusal(f"--deepspeed={bad}", fragments=(f"deepspeed={bad}", "not valid YAML"))
 
 
 def test_unknown_preset(refusal):
@@ -304,3 +261,22 @@ def test_16_mixed_on_cpu_with_deepspeed(refusal):
 
 def test_more_devices_than_the_machine_has(refusal):
     refusal("--deepspeed=zero2", "--trainer.devices=4096", fragments=("trainer.devices=4096", "CPU cores"))
+
+
+def test_a_collective_timeout_that_is_not_positive(refusal):
+    refusal("--deepspeed=zero2", "--collective_timeout=0", fragments=("collective_timeout=0", "positive"))
+
+
+DECAYED = [  # support.CANONICAL_MODEL: every weight matrix of the 2 blocks; no norm, bias or embedding
+    f"blocks.{b}.{name}.weight"
+    for b in (0, 1)
+    for name in ("attn.qkv_proj", "attn.out_proj", "mlp.up_proj", "mlp.down_proj")
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["single", "zero3"])
+def test_weight_decay_falls_on_the_weight_matrices_also_under_zero3(runs, name):
+    # under ZeRO-3 each parameter the module holds is a flat partition; its shape is in ds_shape
+    for probe in probes(runs(name), 2 if name == "zero3" else 1):
+        assert probe["decayed"] == sorted(DECAYED)

@@ -1,5 +1,6 @@
 """Bad input: one line on stderr naming the field, the value and the fix; exit status 2; nothing
-on disk touched."""
+on disk touched. Checked in this process (a refusal comes before any training), and once through
+`make` in a process of its own."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, TINY, assert_refused, run_llm, snapshot, word_tokenizer
+from support import REPO, TINY, assert_refused, llm_here, snapshot, word_tokenizer
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def existing(tmp_path):
 def fit_into(existing, *args):
     run, cache = existing
     before = snapshot(run.parent)
-    result = run_llm(
+    result = llm_here(
         "fit",
         "--config",
         "configs/experiment/default.yaml",
@@ -76,7 +77,7 @@ def test_16_mixed_on_cpu(existing):
 def test_a_run_folder_in_use_is_not_reused_without_resume(existing):
     run, cache = existing
     before = snapshot(run)
-    result = run_llm(
+    result = llm_here(
         "fit",
         "--config",
         "configs/experiment/default.yaml",

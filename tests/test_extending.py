@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from support import REPO
 
 GUIDE = REPO / "docs" / "extending.md"
 FENCE = re.compile(r"^```(?P<info>[^\n]*)\n(?P<body>.*?)^```$", re.M | re.S)
@@ -107,15 +107,18 @@ def recipe_data(tmp_path_factory, code_corpus) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("title", RECIPES)
 def test_recipe_trains(title, tmp_path, recipe_data):
     copy = project_copy(tmp_path / "project")
     (copy / "data").symlink_to(recipe_data["cache"])  # the default cache_dir, shared by the recipes
     env = {**os.environ, "VENV": recipe_data["VENV"], "TEXT": recipe_data["TEXT"], "PYTHONPATH": str(copy)}
+    env["WANDB_MODE"] = "disabled"  # no recipe reads its W&B run: W&B is left out (and costs nothing)
     follow(title, copy, env)
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_renamed_project_installs_and_passes_its_tests(tmp_path):
     copy = project_copy(tmp_path / "project")
     subprocess.run(["git", "init", "-q"], cwd=copy, check=True)  # a fork is a git checkout
@@ -152,4 +155,5 @@ def test_the_code_hosts_ci_runs_lint_and_the_fast_tests_and_nothing_that_needs_s
     runs = [step["run"] for job in workflow["jobs"].values() for step in job["steps"] if "run" in step]
     assert runs == ["make lint", "make test-fast"]
     recipe = subprocess.run(["make", "-n", "test-fast"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert '-m "not slow and not shared_data"' in recipe
+    fast = '-m "not slow and not shared_data and not long and not gpu and not bench and not stress"'
+    assert fast in recipe and "-n 2" in recipe

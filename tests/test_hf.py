@@ -4,18 +4,23 @@ the same logits, greedy text and token ids there as here, and come back with the
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_refused, corpus_fit, run_llm, wandb_records
 from llm.checkpoint import load_for_inference
+from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
 from llm.generate import generate
 from llm.hf import load_pretrained, to_hf
 from llm.model import ModelConfig, Transformer
+from support import STEPS, assert_refused, llm_here, metrics_rows, run_llm, wandb_records
+
+# the module's fixtures (exports, an evaluated run) are made once: its tests stay on one test worker
+pytestmark = pytest.mark.xdist_group("hf")
 
 LLAMA = [
     "--model.config.mlp=swiglu",
@@ -26,24 +31,26 @@ LLAMA = [
     "--model.config.tie_embeddings=false",
 ]
 FAMILIES = {"gpt2": [], "llama": LLAMA}
-
-
-def fit_args(corpus: Path, run: Path, cache: Path, *extra: str) -> list[str]:
-    return corpus_fit(corpus, run, cache, "--trainer.max_steps=2", "--eval_every=2", *extra)
+TRAINED = {"gpt2": STEPS, "llama": 2}  # optimizer steps of 4 x 64 tokens behind each export
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, code_corpus, data_cache):
-    """family -> (checkpoint, exported folder), trained 2 steps and exported once."""
+def exported(tmp_path_factory, runs):
+    """family -> (checkpoint, exported folder): GPT-2 is the canonical one-process run, Llama a
+    2-step run of the same size; each exported once (GPT-2's through a process of its own)."""
     made = {}
 
     def get(name: str):
         if name not in made:
             root = tmp_path_factory.mktemp(name)
-            result = run_llm(*fit_args(code_corpus, root / "run", data_cache, *FAMILIES[name]))
-            assert result.returncode == 0, result.stderr[-3000:]
-            ckpt, out = root / "run" / "checkpoints" / "last.ckpt", root / "hf"
-            result = run_llm("export", f"--ckpt={ckpt}", f"--out={out}")
+            run = (
+                runs("single")
+                if name == "gpt2"
+                else runs("llama", *LLAMA, "--trainer.max_steps=2", probes=(), here=True)
+            )
+            ckpt, out = run / "checkpoints" / "last.ckpt", root / "hf"
+            export = run_llm if name == "gpt2" else llm_here
+            result = export("export", f"--ckpt={ckpt}", f"--out={out}")
             assert result.returncode == 0, result.stderr[-3000:]
             made[name] = ckpt, out
         return made[name]
@@ -77,11 +84,13 @@ def test_transformers_loads_the_export_and_computes_the_same(exported, name):
         "README.md",
     }
     card = (out / "README.md").read_text()
-    assert "tokens trained | 1,024 (2 optimizer steps of 512 tokens)" in card and "python -m llm fit" in card
+    steps = TRAINED[name]
+    assert f"tokens trained | {steps * 256:,} ({steps} optimizer steps of 256 tokens)" in card, card
+    assert "python -m llm fit" in card
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_import_gives_back_the_same_weights_and_trains_from_them(exported, name, tmp_path, code_corpus, data_cache):
+def test_import_gives_back_the_same_weights_and_trains_from_them(exported, name, tmp_path, runs):
     ckpt, out = exported(name)
     config, state = load_pretrained(out)
     ours = load_for_inference(ckpt)
@@ -91,7 +100,8 @@ def test_import_gives_back_the_same_weights_and_trains_from_them(exported, name,
     for key, value in ours.model.state_dict().items():
         assert torch.equal(state[key], value), key
     run = tmp_path / "run"
-    result = run_llm(*fit_args(code_corpus, run, data_cache, f"--model.init={out}", "--model.config.n_layer=7"))
+    args = runs.args(run, f"--model.init={out}", "--model.config.n_layer=7", "--trainer.max_steps=2", probes=())
+    result = llm_here(*args, env={"WANDB_MODE": "disabled"})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["params"] == sum(
@@ -102,7 +112,7 @@ def test_import_gives_back_the_same_weights_and_trains_from_them(exported, name,
 def test_bf16_export_halves_the_weights(exported, tmp_path):
     ckpt, out = exported("gpt2")
     half = tmp_path / "bf16"
-    assert run_llm("export", f"--ckpt={ckpt}", f"--out={half}", "--dtype=bf16").returncode == 0
+    assert llm_here("export", f"--ckpt={ckpt}", f"--out={half}", "--dtype=bf16").returncode == 0
     size = (half / "model.safetensors").stat().st_size
     assert size < 0.55 * (out / "model.safetensors").stat().st_size
     assert json.loads((half / "config.json").read_text())["torch_dtype"] == "bfloat16"
@@ -110,63 +120,113 @@ def test_bf16_export_halves_the_weights(exported, tmp_path):
 
 def test_export_bad_inputs(exported, tmp_path):
     ckpt, out = exported("gpt2")
-    assert_refused(run_llm("export", f"--ckpt={tmp_path}/none.ckpt", f"--out={tmp_path}/x"), "no such checkpoint")
+    assert_refused(llm_here("export", f"--ckpt={tmp_path}/none.ckpt", f"--out={tmp_path}/x"), "no such checkpoint")
     before = (out / "model.safetensors").stat().st_mtime_ns
     assert_refused(
-        run_llm("export", f"--ckpt={ckpt}", f"--out={out}"), f"out={out}: exists and is not empty", "FORCE=1"
+        llm_here("export", f"--ckpt={ckpt}", f"--out={out}"), f"out={out}: exists and is not empty", "FORCE=1"
     )
     assert (out / "model.safetensors").stat().st_mtime_ns == before
-    assert run_llm("export", f"--ckpt={ckpt}", f"--out={out}", "--force=true").returncode == 0
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    assert llm_here("export", f"--ckpt={ckpt}", f"--out={again}", "--force=true").returncode == 0
 
 
-def test_a_model_neither_family_expresses_is_not_exported(tmp_path, code_corpus, data_cache):
-    run = tmp_path / "run"
-    odd = ["--model.config.norm=rmsnorm"]  # learned positions (GPT-2) with RMSNorm (Llama)
-    assert run_llm(*fit_args(code_corpus, run, data_cache, *odd)).returncode == 0
-    out = tmp_path / "hf"
-    result = run_llm("export", f"--ckpt={run}/checkpoints/last.ckpt", f"--out={out}")
+def test_a_model_neither_family_expresses_is_not_exported(tmp_path, runs):
+    odd = runs("odd", "--model.config.norm=rmsnorm", "--trainer.max_steps=2", probes=(), here=True)
+    out = tmp_path / "hf"  # learned positions (GPT-2) with RMSNorm (Llama)
+    result = llm_here("export", f"--ckpt={odd}/checkpoints/last.ckpt", f"--out={out}")
     assert_refused(result, "model.config.norm=rmsnorm with position=learned is neither GPT-2 nor Llama")
     assert not out.exists()
 
 
-def test_init_from_an_unsupported_family(tmp_path, code_corpus, data_cache):
+def test_init_from_an_unsupported_family(tmp_path, runs):
     folder = tmp_path / "bert"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 30522}))
-    result = run_llm(*fit_args(code_corpus, tmp_path / "run", data_cache, f"--model.init={folder}"))
+    result = llm_here(*runs.args(tmp_path / "run", f"--model.init={folder}", probes=()))
     assert_refused(result, f"model.init={folder}: model_type=bert in config.json; only gpt2 and llama")
+
+
+def transformers_gpt2(folder: Path, vocab: int, form: str = "safetensors") -> dict:
+    """A GPT-2 written by transformers itself (save_pretrained), as the Hub serves them: one
+    safetensors file, shards of it, or (as older repositories hold) a pickled pytorch_model.bin."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=64, n_layer=2, n_head=2)
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(folder, **({"max_shard_size": "100KB"} if form == "sharded" else {}))
+    if form == "bin":  # transformers 5 writes safetensors only; its older releases wrote this
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize(
+    "form, files",
+    [("sharded", "model.safetensors.index.json"), ("bin", "pytorch_model.bin")],
+    ids=["sharded-safetensors", "pytorch-bin"],
+)
+def test_init_reads_folders_that_transformers_wrote(tmp_path, form, files):
+    folder = tmp_path / "hf"
+    theirs = transformers_gpt2(folder, vocab=512, form=form)
+    assert (folder / files).is_file() and not (folder / "model.safetensors").is_file()
+    config, state = load_pretrained(folder)
+    assert (config.n_layer, config.n_embd, config.vocab_size, config.block_size) == (2, 64, 512, 64)
+    model = Transformer(config)
+    model.load_state_dict(state)
+    from transformers import GPT2LMHeadModel
+
+    reference = GPT2LMHeadModel.from_pretrained(folder).eval()
+    idx = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(idx), reference(idx).logits, rtol=0, atol=1e-5)
+    assert set(theirs) >= {"transformer.wte.weight", "transformer.h.1.mlp.c_proj.weight"}
+
+
+def test_init_from_a_pytorch_bin_that_would_run_code_is_refused_unread(tmp_path, monkeypatch):
+    folder = tmp_path / "hf"
+    transformers_gpt2(folder, vocab=512, form="bin")
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("LLM_TEST_MARKER", str(marker))
+    from test_bad_input import RunsCode
+
+    state["payload"] = RunsCode()
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(Exception):  # noqa: B017  (its one-line answer is the reliability issue's; here: no code ran)
+        load_pretrained(folder)
+    assert not marker.exists(), "loading the weights ran their code"
+
+
+def test_init_with_a_tokenizer_larger_than_its_vocabulary_is_refused(tmp_path, runs):
+    folder = tmp_path / "hf"
+    transformers_gpt2(folder, vocab=300)  # the canonical runs train a 512-token tokenizer
+    result = llm_here(*runs.args(tmp_path / "run", f"--model.init={folder}", probes=()))
+    assert_refused(result, f"model.init={folder}: its vocabulary of 300 is smaller than the tokenizer's 512 tokens")
 
 
 # --- make eval --------------------------------------------------------------------------------------
 
 
-def metrics_rows(run: Path) -> dict[int, dict]:
-    import csv
-
-    with open(run / "metrics.csv", newline="") as f:
-        return {int(r["step"]): r for r in csv.DictReader(f)}
-
-
 @pytest.fixture(scope="module")
-def evaluated_run(tmp_path_factory, code_corpus, data_cache):
-    run = tmp_path_factory.mktemp("eval") / "run"
-    result = run_llm(*fit_args(code_corpus, run, data_cache, "--trainer.max_steps=4", "--trainer.log_every_n_steps=1"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run
+def evaluated_run(runs):
+    """A run of its own (evaluation adds to its W&B run), the canonical one for 4 steps."""
+    return runs("evaluated", "--trainer.max_steps=4", probes=(), here=True)
 
 
-def eval_json(*args: str) -> dict:
-    result = run_llm("eval", *args, "--json=true")
+def eval_json(*args: str, here: bool = True) -> dict:
+    result = (llm_here if here else run_llm)("eval", *args, "--json=true")
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_eval_over_the_runs_blocks_reports_the_loss_the_run_logged(evaluated_run):
     ckpt = evaluated_run / "checkpoints" / "last.ckpt"
-    logged = float(metrics_rows(evaluated_run)[3]["val/loss"])  # the validation after step 4
-    result = eval_json(f"--ckpt={ckpt}", "--blocks=run")
+    logged = float(metrics_rows(evaluated_run)[3]["val/loss"])  # the validation after the last step, step 4
+    result = eval_json(f"--ckpt={ckpt}", "--blocks=run", here=False)  # make eval as a user runs it, W&B included
     assert result["step"] == 4 and result["loss"] == pytest.approx(logged, abs=1e-4)
-    assert result["evaluated"] == "the run's 16 validation blocks (those of its val/loss)"
+    assert result["evaluated"] == "the run's 8 validation blocks (those of its val/loss)"
     whole = eval_json(f"--ckpt={ckpt}", "--wandb=false")
     assert whole["evaluated"].startswith("the whole validation split, ") and whole["tokens_evaluated"] > 16 * 64
     # the run's W&B run got the result, and so did a W&B run of job_type eval in its group
@@ -194,12 +254,12 @@ def test_eval_on_any_text_reports_bits_per_byte_from_its_counts(evaluated_run, t
     assert result["bytes"] == len(text.read_bytes())
     assert result["tokens"] == len(ours.tokenizer.encode(text.read_text()).ids) + 1  # and its end-of-text
     assert result["bpb"] == pytest.approx(result["loss"] * result["tokens"] / (result["bytes"] * math.log(2)))
-    assert result["evaluated"] == f"text={text} (1 file(s))" or result["evaluated"].startswith("text=")
+    assert result["evaluated"] == "text=notes (1 file(s))"
     assert result["tokens_evaluated"] == (result["tokens"] - 1) // 64 * 64
 
 
 def test_eval_of_a_checkpoint_that_does_not_exist(tmp_path):
-    assert_refused(run_llm("eval", f"--ckpt={tmp_path}/none.ckpt"), f"ckpt={tmp_path}/none.ckpt: no such checkpoint")
+    assert_refused(llm_here("eval", f"--ckpt={tmp_path}/none.ckpt"), f"ckpt={tmp_path}/none.ckpt: no such checkpoint")
 
 
 def test_eval_on_a_dataset_through_the_hub_loading_path(evaluated_run, tmp_path):
@@ -221,3 +281,71 @@ def test_a_weight_the_map_does_not_know_is_refused_not_dropped():
     state["blocks.1.attn.q_norm.weight"] = torch.ones(16)
     with pytest.raises(ConfigError, match=r"ckpt=x: 1 weights \(blocks.1.attn.q_norm.weight\) have no place"):
         to_hf(state, config, "ckpt=x")
+
+
+@pytest.mark.slow
+def test_eval_over_the_blocks_of_a_two_process_run_reports_the_loss_it_logged(runs):
+    run = runs("zero2")  # 2 ranks validated on 2 x 2 x 4 blocks; a ZeRO folder is read consolidated
+    logged = float(metrics_rows(run)[STEPS - 1]["val/loss"])
+    result = eval_json(f"--ckpt={run}/checkpoints/last.ckpt", "--blocks=run", "--wandb=false")
+    assert result["evaluated"] == "the run's 16 validation blocks (those of its val/loss)"
+    assert result["loss"] == pytest.approx(logged, abs=1e-4)
+
+
+def test_eval_reads_a_text_longer_than_one_chunk_into_the_tokens_of_the_whole(runs, tmp_path, monkeypatch):
+    from llm import evaluate
+    from llm.evaluate import TextStream
+
+    monkeypatch.setattr(evaluate, "TEXT_CHUNK_BYTES", 4096)  # a MiB in use: many cuts in a small text
+    # Python source: indented lines, blank lines and runs of spaces that a careless cut would split
+    source = "\n\n".join(p.read_text() for p in sorted(Path(json.__file__).parent.glob("*.py")))
+    text = tmp_path / "long.txt"
+    text.write_text(source)
+    assert text.stat().st_size > 10 * 4096
+    loaded = load_for_inference(runs("single") / "checkpoints" / "last.ckpt")
+    stream = TextStream(loaded, str(text), None, "validation", "text")
+    streamed = list(stream.tokens_stream())  # what make eval --text feeds the model, read a MiB at a time
+    whole = ordinary(loaded.tokenizer).encode(text.read_text()).ids + [loaded.eot_id]
+    assert len(streamed) == len(whole) and streamed == whole
+    assert (stream.tokens, stream.bytes) == (len(whole), text.stat().st_size)
+
+
+def test_eval_of_a_text_quoting_end_of_text_reads_it_as_text(evaluated_run, tmp_path):
+    text = tmp_path / "quoting.txt"
+    text.write_text("tokenizer.encode('<|endoftext|>') marks the end of a document.\n" * 40)
+    result = eval_json(f"--ckpt={evaluated_run}/checkpoints/last.ckpt", f"--text={text}", "--wandb=false")
+    loaded = load_for_inference(evaluated_run / "checkpoints" / "last.ckpt")
+    ids = ordinary(loaded.tokenizer).encode(text.read_text()).ids
+    assert loaded.eot_id not in ids and result["tokens"] == len(ids) + 1  # one end-of-text: after the document
+
+
+def sample_text(ckpt: Path, *args: str) -> str:
+    result = llm_here("sample", f"--ckpt={ckpt}", "--max_new_tokens=24", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_sample_with_a_prompt_quoting_end_of_text_continues_that_text(runs):
+    ckpt = runs("single") / "checkpoints" / "last.ckpt"
+    prompt = "x = '<|endoftext|>'\n"
+    printed = sample_text(ckpt, f"--prompt={prompt}", "--temperature=0", "--top_k=null", "--top_p=null")
+    loaded = load_for_inference(ckpt)
+    ids = ordinary(loaded.tokenizer).encode(prompt).ids  # as the data holds it: characters, not a boundary
+    assert loaded.eot_id not in ids
+    out = generate(loaded.model, torch.tensor([ids]), 24, temperature=0)[0, len(ids) :].tolist()
+    if loaded.eot_id in out:
+        out = out[: out.index(loaded.eot_id)]
+    assert printed == prompt + loaded.tokenizer.decode(out) + "\n"
+
+
+def test_sampling_seed_top_k_and_temperature(runs):
+    ckpt = runs("single") / "checkpoints" / "last.ckpt"
+    prompt = "--prompt=def "
+    seeded = [sample_text(ckpt, prompt, "--seed=1") for _ in range(2)]
+    assert seeded[0] == seeded[1], "the same seed gave another text"
+    assert sample_text(ckpt, prompt, "--seed=2") != seeded[0]
+    greedy = sample_text(ckpt, prompt, "--temperature=0")
+    assert sample_text(ckpt, prompt, "--top_k=1", "--top_p=null", "--seed=3") == greedy  # one candidate: the argmax
+    hot = sample_text(ckpt, prompt, "--temperature=2.0", "--top_k=null", "--top_p=null", "--seed=1")
+    cool = sample_text(ckpt, prompt, "--temperature=0.5", "--top_k=null", "--top_p=null", "--seed=1")
+    assert hot != cool

@@ -3,13 +3,13 @@ from metrics.csv, for a single-process run and a 2-process DeepSpeed run."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import pty
 import re
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -17,35 +17,27 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, assert_refused, run_llm, wandb_records
 from llm.dashboard import build_workspace, panel_keys
 from llm.metrics import CHARTS, STEP, TOKENS, X_AXES, logged_keys
 from llm.model import ModelConfig, count_params, flops_per_token
 from llm.peaks import measure_matmul_peak
 from llm.redact import scrub
+from support import (
+    FAKE_HF_TOKEN,
+    FAKE_WANDB_KEY,
+    REPO,
+    RUN_ENV,
+    STEPS,
+    assert_refused,
+    llm_here,
+    metrics_rows,
+    wandb_records,
+)
 
 KEYS = sorted(logged_keys())  # llm/metrics.py: what every training run logs
 W_AND_B_OWN = {"_runtime", "_step", "_timestamp", "epoch", STEP}  # what W&B and Lightning add to each row
-# secrets in the environment of the run, which nothing it writes may contain
-FAKE_HF_TOKEN = "hf_" + "Zq7WkP3xR9mT2vL8nB4yC6dF1gH5jK0s"
-FAKE_WANDB_KEY = "f00dfeed" * 5
-SECRETS = {"HF_TOKEN": FAKE_HF_TOKEN, "WANDB_API_KEY": FAKE_WANDB_KEY, "WANDB_MODE": "offline"}
-WHERE = {"WANDB_PROJECT": "llm-tests", "WANDB_ENTITY": "a-team"}  # where a user sends the runs
-RUN = [*TINY, "--data.vocab_size=512", "--trainer.max_steps=8", "--trainer.log_every_n_steps=2", "--eval_every=4"]
-
-
-def fit(corpus: Path, run: Path, cache: Path, *extra: str, env: dict | None = None):
-    return run_llm(
-        "fit",
-        "--config",
-        "configs/experiment/default.yaml",
-        *RUN,
-        f"--data.text={corpus}",
-        f"--data.cache_dir={cache}",
-        f"--run={run}",
-        *extra,
-        env={**SECRETS, **(env or {})},
-    )
+TOKENS_PER_SAMPLE = 4 * 64  # support.CANONICAL_MODEL: micro-batch 4 of 64 tokens
+VAL_ROWS = [3, 7, 11]  # validations after steps 4, 8 and 12, logged at the 0-based step
 
 
 def wandb_runs(run: Path) -> list[Path]:
@@ -65,29 +57,13 @@ def wandb_config(records: list[dict]) -> dict:
 
 
 def csv_rows(run: Path) -> dict[int, dict]:
-    with open(run / "metrics.csv", newline="") as f:
-        return {int(r["step"]): r for r in csv.DictReader(f)}
+    return metrics_rows(run)
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory, code_corpus, data_cache) -> Path:
-    run = tmp_path_factory.mktemp("metrics") / "single"
-    result = fit(code_corpus, run, data_cache, "--wandb_log_model=true", env=WHERE)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run
-
-
-@pytest.fixture(scope="module")
-def deepspeed(tmp_path_factory, code_corpus, data_cache) -> Path:
-    run = tmp_path_factory.mktemp("metrics") / "deepspeed"
-    result = fit(code_corpus, run, data_cache, "--trainer.devices=2", "--deepspeed=zero2", env=WHERE)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run
-
-
-@pytest.fixture(params=["single", "deepspeed"])
-def run(request) -> Path:
-    return request.getfixturevalue(request.param)
+@pytest.fixture(params=["single", "zero2"])
+def run(request, runs) -> Path:
+    """The canonical one-process run and the 2-process ZeRO-2 run (tests/support.py)."""
+    return runs(request.param)
 
 
 @pytest.mark.slow
@@ -105,7 +81,7 @@ def test_every_metric_reaches_wandb_with_plausible_values(run):
             for name in ("allocated", "reserved", "peak", "host_rss"):
                 assert 0 < item[f"mem/{name}_min"] <= item[f"mem/{name}_max"] < 64  # GiB
             assert math.isfinite(item["train/loss"]) and 0 < item["train/grad_norm"] < 100
-            assert item["train/tokens"] == (item["trainer/global_step"] + 1) * 8 * 64 * world(run)
+            assert item["train/tokens"] == (item["trainer/global_step"] + 1) * TOKENS_PER_SAMPLE * world(run)
         if "val/loss" in item:
             assert math.isfinite(item["val/loss"]) and item["val/ppl"] == pytest.approx(math.exp(item["val/loss"]))
             assert 0 < item["val/bpb"] < item["val/loss"] / math.log(2)  # several bytes per token
@@ -122,7 +98,7 @@ def test_metrics_csv_holds_what_wandb_received(run):
     items: dict[int, dict] = {}  # W&B keeps the training and the validation metrics of a step apart
     for item in history(wandb_records(wandb_run)):
         items.setdefault(int(item["trainer/global_step"]), {}).update(item)
-    assert sorted(items) == sorted(rows) == [1, 3, 5, 7]  # 8 steps logged every 2: the same rows in both
+    assert sorted(items) == sorted(rows) == list(range(STEPS))  # every step logged: the same rows in both
     for step, item in items.items():
         logged = {k for k, v in rows[step].items() if v and k in KEYS}
         assert logged == set(KEYS) & set(item), f"step {step}"
@@ -152,13 +128,13 @@ def test_wandb_run_metadata_summary_and_model_artifact(run):
     (artifact,) = [r["artifact"] for r in records if r["type"] == "artifact"]
     assert artifact["name"] == f"{run.name}-model" and artifact["type"] == "model"
     files = sorted(c["path"] for c in artifact["manifest"]["contents"])
-    weights = ["step-000008.ckpt"] if world_size == 1 else []  # --wandb_log_model=true in the single run only
+    weights = ["step-000012.ckpt"] if world_size == 1 else []  # --wandb_log_model=true in the single run only
     assert files == sorted(["config.yaml", "summary.json", "tokenizer.json", *weights])
 
 
 @pytest.mark.slow
-def test_dashboard_panels_show_keys_a_real_run_logged(single):
-    (wandb_run,) = wandb_runs(single)
+def test_dashboard_panels_show_keys_a_real_run_logged(runs):
+    (wandb_run,) = wandb_runs(runs("single"))
     logged = {k for item in history(wandb_records(wandb_run)) for k in item}
     for x in X_AXES:
         workspace = build_workspace("a-team", "llm-tests", x)  # built offline; nothing is sent
@@ -189,11 +165,12 @@ def test_wandb_dashboard_offline_refuses_in_one_line(tmp_path):
 def test_wandb_config_is_the_resolved_config_and_holds_no_secret(run):
     (wandb_run,) = wandb_runs(run)
     config = wandb_config(wandb_records(wandb_run))
-    # the overrides of RUN, and what they make, written out: 2 blocks of 49,984 parameters, a tied
-    # 512 x 64 embedding, 64 x 64 positions and the final norm; 6 x (N - positions) + 12 x 2 x 2 x 32 x 64
-    assert config["model"]["config"]["n_embd"] == 64 and config["model"]["config"]["vocab_size"] == 512
-    assert config["params"] == 136_960 and config["flops_per_token"] == 895_488
-    assert config["world_size"] == world(run) and config["trainer"]["max_steps"] == 8
+    # support.CANONICAL_MODEL, and what it makes, written out: 2 blocks of 198,272 parameters (norms
+    # 2 x 256, attention 49,536 + 16,512, MLP 66,048 + 65,664), a tied 512 x 128 embedding, 64 x 128
+    # positions and the final norm; 6 x (N - positions) + 12 x 2 layers x 2 heads x 64 x 64 tokens
+    assert config["model"]["config"]["n_embd"] == 128 and config["model"]["config"]["vocab_size"] == 512
+    assert config["params"] == 470_528 and config["flops_per_token"] == 2_970_624
+    assert config["world_size"] == world(run) and config["trainer"]["max_steps"] == STEPS
     assert config["strategy"] == ("deepspeed zero2" if world(run) == 2 else "single_device")
     for path in [*run.rglob("*")]:
         if path.is_file():
@@ -213,34 +190,20 @@ def test_scrub_removes_secrets_by_name_and_by_shape():
 
 
 @pytest.mark.slow
-def test_resume_continues_the_same_wandb_run(tmp_path, code_corpus, data_cache):
-    run = tmp_path / "run"
-    stop = '--trainer.callbacks=[{"class_path": "tests.helpers.StopAtStep", "init_args": {"step": 4}}]'
-    assert fit(code_corpus, run, data_cache, stop).returncode == 0
-    resumed = fit(code_corpus, run, data_cache, "--resume=auto")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    first, second = wandb_runs(run)
-    run_id = (run / "wandb" / "run_id").read_text().strip()
-    assert first.name.endswith(run_id) and second.name.endswith(run_id)
-    steps = [item["trainer/global_step"] for item in history(wandb_records(second))]
-    assert min(steps) >= 4 and max(steps) == 7
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("breakage", ["bad mode", "unwritable dir"])
-def test_training_goes_on_when_wandb_cannot_start(tmp_path, code_corpus, data_cache, breakage):
+def test_training_goes_on_when_wandb_cannot_start(tmp_path, runs, breakage):
     run = tmp_path / "run"
-    env, extra = {}, []
+    env, extra = dict(RUN_ENV), ["--trainer.max_steps=2", "--eval_every=2"]
     if breakage == "bad mode":
         env["WANDB_MODE"] = "sideways"
     else:
         run.mkdir()
         (run / "wandb").write_text("a file where W&B wants its folder")
         extra.append("--resume=auto")
-    result = fit(code_corpus, run, data_cache, *extra, env=env)
+    result = llm_here(*runs.args(run, *extra, probes=()), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (result.stdout + result.stderr).count("W&B failed") == 1
-    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
     assert any(r.get("perf/tokens_per_sec") for r in csv_rows(run).values())
 
 
@@ -254,42 +217,62 @@ def test_flops_per_token_by_hand():
 
 
 @pytest.mark.slow
-def test_mfu_is_achieved_flops_over_peak(tmp_path, code_corpus, data_cache):
-    run = tmp_path / "run"
-    assert fit(code_corpus, run, data_cache, "--peak_flops=2e9").returncode == 0
-    config = ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64)
+@pytest.mark.parametrize("name", ["single", "ddp"])
+def test_mfu_is_achieved_flops_over_peak(runs, name):
+    run = runs(name)  # the DDP run was given --peak_flops=2e9; the single one measured its CPU
+    summary = json.loads((run / "summary.json").read_text())
+    peak = {"ddp": 2e9}.get(name, summary["peak_flops"])
+    source = summary["peak_flops_source"]
+    assert source == "--peak_flops" if name == "ddp" else source.startswith("cpu, measured"), source
+    config = ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=128)
     rows = [r for r in csv_rows(run).values() if r.get("perf/mfu")]
-    assert rows
+    assert len(rows) >= STEPS - 2
     for row in rows:
-        expected = float(row["perf/tokens_per_sec_per_device"]) * flops_per_token(config) / 2e9
+        expected = float(row["perf/tokens_per_sec_per_device"]) * flops_per_token(config) / peak
         assert float(row["perf/mfu"]) == pytest.approx(expected, rel=1e-5)
     torch = __import__("torch")
     assert 1e8 < measure_matmul_peak(torch.device("cpu"), torch.float32, n=256) < 1e14  # FLOP/s: a CPU, measured
 
 
 @pytest.mark.slow
-def test_make_plot_writes_png_charts(single):
-    result = subprocess.run(
-        ["make", "-s", "plot", f"RUN={single}"], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+def test_make_plot_writes_png_charts(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs("single"), run, symlinks=True)
+    result = subprocess.run(["make", "-s", "plot", f"RUN={run}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("loss", "optimizer", "throughput", "memory", "overview"):
-        png = single / "plots" / f"{name}.png"
+        png = run / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
-    # every declared series has its points: 8 steps logged every 2, validation at steps 4 and 8
-    lines = [line for line in result.stdout.splitlines() if not line.startswith("wrote ")]
-    counts = {}
-    for line in lines:
-        for key, points in re.findall(r"(\S+/\S+) (\d+)", line):
-            counts[key] = int(points)
+
+
+def test_plot_draws_every_logged_series_with_its_values(runs, tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llm.plot import plot
+
+    run = tmp_path / "run"
+    shutil.copytree(runs("single"), run, symlinks=True)
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep each figure as plot() leaves it
+    plot(str(run))
+    sections = {ax.get_title(): ax for figure in figures[:-1] for ax in figure.axes}  # the last is the overview
+    rows = csv_rows(run)
     for chart in CHARTS:
-        for key in chart.keys:
-            expected = 2 if key.startswith("val/") else 4
-            assert counts[key] == expected, (key, lines)
+        drawn = {line.get_label(): line for line in sections[chart.title].get_lines()}
+        for key, legend in chart.series:
+            # x is steps done (metrics.csv counts from 0); 12 steps logged each, validation after 4, 8, 12
+            steps = [s for s in sorted(rows) if key in rows[s]]
+            assert len(steps) == (3 if key.startswith("val/") else STEPS), key
+            assert list(drawn[legend].get_xdata()) == [s + 1 for s in steps], key
+            assert list(drawn[legend].get_ydata()) == pytest.approx([float(rows[s][key]) for s in steps]), key
 
 
 @pytest.mark.slow
-def test_make_tui_opens_the_run_in_a_terminal(single):
+def test_make_tui_opens_the_run_in_a_terminal(runs):
+    single = runs("single")
     pid, fd = pty.fork()
     if pid == 0:  # the child: make, as a user at a terminal types it
         os.chdir(REPO)
@@ -317,8 +300,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.slow
-def test_make_bench_quick_writes_json(tmp_path):
+@pytest.mark.bench
+def test_make_bench_quick_writes_json(tmp_path, gpt2_tokenizer):  # bench's data preparation uses the GPT-2 tokenizer
     out = tmp_path / "bench.json"
     args = f"ARGS=--quick=true --out={out} --paths=[eager,compiled,zero2]"
     result = subprocess.run(["make", "-s", "bench", args], cwd=REPO, capture_output=True, text=True, timeout=900)

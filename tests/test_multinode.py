@@ -4,10 +4,10 @@ what they were asked; the refusals of impossible worlds; data prepared once by r
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, program_stderr, run_llm
 from llm.checkpoint import read_checkpoint
+from llm.strategy import SHM, SHM_PREFIX
+from support import REPO, STEPS, llm_here, losses, program_stderr
 
 SMALL = [
     "--model.config.n_layer=2",
@@ -69,11 +70,6 @@ def finish(process: subprocess.Popen, timeout: int = 600) -> tuple[int, str, str
     return process.returncode, out, err
 
 
-def losses(run: Path) -> dict[int, float]:
-    with open(run / "metrics.csv", newline="") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
-
-
 @pytest.fixture
 def experiment(request):
     """A unique experiment name; the run folders it leaves in runs/ go at the end."""
@@ -91,11 +87,15 @@ def data_args(corpus: Path, cache: Path) -> str:
 
 
 @pytest.mark.slow
-def test_two_torchrun_nodes_share_one_run_folder_and_match_one_node(tmp_path, experiment, code_corpus, data_cache):
+@pytest.mark.long
+def test_two_torchrun_nodes_share_one_run_folder_and_match_one_node(experiment, runs):
     port = free_port_pair()
-    args = f"{data_args(code_corpus, data_cache)} --trainer.max_steps=6 --experiment={experiment}"
+    # the canonical ZeRO-2 run's settings (tests/support.py), less its run folder: each node would
+    # take a timestamp of its own, and rank 0 decides the one they share
+    canonical = [a for a in runs.args(Path("unused")) if not a.startswith("--run=")][3:]  # after "fit --config x"
+    args = shlex.join([*canonical, "--deepspeed=zero2", f"--experiment={experiment}"])
     nodes = [
-        make("train-multinode", "NNODES=2", f"NODE_RANK={rank}", f"MASTER_PORT={port}", "DS=zero2", f"ARGS={args}")
+        make("train-multinode", "NNODES=2", f"NODE_RANK={rank}", f"MASTER_PORT={port}", f"ARGS={args}")
         for rank in (0, 1)
     ]
     results = [finish(node) for node in nodes]
@@ -105,29 +105,18 @@ def test_two_torchrun_nodes_share_one_run_folder_and_match_one_node(tmp_path, ex
         assert f"this is node {rank}" in out.splitlines()[0]
     (run,) = (REPO / "runs").glob(f"{experiment}-*")  # one folder, though no RUN= was given
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["strategy"] == "deepspeed zero2" and summary["steps"] == 6
+    assert summary["world_size"] == 2 and summary["strategy"] == "deepspeed zero2" and summary["steps"] == STEPS
     # not a terminal: one plain line per logging step, from rank 0 only
-    assert "step 6/6 | loss " in results[0][1] and " tokens/s | MFU " in results[0][1]
-    assert "step 6/6 | loss " not in results[1][1]
-
-    single = tmp_path / "single"
-    result = run_llm(
-        "fit",
-        "--config",
-        "configs/experiment/default.yaml",
-        *args.split(),
-        f"--run={single}",
-        "--trainer.devices=2",
-        "--deepspeed=zero2",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    expected, got = losses(single), losses(run)
-    assert sorted(got) == sorted(expected) == list(range(6))
+    assert f"step {STEPS}/{STEPS} | loss " in results[0][1] and " tokens/s | MFU " in results[0][1]
+    assert f"step {STEPS}/{STEPS} | loss " not in results[1][1]
+    expected, got = losses(runs("zero2")), losses(run)  # the same job, started by Lightning on one node
+    assert sorted(got) == sorted(expected) == list(range(STEPS))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_refusal_of_rank_0_stops_every_node_with_its_line(tmp_path, code_corpus, data_cache):
     run = tmp_path / "busy"
     run.mkdir()
@@ -151,15 +140,23 @@ def test_a_refusal_of_rank_0_stops_every_node_with_its_line(tmp_path, code_corpu
 
 
 @pytest.mark.slow
-def test_deepspeed_launcher_over_a_localhost_hostfile_trains(tmp_path, code_corpus, data_cache):
+@pytest.mark.long
+def test_deepspeed_launcher_over_a_localhost_hostfile_trains_and_leaves_no_shared_memory(
+    tmp_path, code_corpus, data_cache
+):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# one node, two processes\nlocalhost slots=2\n")
     run = tmp_path / "run"
     args = f"{data_args(code_corpus, data_cache)} --trainer.max_steps=4"
+    # DeepSpeed's CPU all-reduce buffer of a run killed earlier, which no process maps any more
+    stale = SHM / f"{SHM_PREFIX}_{os.getuid()}_127.0.0.1_1_0"
+    stale.write_bytes(bytes(4096))
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    port = free_port_pair()
     node = make(
         "train-deepspeed",
         f"HOSTFILE={hostfile}",
-        f"MASTER_PORT={free_port_pair()}",
+        f"MASTER_PORT={port}",
         "DS=zero2",
         f"RUN={run}",
         f"ARGS={args}",
@@ -169,6 +166,10 @@ def test_deepspeed_launcher_over_a_localhost_hostfile_trains(tmp_path, code_corp
     assert out.startswith("deepspeed: 1 nodes x 2 processes = 2 processes (localhost)")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["strategy"] == "deepspeed zero2" and summary["steps"] == 4
+    # the launcher sets LOCAL_SIZE, so DeepSpeed made a shared-memory buffer per process: removed at the
+    # end, and the stale one before the start
+    assert not stale.exists()
+    assert not list(SHM.glob(f"{SHM_PREFIX}_{os.getuid()}_*_{port}_*"))
 
 
 # --- SLURM, under stand-in programs ---------------------------------------------------------------------
@@ -210,6 +211,7 @@ def stub_bin(folder: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_slurm_job_requeues_at_the_signal_and_resumes(tmp_path, experiment, code_corpus, data_cache):
     job_id = str(900000 + os.getpid() % 99999)
     env = {
@@ -218,14 +220,14 @@ def test_slurm_job_requeues_at_the_signal_and_resumes(tmp_path, experiment, code
         "STUB_PID": str(tmp_path / "task.pid"),
         "STUB_JOB_ID": job_id,
     }
-    args = f"{data_args(code_corpus, data_cache)} --trainer.max_steps=300 --eval_every=1000 --experiment={experiment}"
+    args = f"{data_args(code_corpus, data_cache)} --trainer.max_steps=40 --eval_every=1000 --experiment={experiment}"
     submit = ["slurm", "NNODES=1", "DEVICES=1", "PARTITION=debug", "TIME=00:10:00", "ACCOUNT=proj", f"ARGS={args}"]
     log = REPO / "runs" / f"slurm-{job_id}.out"
     run = REPO / "runs" / f"{experiment}-{job_id}"
     try:
         first = make(*submit, env=env)
         deadline = time.monotonic() + 300
-        while "step 20/300" not in (log.read_text() if log.exists() else ""):  # training is under way
+        while "step 10/40" not in (log.read_text() if log.exists() else ""):  # training is under way
             assert time.monotonic() < deadline and first.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
         os.kill(int((tmp_path / "task.pid").read_text()), signal.SIGUSR1)  # SLURM's warning before the limit
@@ -243,9 +245,9 @@ def test_slurm_job_requeues_at_the_signal_and_resumes(tmp_path, experiment, code
         assert re.search(
             rf"^stopped: SIGUSR1 at step {resumed_at}; saved .*; requeueing SLURM job {job_id}$", text, re.M
         )
-        assert json.loads((run / "summary.json").read_text())["steps"] == 300
+        assert json.loads((run / "summary.json").read_text())["steps"] == 40
         # saved at the step boundary after the signal: every step's row is there, none twice
-        assert resumed_at >= 20 and sorted(losses(run)) == list(range(300))
+        assert resumed_at >= 10 and sorted(losses(run)) == list(range(40))
 
         calls = (tmp_path / "calls.log").read_text().splitlines()
         sbatch = [c for c in calls if c.startswith("sbatch ")]
@@ -345,3 +347,21 @@ def test_a_bad_hostfile(tmp_path, text, fragment):
         hostfile.write_text(text)
     line, _ = refused("train-deepspeed", f"HOSTFILE={hostfile}")
     assert line.startswith(f"error: HOSTFILE={hostfile}: ") and fragment in line, line
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (("torchrun", "--devices=0"), "error: DEVICES=0: processes per node must be at least 1"),
+        (("torchrun", "--nnodes=0"), "error: NNODES=0: nodes must be at least 1"),
+        (("torchrun", "--nnodes=2", "--master_port=80"), "error: MASTER_PORT=80: not a usable port"),
+        (("torchrun", "--nnodes=2", "--master_port=70000"), "error: MASTER_PORT=70000: not a usable port"),
+        (("deepspeed", "--hostfile="), "error: HOSTFILE=: give a file of"),
+        (("slurm", "--nnodes=0"), "error: NNODES=0: nodes must be at least 1"),
+    ],
+    ids=["devices-0", "nnodes-0", "port-low", "port-high", "hostfile-empty", "slurm-nnodes-0"],
+)
+def test_launcher_inputs_that_cannot_form_a_job(args, line):
+    result = llm_here(*args)
+    lines = program_stderr(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(line), result.stderr[-2000:]

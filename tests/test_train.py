@@ -4,14 +4,33 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TINY, assert_refused, corpus_fit, run_llm, trained_steps
 from llm.checkpoint import load_for_inference
+from support import (
+    REPO,
+    RUN_ENV,
+    STEPS,
+    TINY,
+    assert_refused,
+    batches,
+    callbacks,
+    column,
+    corpus_fit,
+    llm_here,
+    losses,
+    trained_steps,
+    wandb_records,
+)
+
+# the module's fixtures (a stopped run, an accumulating run) are trained once: its tests stay on one worker
+pytestmark = pytest.mark.xdist_group("train")
 
 SUMMARY_KEYS = {
     "steps",
@@ -68,9 +87,10 @@ def test_make_train_runs_the_default_job_and_leaves_the_run_folder(tmp_path, dat
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_training_on_shakespeare_with_the_gpt2_tokenizer_learns(tmp_path, shakespeare, gpt2_tokenizer, data_cache):
     run = tmp_path / "run"
-    result = run_llm(
+    result = llm_here(
         "fit",
         "--config",
         "configs/experiment/default.yaml",
@@ -98,40 +118,95 @@ def test_training_on_shakespeare_with_the_gpt2_tokenizer_learns(tmp_path, shakes
     assert summary["final_val_loss"] < summary["unigram_val_entropy"] - 0.05, summary
 
 
-def fit_args(corpus: Path, run: Path, cache: Path, *extra: str) -> list[str]:
-    return corpus_fit(corpus, run, cache, "--trainer.log_every_n_steps=1", "--eval_every=3", *extra)
+QUIET = {"WANDB_MODE": "disabled"}  # runs whose W&B records no test reads leave W&B out
+STOP_AT_4 = '{"class_path": "tests.helpers.StopAtStep", "init_args": {"step": 4}}'
 
 
-def train_losses(run: Path) -> dict[int, float]:
-    return {int(r["step"]): float(r["train/loss"]) for r in metrics(run) if r.get("train/loss")}
-
-
-@pytest.mark.slow
-def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tmp_path, code_corpus, data_cache):
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert run_llm(*fit_args(code_corpus, whole, data_cache, "--trainer.max_steps=8")).returncode == 0
-    # the same run, preempted after 4 of its 8 steps, then continued with RESUME=auto
-    stop = '--trainer.callbacks=[{"class_path": "tests.helpers.StopAtStep", "init_args": {"step": 4}}]'
-    first = run_llm(*fit_args(code_corpus, parts, data_cache, "--trainer.max_steps=8", stop))
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, runs):
+    """The canonical one-process run, preempted after 4 of its 12 steps (a callback stops it, as a
+    job's end would): what a resume continues."""
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    first = llm_here(*runs.args(run, callbacks("BatchRecord", STOP_AT_4), probes=()), env=RUN_ENV)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert json.loads((parts / "summary.json").read_text())["steps"] == 4
-    second = run_llm(*fit_args(code_corpus, parts, data_cache, "--trainer.max_steps=8", "--resume=auto"))
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert f"resuming from {parts}/checkpoints/step-000004.ckpt" in second.stdout
-    assert trained_steps(first.stdout) == [1, 2, 3, 4] and trained_steps(second.stdout) == [5, 6, 7, 8]
+    return run, first
 
-    expected, got = train_losses(whole), train_losses(parts)
-    assert sorted(got) == sorted(expected) == list(range(8)), "metrics.csv lost or repeated steps"
-    for step in range(8):
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}"
-    assert json.loads((parts / "summary.json").read_text())["steps"] == 8
+
+def wandb_runs(run: Path) -> list[Path]:
+    return sorted((run / "wandb").glob("offline-run-*"))
+
+
+def history_steps(wandb_run: Path) -> list[int]:
+    return [r["history"]["item"]["trainer/global_step"] for r in wandb_records(wandb_run) if r["type"] == "history"]
 
 
 @pytest.mark.slow
-def test_checkpoint_holds_config_and_tokenizer_and_reproduces_the_logits(tmp_path, code_corpus, data_cache):
+def test_resume_continues_exactly_where_an_uninterrupted_run_would_be_and_in_the_same_wandb_run(
+    tmp_path, runs, stopped
+):
     run = tmp_path / "run"
-    probe = '--trainer.callbacks=[{"class_path": "tests.helpers.EngineProbe"}]'  # the trained model's logits
-    assert run_llm(*fit_args(code_corpus, run, data_cache, "--trainer.max_steps=3", probe)).returncode == 0
+    shutil.copytree(stopped[0], run, symlinks=True)
+    assert trained_steps(stopped[1].stdout) == [1, 2, 3, 4]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    second = llm_here(*runs.args(run, callbacks("BatchRecord"), "--resume=auto", probes=()), env=RUN_ENV)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming from {run}/checkpoints/step-000004.ckpt" in second.stdout
+    assert trained_steps(second.stdout) == list(range(5, STEPS + 1))
+
+    whole = runs("single")
+    expected, got = losses(whole), losses(run)
+    assert sorted(got) == sorted(expected) == list(range(STEPS)), "metrics.csv lost or repeated steps"
+    for step in range(STEPS):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}"
+    assert batches(run) == batches(whole), "a sample was repeated or skipped"
+    assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
+    # W&B: the resumed process continued the same run (one id), logging from step 4 on
+    first, resumed = wandb_runs(run)
+    run_id = (run / "wandb" / "run_id").read_text().strip()
+    assert first.name.endswith(run_id) and resumed.name.endswith(run_id)
+    steps = history_steps(resumed)
+    assert min(steps) >= 4 and max(steps) == STEPS - 1
+
+
+def warmup_cosine_expected(lr: float, warmup: int, total: int, min_ratio: float) -> list[float]:
+    """The learning rate of each optimizer step (1-based), written out: linear warm-up from
+    lr/warmup to lr over `warmup` steps, then half a cosine from lr down to lr * min_ratio, which it
+    reaches after step `total`."""
+    rates = [lr * (1 / warmup + (1 - 1 / warmup) * (s - 1) / warmup) for s in range(1, warmup + 1)]
+    low = lr * min_ratio
+    span = total - warmup
+    rates += [low + (lr - low) * (1 + math.cos(math.pi * j / span)) / 2 for j in range(span)]
+    return rates
+
+
+def final_lr(run: Path) -> float:
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["lr_schedulers"][0]
+    return state["_last_lr"][0]
+
+
+@pytest.mark.slow
+def test_learning_rate_warms_up_decays_to_its_minimum_and_follows_a_longer_resumed_run(tmp_path, runs, stopped):
+    lr, warmup, ratio = 3e-3, 4, 0.1  # configs/experiment/default.yaml; support.CANONICAL_CADENCE
+    logged = [column(runs("single"), "train/lr")[s] for s in range(STEPS)]
+    expected = warmup_cosine_expected(lr, warmup, STEPS, ratio)
+    assert logged == pytest.approx(expected, rel=1e-6)
+    assert logged[:warmup] == pytest.approx([lr / 4, lr * 7 / 16, lr * 5 / 8, lr * 13 / 16])  # warm-up
+    assert logged[warmup] == pytest.approx(lr) and max(logged) == pytest.approx(lr)  # the peak, after it
+    assert final_lr(runs("single")) == pytest.approx(lr * ratio)  # where the cosine ends, after the last step
+    # resumed at step 4 with 16 steps instead of 12: the cosine now spans steps 5 to 16
+    run = tmp_path / "run"
+    shutil.copytree(stopped[0], run, symlinks=True)
+    longer = llm_here(*runs.args(run, "--resume=auto", "--trainer.max_steps=16", probes=()), env=QUIET)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "warning: trainer.max_steps 12 -> 16: continuing from step 4" in longer.stdout
+    logged = [column(run, "train/lr")[s] for s in range(16)]
+    assert logged == pytest.approx(warmup_cosine_expected(lr, warmup, 16, ratio), rel=1e-6)
+    assert final_lr(run) == pytest.approx(lr * ratio)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 16
+
+
+def test_checkpoint_holds_config_and_tokenizer_and_reproduces_the_logits(runs):
+    run = runs("single")
     loaded = load_for_inference(run / "checkpoints" / "last.ckpt")
     assert loaded.config["model"]["config"]["n_layer"] == 2 and loaded.config["run"] == str(run)
     assert loaded.tokenizer.get_vocab_size() == 512
@@ -142,33 +217,9 @@ def test_checkpoint_holds_config_and_tokenizer_and_reproduces_the_logits(tmp_pat
         torch.testing.assert_close(loaded.model(trained["idx"]), trained["logits"], rtol=0, atol=1e-6)
 
 
-def test_loggers_and_callbacks_of_a_yaml_are_added_to_the_runs_own(tmp_path, fixture_text, data_cache):
-    # a fork's own logger and callback, in its own config file: honoured beside metrics.csv and W&B
-    extra = tmp_path / "extra.yaml"
-    extra.write_text(
-        "trainer:\n"
-        "  logger:\n"
-        "    - class_path: lightning.pytorch.loggers.CSVLogger\n"
-        f"      init_args: {{save_dir: {tmp_path / 'theirs'}, name: csv}}\n"
-        "  callbacks:\n"
-        "    - class_path: lightning.pytorch.callbacks.LearningRateMonitor\n"
-    )
-    run = tmp_path / "run"
-    args = corpus_fit(fixture_text, run, data_cache, "--data.vocab_size=300", "--data.val_fraction=0.3")
-    result = run_llm(*args, "--config", str(extra), "--trainer.max_steps=2", "--trainer.log_every_n_steps=1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(run / "metrics.csv", newline="") as f:
-        ours = list(csv.DictReader(f))
-    (theirs,) = (tmp_path / "theirs" / "csv").glob("version_*/metrics.csv")
-    with open(theirs, newline="") as f:
-        their_rows = list(csv.DictReader(f))
-    assert [r["train/loss"] for r in their_rows if r.get("train/loss")] == [r["train/loss"] for r in ours]
-    assert all(r.get("lr-AdamW/pg1") for r in ours)  # the LearningRateMonitor's key, in the run's own log
-
-
 def test_turning_the_runs_loggers_off_is_refused(tmp_path, fixture_text, data_cache):
     run = tmp_path / "run"
-    result = run_llm(*corpus_fit(fixture_text, run, data_cache, "--trainer.logger=false"))
+    result = llm_here(*corpus_fit(fixture_text, run, data_cache, "--trainer.logger=false"))
     assert_refused(result, "trainer.logger=false: a run always writes metrics.csv", "WANDB_MODE=disabled")
     assert not run.exists()
 
@@ -192,14 +243,81 @@ class MarkedData(TokenDataModule):
 '''
 
 
-def test_the_datamodule_is_chosen_by_config(tmp_path, fixture_text, data_cache):
+def test_a_forks_datamodule_logger_and_callback_come_from_its_config(tmp_path, fixture_text, data_cache, monkeypatch):
+    # a fork's DataModule (by class path), logger and callback, in its own config file: honoured
+    # beside the run's own metrics.csv and W&B
     (tmp_path / "forkdata.py").write_text(FORK_DATAMODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(
+        "trainer:\n"
+        "  logger:\n"
+        "    - class_path: lightning.pytorch.loggers.CSVLogger\n"
+        f"      init_args: {{save_dir: {tmp_path / 'theirs'}, name: csv}}\n"
+        "  callbacks:\n"
+        "    - class_path: lightning.pytorch.callbacks.LearningRateMonitor\n"
+    )
     run, marker = tmp_path / "run", tmp_path / "marker.txt"
     args = corpus_fit(fixture_text, run, data_cache, "--data.vocab_size=300", "--data.val_fraction=0.3")
-    args += ["--data=forkdata.MarkedData", f"--data.marker={marker}", "--trainer.max_steps=2"]
-    result = run_llm(*args, env={"PYTHONPATH": str(tmp_path)})
+    args += ["--config", str(extra), "--trainer.max_steps=2", "--trainer.log_every_n_steps=1"]
+    result = llm_here(*args, "--data=forkdata.MarkedData", f"--data.marker={marker}", env=QUIET)
     assert result.returncode == 0, result.stderr[-3000:]
     assert marker.read_text() == "TrainerFn.FITTING 8 64"  # its own argument, and the linked block size
     assert "class_path: forkdata.MarkedData" in (run / "config.yaml").read_text()
-    not_one = run_llm(*args[:-3], "--data=lightning.pytorch.demos.boring_classes.BoringDataModule")
+    with open(run / "metrics.csv", newline="") as f:
+        ours = list(csv.DictReader(f))
+    (theirs,) = (tmp_path / "theirs" / "csv").glob("version_*/metrics.csv")
+    with open(theirs, newline="") as f:
+        their_rows = list(csv.DictReader(f))
+    assert [r["train/loss"] for r in their_rows if r.get("train/loss")] == [r["train/loss"] for r in ours]
+    assert all(r.get("lr-AdamW/pg1") for r in ours)  # the LearningRateMonitor's key, in the run's own log
+    not_one = llm_here(*args, "--data=lightning.pytorch.demos.boring_classes.BoringDataModule")
     assert not_one.returncode == 2 and "does not correspond to a subclass of TokenDataModule" in not_one.stderr
+
+
+ACCUMULATE = ("--data.batch_size=2", "--trainer.accumulate_grad_batches=2", "--data.val_batches=4")
+
+
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory, runs):
+    """The canonical one-process run with micro-batches of 2 and accumulation 2: each optimizer step
+    sees the same 4 samples as the canonical micro-batch of 4, and validation the same 8 blocks."""
+    run = tmp_path_factory.mktemp("accumulated") / "run"
+    result = llm_here(*runs.args(run, *ACCUMULATE, probes=("BatchRecord",)), env=QUIET)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_of_two_half_batches_trains_as_the_whole_batch(runs, accumulated):
+    whole = runs("single")
+    for key in ("val/loss", "train/grad_norm"):  # validation on the same blocks; the norm of the summed gradients
+        expected, got = column(whole, key), column(accumulated, key)
+        assert sorted(got) == sorted(expected) and expected, key
+        for step in expected:
+            assert got[step] == pytest.approx(expected[step], rel=1e-5), (key, step)
+    weights = [
+        torch.load(r / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for r in (whole, accumulated)
+    ]
+    # the gradients are summed in another order: after 12 Adam steps, weights differ by up to 1e-5
+    # (measured on the attention biases, whose small gradients Adam's normalisation scales up)
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=3e-5, msg=name)
+    summary = json.loads((accumulated / "summary.json").read_text())
+    assert summary["tokens"] == STEPS * 2 * 2 * 64  # steps x accumulation x micro-batch x block
+
+
+@pytest.mark.slow
+def test_resuming_a_run_with_accumulation_is_exact(tmp_path, runs, accumulated):
+    run = tmp_path / "run"
+    stop = '{"class_path": "tests.helpers.StopAtStep", "init_args": {"step": 5}}'
+    first = llm_here(*runs.args(run, *ACCUMULATE, callbacks("BatchRecord", stop), probes=()), env=QUIET)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = llm_here(*runs.args(run, *ACCUMULATE, "--resume=auto", probes=("BatchRecord",)), env=QUIET)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert trained_steps(second.stdout) == list(range(6, STEPS + 1))
+    expected, got = losses(accumulated), losses(run)
+    assert sorted(got) == sorted(expected) == list(range(STEPS))
+    for step in range(STEPS):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
+    assert batches(run) == batches(accumulated), "a micro-batch was repeated or skipped"
