@@ -2,7 +2,9 @@
 
 import importlib
 import os
+import signal
 import sys
+import threading
 
 # Transparent huge pages for torch's large CPU tensors: far fewer page faults when the logits of a
 # 50k vocabulary are allocated every step (1.4x faster steps measured on a 2-core CPU). Read once,
@@ -51,6 +53,13 @@ def function_cli(function, args: list[str]) -> None:
     auto_cli(function, args=args, parser_class=Parser, as_positional=False)
 
 
+def stop_outside_training(signum, frame) -> None:
+    """A stop signal while the data is prepared or a run starts or ends, when llm/checkpointing.py
+    does not hold the signals: end with a line and the status of a stop during training."""
+    name = signal.Signals(signum).name
+    raise RunStopped(f"{name} while no training step ran: nothing was saved; run the command again", 128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -63,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     module, name, _ = COMMANDS[command]
     if hasattr(sys.stdout, "reconfigure"):  # a text stream whose errors can be set (not a StringIO)
         sys.stdout.reconfigure(errors="replace")
+    previous = {}
+    if command in ("fit", "prepare") and threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            previous[signum] = signal.signal(signum, stop_outside_training)
     try:
         function = getattr(importlib.import_module(module), name)
         function() if command in READS_ARGV else function_cli(function, args)
@@ -82,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stopped: {line}", file=sys.stderr, flush=True)
         end_child_processes()
         sys.exit(1)
+    finally:
+        for signum, handler in previous.items():  # main() called in-process (the tests) leaves no trace
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

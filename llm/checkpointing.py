@@ -13,8 +13,8 @@ RESUME=auto takes the one with the highest step (llm/run.py). The previous check
 only after the new one is complete.
 
 Saves happen every `save_every` optimizer steps, at the last step, when training ends early, and
-when the job is asked to stop: SIGTERM or SIGUSR1 (SLURM's warning before a time limit) saves at the
-next step boundary and stops with status 128 + the signal; under SLURM, SIGUSR1 also requeues the
+when the job is asked to stop: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 (SLURM's warning before a time
+limit) saves at the next step boundary and stops with status 128 + the signal; under SLURM, SIGUSR1 also requeues the
 job (`scontrol requeue`), which then resumes from that checkpoint. A second signal exits at once.
 """
 
@@ -38,7 +38,7 @@ from llm.errors import RunStopped
 
 STEP_NAME = re.compile(r"^step-(\d+)\.ckpt$")
 PARTIAL = ".partial"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C
 
 
 def step_of(path: Path) -> int | None:
@@ -84,7 +84,7 @@ def sync_to_disk(path: Path) -> None:
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 ask for a stop at the next step boundary; the second one exits at once."""
+    """SIGTERM, SIGUSR1 and SIGINT ask for a stop at the next step boundary; the second one exits at once."""
 
     def __init__(self):
         self.received: int | None = None

@@ -182,6 +182,49 @@ def test_sigterm_saves_at_the_step_boundary_then_resume_continues(tmp_path, runs
     assert_continues_exactly(runs("single"), run, first, at, ranks=1, tol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "signum, devices",
+    [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGUSR1, 2)],
+    ids=["SIGTERM", "Ctrl-C", "SIGUSR1 to 2 processes"],
+)
+def test_a_stop_signal_to_the_whole_process_group_saves_at_the_step_boundary(tmp_path, runs, signum, devices):
+    # as Ctrl-C, `timeout`, scancel and SLURM's warning send it: to every process, DataLoader workers too
+    run = tmp_path / "run"
+    args = runs.args(run, "--data.num_workers=1", f"--trainer.devices={devices}", probes=())
+    process = start(args)
+    out, err = signal_at(process, 3, lambda p: os.killpg(p.pid, signum))
+    name = signal.Signals(signum).name
+    assert process.returncode == 128 + signum, err[-3000:]
+    assert err.count(f"{name}: saving a checkpoint at the end of this step, then stopping") == 1, err[-3000:]
+    stopped = re.search(rf"^stopped: {name} at step (\d+); saved (\S+); make train RUN=\S+ RESUME=auto$", err, re.M)
+    assert stopped and "Traceback" not in err, err[-3000:]
+    at, saved = int(stopped.group(1)), Path(stopped.group(2))
+    assert saved.name == f"step-{at:06d}.ckpt" and trained_steps(out)[-1] == at
+    assert torch.load(saved, weights_only=True)["global_step"] == at
+
+
+def test_a_stop_signal_during_preparation_ends_with_a_stopped_line(tmp_path, shakespeare):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llm", "prepare", "--config", "configs/experiment/default.yaml"]
+        + [f"--data.text={shakespeare}", f"--data.cache_dir={tmp_path}"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    seen = b""
+    while b"training tokenizer" not in seen:  # a progress bar: the preparation has begun
+        chunk = process.stderr.read1(4096)
+        assert chunk, seen.decode()[-3000:]
+        seen += chunk
+    os.killpg(process.pid, signal.SIGTERM)
+    err = (seen + process.stderr.read()).decode()
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("stopped: ")]
+    assert lines == ["stopped: SIGTERM while no training step ran: nothing was saved; run the command again"], err
+    assert "Traceback" not in err
+
+
 def test_a_second_signal_exits_at_once(tmp_path, runs):
     def twice(process):  # two different signals: the kernel merges a pending signal with its repeat
         process.send_signal(signal.SIGTERM)

@@ -8,6 +8,7 @@ the data an uninterrupted run would have, whatever the number of loader workers.
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Literal
@@ -95,6 +96,15 @@ class StepSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.end_batch * self.batch_size
+
+
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """In a DataLoader worker: ignore the signals that ask the run to stop. Ctrl-C, `timeout`,
+    `scancel` and SLURM's warning signal every process of the group, workers included; a worker they
+    killed would end the training process with an error in mid-step, before the checkpoint that
+    llm/checkpointing.py writes at the step boundary. The workers end with the training process."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class StepDataLoader(DataLoader):
@@ -225,6 +235,7 @@ class TokenDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
+            worker_init_fn=leave_stop_signals_to_the_trainer,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             prefetch_factor=4 if self.num_workers > 0 else None,
