@@ -253,9 +253,12 @@ def add_to_wandb_run(loaded: Loaded, result: dict) -> None:
         "project": wandb_project(loaded.config.get("wandb_project")),
         "entity": wandb_entity(loaded.config.get("wandb_entity")),
         "mode": wandb_mode(),
-        "settings": wandb.Settings(silent=True, console="off"),
     }
-    training = wandb.init(id=id_file.read_text().strip(), resume="allow", dir=str(run_dir), **where)
+    # a Settings object per run: wandb.init writes the run's id into the one it is given
+    quiet = {"silent": True, "console": "off"}
+    training = wandb.init(
+        id=id_file.read_text().strip(), resume="allow", dir=str(run_dir), settings=wandb.Settings(**quiet), **where
+    )
     training.summary.update(values)
     training.finish()
     (run_dir / "eval").mkdir(exist_ok=True)
@@ -265,6 +268,7 @@ def add_to_wandb_run(loaded: Loaded, result: dict) -> None:
         group=loaded.config.get("experiment"),
         job_type="eval",
         config=scrub({k: v for k, v in result.items() if k in ("checkpoint", "step", "evaluated")}),
+        settings=wandb.Settings(**quiet),
         **where,
     )
     evaluation.summary.update(values)

@@ -237,6 +237,8 @@ def test_eval_over_the_runs_blocks_reports_the_loss_the_run_logged(evaluated_run
     (header,) = [r["run"] for r in eval_records if r["type"] == "run"]
     assert header["job_type"] == "eval" and header["run_group"] == "default"
     assert header["display_name"] == f"{evaluated_run.name}-eval-step4"
+    # a run of its own: synced, it would otherwise merge into the training run
+    assert header["run_id"] != (evaluated_run / "wandb" / "run_id").read_text().strip()
     summary = {}
     for r in eval_records:
         if r["type"] == "summary":
