@@ -26,6 +26,9 @@ from lightning.pytorch.callbacks import Callback
 from llm import compat
 
 DEFAULT_TIMEOUT = 600.0  # seconds; long enough for the slowest checkpoint save others wait for at a barrier
+# while the processes start and meet (imports, DeepSpeed's engine), before CollectiveTimeout applies the
+# run's own: a short collective_timeout that catches a hang fast must not fail a start on a busy node
+STARTUP_TIMEOUT = 300.0
 TIMED_OUT = ("Timed out", "timed out", "Timeout", "timeout")
 active_timeout: float | None = None  # what the groups of this process were given, for the message
 # frames that only pass a collective on: the caller worth naming is the one that asked for it
@@ -89,9 +92,9 @@ def failed_collective(exc: BaseException) -> str | None:
     run = os.environ.get("LLM_RUN_DIR")
     resume = f"; then continue with make train RUN={run} RESUME=auto" if run else ""
     if timed_out:
-        limit = f"{active_timeout:.0f} s" if active_timeout else "the collective timeout"
+        limit = f"{active_timeout:.0f} s (collective_timeout)" if active_timeout else "the start-up timeout"
         return (
-            f"rank {rank}: {what} had no answer from the other processes within {limit} (collective_timeout); "
+            f"rank {rank}: {what} had no answer from the other processes within {limit}; "
             f"one of them stopped or is stuck: its own output says which{resume}"
         )
     return (

@@ -23,7 +23,7 @@ import torch
 import yaml
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
-from llm.collectives import DEFAULT_TIMEOUT
+from llm.collectives import DEFAULT_TIMEOUT, STARTUP_TIMEOUT
 from llm.errors import ConfigError
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
@@ -183,8 +183,11 @@ def build_strategy(
     world_size: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Strategy | str:
-    """ "auto" for one device, DDP for several, a DeepSpeed strategy with a preset; the process
-    group's collectives time out after `timeout` seconds (llm/collectives.py)."""
+    """ "auto" for one device, DDP for several, a DeepSpeed strategy with a preset. The processes
+    meet while they start with at least STARTUP_TIMEOUT seconds to spare (ranks started one after
+    another, each importing torch on a busy node); from the first step, every collective times out
+    after `timeout` seconds (llm/collectives.py)."""
+    timeout = max(timeout, STARTUP_TIMEOUT)
     if not preset:
         return DDPStrategy(timeout=timedelta(seconds=timeout)) if world_size and world_size > 1 else "auto"
     config = load_preset(preset, nvme_path)
