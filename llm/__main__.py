@@ -57,6 +57,8 @@ def stop_outside_training(signum, frame) -> None:
     """A stop signal while the data is prepared or a run starts or ends, when llm/checkpointing.py
     does not hold the signals: end with a line and the status of a stop during training."""
     name = signal.Signals(signum).name
+    if ranks.is_first_process():
+        os.write(2, b"\n")  # the line that follows starts on its own, after a progress bar it cut short
     raise RunStopped(f"{name} while no training step ran: nothing was saved; run the command again", 128 + signum)
 
 
