@@ -182,6 +182,7 @@ def test_sigterm_saves_at_the_step_boundary_then_resume_continues(tmp_path, runs
     assert_continues_exactly(runs("single"), run, first, at, ranks=1, tol=1e-6)
 
 
+@pytest.mark.slow  # a run with a DataLoader worker process, or two processes
 @pytest.mark.parametrize(
     "signum, devices",
     [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGUSR1, 2)],
