@@ -46,22 +46,35 @@ STRESS_RUNS ?= 10
 TEST_WORKERS ?= 2
 NAME ?=
 
-# values reach the program through the environment and "$$VAR", so quotes and spaces in them survive
-export TEXT HF TOKENIZER NVME_PATH RUN RESUME INIT CKPT PROMPT OUT HOSTFILE
-CLI_ARGS = --config $(CONFIG) \
-	$(if $(MODEL),--model.config=configs/model/$(MODEL).yaml) \
-	$(if $(TEXT),--data.text="$$TEXT") \
-	$(if $(HF),--data.hf="$$HF") \
-	$(if $(TOKENIZER),--data.tokenizer="$$TOKENIZER") \
-	$(if $(DS),--deepspeed=$(DS)) \
-	$(if $(NVME_PATH),--nvme_path="$$NVME_PATH") \
-	$(if $(DEVICES),--trainer.devices=$(DEVICES)) \
-	$(if $(NNODES),--trainer.num_nodes=$(NNODES)) \
-	$(if $(PRECISION),--trainer.precision=$(PRECISION)) \
-	$(if $(MAX_STEPS),--trainer.max_steps=$(MAX_STEPS)) \
-	$(if $(RUN),--run="$$RUN") \
-	$(if $(RESUME),--resume="$$RESUME") \
-	$(if $(INIT),--model.init="$$INIT")
+# Values are text, never code. One given on the command line or in the environment is taken as
+# typed (`$` and `$(shell ...)` in it are not Make's), and each reaches a command single-quoted by
+# `q`, so no shell reads it as code either.
+USER_VARIABLES := MODEL CONFIG TEXT HF TOKENIZER DS NVME_PATH DEVICES NNODES NODE_RANK MASTER_ADDR \
+	MASTER_PORT HOSTFILE PARTITION TIME ACCOUNT LAUNCH_TIMEOUT PRECISION MAX_STEPS RUN RESUME INIT FORCE \
+	CKPT PROMPT OUT GPUS GPU_MEM CPU_MEM ARGS PYTEST_ARGS STRESS_RUNS TEST_WORKERS NAME TORCH PYTHON VENV
+$(foreach v,$(USER_VARIABLES),$(if $(filter command environment,$(firstword $(origin $(v)))),\
+	$(eval override $(v) := $$(value $(v)))))
+q = '$(subst ','\'',$(1))'
+# ARGS= travels in LLM_ARGS, which the program splits into words as a shell would (llm/argv.py)
+WITH_ARGS = $(if $(ARGS),LLM_ARGS=$(call q,$(ARGS)))
+LLM = $(WITH_ARGS) $(PY) -m llm
+# pytest splits PYTEST_ADDOPTS as a shell would (quotes kept: PYTEST_ARGS='-k "a and b"') and runs nothing
+PYTEST = $(if $(PYTEST_ARGS),PYTEST_ADDOPTS=$(call q,$(PYTEST_ARGS))) $(PY) -m pytest
+
+CLI_ARGS = --config $(call q,$(CONFIG)) \
+	$(if $(MODEL),--model.config=$(call q,configs/model/$(MODEL).yaml)) \
+	$(if $(TEXT),--data.text=$(call q,$(TEXT))) \
+	$(if $(HF),--data.hf=$(call q,$(HF))) \
+	$(if $(TOKENIZER),--data.tokenizer=$(call q,$(TOKENIZER))) \
+	$(if $(DS),--deepspeed=$(call q,$(DS))) \
+	$(if $(NVME_PATH),--nvme_path=$(call q,$(NVME_PATH))) \
+	$(if $(DEVICES),--trainer.devices=$(call q,$(DEVICES))) \
+	$(if $(NNODES),--trainer.num_nodes=$(call q,$(NNODES))) \
+	$(if $(PRECISION),--trainer.precision=$(call q,$(PRECISION))) \
+	$(if $(MAX_STEPS),--trainer.max_steps=$(call q,$(MAX_STEPS))) \
+	$(if $(RUN),--run=$(call q,$(RUN))) \
+	$(if $(RESUME),--resume=$(call q,$(RESUME))) \
+	$(if $(INIT),--model.init=$(call q,$(INIT)))
 
 # the presets, as the folders hold them: a new file is listed without an edit here
 presets = $(subst $(eval) ,$(comma) ,$(sort $(notdir $(basename $(wildcard configs/$(1)/*.yaml)))))
@@ -125,83 +138,87 @@ help:
 	@echo "  INIT=            a Hugging Face model folder (GPT-2 or Llama) to start training from; its architecture wins"
 	@echo "  RESUME=          auto (the newest complete checkpoint in RUN=, which it needs) or a checkpoint path"
 	@echo "  CONFIG=          an experiment YAML (default: configs/experiment/<MODEL>.yaml if there is one, else default.yaml)"
-	@echo "  ARGS=            further overrides, passed to the CLI as is, e.g. ARGS=\"--model.config.n_layer=6\""
+	@echo "  ARGS=            further overrides, split as a shell splits words, e.g. ARGS=\"--model.config.n_layer=6\""
+	@echo "Every value is text: \$$, quotes, spaces and ; in it reach the program as typed, and nothing in it is run"
 	@echo "  CKPT=, PROMPT=   checkpoint (a file or a DeepSpeed folder) and prompt for make sample / eval / export / export-fp32"
 	@echo "  GPUS=, GPU_MEM=, CPU_MEM=  GPUs per node, GiB per GPU, GiB of CPU memory per node, for make plan"
-	@echo "  TORCH=           the torch requirement installed first (default $(TORCH))"
+	@echo "  TORCH=           the torch requirement installed first (default "$(call q,$(TORCH))")"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q $(call q,$(TORCH))
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 install: $(STAMP)
 
 prepare: $(STAMP)
-	$(PY) -m llm prepare $(CLI_ARGS) $(ARGS)
+	$(LLM) prepare $(CLI_ARGS)
 
 train: $(STAMP)
-	$(PY) -m llm fit $(CLI_ARGS) $(ARGS)
+	$(LLM) fit $(CLI_ARGS)
 
 train-multinode: $(STAMP)
-	$(PY) -m llm torchrun --nnodes=$(or $(NNODES),1) --node_rank=$(NODE_RANK) --master_addr=$(MASTER_ADDR) \
-		--master_port=$(MASTER_PORT) --devices=$(or $(DEVICES),1) --timeout=$(LAUNCH_TIMEOUT) -- $(CLI_ARGS) $(ARGS)
+	$(LLM) torchrun --nnodes=$(call q,$(or $(NNODES),1)) --node_rank=$(call q,$(NODE_RANK)) \
+		--master_addr=$(call q,$(MASTER_ADDR)) --master_port=$(call q,$(MASTER_PORT)) \
+		--devices=$(call q,$(or $(DEVICES),1)) --timeout=$(call q,$(LAUNCH_TIMEOUT)) -- $(CLI_ARGS)
 
 train-deepspeed: $(STAMP)
-	$(PY) -m llm deepspeed --hostfile="$$HOSTFILE" --master_port=$(MASTER_PORT) --timeout=$(LAUNCH_TIMEOUT) \
-		-- $(CLI_ARGS) $(ARGS)
+	$(LLM) deepspeed --hostfile=$(call q,$(HOSTFILE)) --master_port=$(call q,$(MASTER_PORT)) \
+		--timeout=$(call q,$(LAUNCH_TIMEOUT)) -- $(CLI_ARGS)
 
 slurm: $(STAMP)
-	$(PY) -m llm slurm --nnodes=$(or $(NNODES),1) --devices=$(or $(DEVICES),1) $(if $(PARTITION),--partition=$(PARTITION)) \
-		$(if $(TIME),--time=$(TIME)) $(if $(ACCOUNT),--account=$(ACCOUNT)) --timeout=$(LAUNCH_TIMEOUT) -- $(CLI_ARGS) $(ARGS)
+	$(LLM) slurm --nnodes=$(call q,$(or $(NNODES),1)) --devices=$(call q,$(or $(DEVICES),1)) \
+		$(if $(PARTITION),--partition=$(call q,$(PARTITION))) $(if $(TIME),--time=$(call q,$(TIME))) \
+		$(if $(ACCOUNT),--account=$(call q,$(ACCOUNT))) --timeout=$(call q,$(LAUNCH_TIMEOUT)) -- $(CLI_ARGS)
 
 sample: $(STAMP)
-	$(PY) -m llm sample --ckpt="$$CKPT" --prompt="$$PROMPT" $(ARGS)
+	$(LLM) sample --ckpt=$(call q,$(CKPT)) --prompt=$(call q,$(PROMPT))
 
 eval: $(STAMP)
-	$(PY) -m llm eval --ckpt="$$CKPT" $(if $(TEXT),--text="$$TEXT") $(if $(HF),--hf="$$HF") $(ARGS)
+	$(LLM) eval --ckpt=$(call q,$(CKPT)) $(if $(TEXT),--text=$(call q,$(TEXT))) $(if $(HF),--hf=$(call q,$(HF)))
 
 export: $(STAMP)
-	$(PY) -m llm export --ckpt="$$CKPT" --out="$$OUT" $(if $(FORCE),--force=true) $(ARGS)
+	$(LLM) export --ckpt=$(call q,$(CKPT)) --out=$(call q,$(OUT)) $(if $(FORCE),--force=$(call q,$(patsubst 0,false,$(patsubst 1,true,$(FORCE)))))
 
 export-fp32: $(STAMP)
-	$(PY) -m llm export-fp32 --ckpt="$$CKPT" --out="$$OUT" $(ARGS)
+	$(LLM) export-fp32 --ckpt=$(call q,$(CKPT)) --out=$(call q,$(OUT))
 
 plan: $(STAMP)
-	$(PY) -m llm plan $(if $(MODEL),--model=$(MODEL)) $(if $(GPUS),--gpus=$(GPUS)) $(if $(NNODES),--nnodes=$(NNODES)) \
-		$(if $(GPU_MEM),--gpu_mem=$(GPU_MEM)) $(if $(CPU_MEM),--cpu_mem=$(CPU_MEM)) $(ARGS)
+	$(LLM) plan $(if $(MODEL),--model=$(call q,$(MODEL))) $(if $(GPUS),--gpus=$(call q,$(GPUS))) \
+		$(if $(NNODES),--nnodes=$(call q,$(NNODES))) $(if $(GPU_MEM),--gpu_mem=$(call q,$(GPU_MEM))) \
+		$(if $(CPU_MEM),--cpu_mem=$(call q,$(CPU_MEM)))
 
 bench: $(STAMP)
-	$(PY) scripts/bench.py $(ARGS)
+	$(WITH_ARGS) $(PY) scripts/bench.py
 
 plot: $(STAMP)
-	$(PY) -m llm plot --run="$$RUN" $(ARGS)
+	$(LLM) plot --run=$(call q,$(RUN))
 
 tui: $(STAMP)
-	$(PY) -m llm tui --run="$$RUN"
+	$(LLM) tui --run=$(call q,$(RUN))
 
 wandb-dashboard: $(STAMP)
-	$(PY) -m llm wandb-dashboard $(ARGS)
+	$(LLM) wandb-dashboard
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not long and not gpu and not bench and not stress" $(PYTEST_ARGS)
+	$(PYTEST) -n $(call q,$(TEST_WORKERS)) --dist loadgroup -m "not long and not gpu and not bench and not stress"
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not shared_data and not long and not gpu and not bench and not stress" $(PYTEST_ARGS)
+	$(PYTEST) -n $(call q,$(TEST_WORKERS)) --dist loadgroup -m "not slow and not shared_data and not long and not gpu and not bench and not stress"
 
 test-long: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "long and not gpu" $(PYTEST_ARGS)
+	$(PYTEST) -n $(call q,$(TEST_WORKERS)) --dist loadgroup -m "long and not gpu"
 
 test-gpu: $(STAMP)
-	LLM_TEST_GPU=1 $(PY) -m pytest -m gpu $(PYTEST_ARGS)
+	LLM_TEST_GPU=1 $(PYTEST) -m gpu
 
 test-bench: $(STAMP)
-	$(PY) -m pytest -m bench $(PYTEST_ARGS)
+	$(PYTEST) -m bench
 
 stress: $(STAMP)
-	$(PY) -m pytest -m stress $(PYTEST_ARGS)
-	$(PY) scripts/stress.py --runs=$(STRESS_RUNS) $(ARGS)
+	$(PYTEST) -m stress
+	$(WITH_ARGS) $(PY) scripts/stress.py --runs=$(call q,$(STRESS_RUNS))
 
 lint: $(STAMP)
 	$(PY) -m ruff check llm tests scripts
@@ -212,7 +229,7 @@ format: $(STAMP)
 	$(PY) -m ruff format llm tests scripts
 
 rename:
-	$(PYTHON) scripts/rename.py "$(NAME)"
+	$(PYTHON) scripts/rename.py $(call q,$(NAME))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache  # never data/ or runs/: they hold work

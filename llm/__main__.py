@@ -14,6 +14,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch  # noqa: E402
 
 from llm import ranks  # noqa: E402
+from llm.argv import with_make_args  # noqa: E402
 from llm.errors import ConfigError, RunStopped  # noqa: E402
 
 if not torch.cuda.is_available():
@@ -63,7 +64,11 @@ def stop_outside_training(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = with_make_args(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     if not argv or argv[0] not in COMMANDS:
         print("usage: python -m llm {" + ",".join(COMMANDS) + "} [options]", file=sys.stderr)
         for name, (_, _, what) in COMMANDS.items():

@@ -357,10 +357,13 @@ def print_table(results: dict, out: str) -> None:
 
 if __name__ == "__main__":
     from llm.__main__ import function_cli
+    from llm.argv import with_make_args
     from llm.errors import ConfigError
 
     try:
-        function_cli(bench, sys.argv[1:])  # bad options get one line, as every `python -m llm` command's do
+        function_cli(
+            bench, with_make_args(sys.argv[1:])
+        )  # bad options get one line, as every `python -m llm` command's do
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

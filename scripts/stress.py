@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from llm.argv import with_make_args
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = [
     "--model.config.n_layer=2",
@@ -97,7 +99,7 @@ def main() -> None:
     parser.add_argument("--deepspeed", default="zero2", help="the preset of every run")
     parser.add_argument("--bound", type=float, default=240.0, help="seconds a run may take before it counts as hung")
     parser.add_argument("--collective_timeout", type=float, default=60.0)
-    a = parser.parse_args()
+    a = parser.parse_args(with_make_args(sys.argv[1:]))  # make's ARGS=, taken out of the runs' environment
     with tempfile.TemporaryDirectory(prefix="llm-stress-") as tmp:
         root = Path(tmp)
         text = corpus(root)

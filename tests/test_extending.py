@@ -156,4 +156,4 @@ def test_the_code_hosts_ci_runs_lint_and_the_fast_tests_and_nothing_that_needs_s
     assert runs == ["make lint", "make test-fast"]
     recipe = subprocess.run(["make", "-n", "test-fast"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     fast = '-m "not slow and not shared_data and not long and not gpu and not bench and not stress"'
-    assert fast in recipe and "-n 2" in recipe
+    assert fast in recipe and "-n '2'" in recipe

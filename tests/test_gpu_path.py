@@ -253,9 +253,9 @@ def test_recipe_trains_two_steps_at_smoke_size(recipe, tmp_path, code_corpus, da
 def test_recipe_is_the_experiment_make_picks_for_its_model(recipe):
 
     dry = subprocess.run(["make", "-n", "train", f"MODEL={recipe}"], cwd=REPO, capture_output=True, text=True)
-    assert f"--config configs/experiment/{recipe}.yaml" in dry.stdout
+    assert f"--config 'configs/experiment/{recipe}.yaml'" in dry.stdout
     other = subprocess.run(["make", "-n", "train", "MODEL=gpt2-350m"], cwd=REPO, capture_output=True, text=True)
-    assert "--config configs/experiment/default.yaml" in other.stdout
+    assert "--config 'configs/experiment/default.yaml'" in other.stdout
 
 
 def test_llama_recipe_uses_what_make_plan_recommends_for_8_gpus_of_80_gb():

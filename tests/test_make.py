@@ -1,0 +1,105 @@
+"""The Makefile hands every variable to the program as the text typed: no value is Make code or shell
+code, and `$`, quotes and spaces arrive unchanged. The program here stands in for .venv's python: it
+writes the argv it was given, with ARGS= added as `python -m llm` adds it (llm/argv.py), so each case
+is what the real command would receive."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from support import REPO, llm_here
+
+HOSTILE = {
+    "PROMPT": '$(shell touch {marker}) It costs $HOME, 5$; `touch {marker}` it\'s "quoted"',
+    "CKPT": "/x$(shell touch {marker})",
+    "MODEL": "tiny.yaml; touch {marker}; echo ",
+    "GPUS": "1 $$(touch {marker})",
+    "RUN": "runs/a b'$(touch {marker})'",
+    "TEXT": "data/$$HOME/{{x}}.txt",
+}
+
+
+@pytest.fixture
+def argv_of(tmp_path):
+    """make -s <target> VARS..., run with a python that records its argv: the argv it received."""
+    recorder = tmp_path / "python"
+    recorder.write_text(
+        f"#!{sys.executable}\nimport json, sys\nfrom llm.argv import with_make_args\n"
+        "print(json.dumps(with_make_args(sys.argv[1:])))\n",
+    )
+    recorder.chmod(0o755)
+    stamp = tmp_path / "installed"  # the install step's stamp, newer than pyproject.toml: nothing installs
+    stamp.touch()
+
+    def argv_of(target: str, **variables: str) -> list[str]:
+        assignments = [f"{name}={value}" for name, value in variables.items()]
+        result = subprocess.run(
+            ["make", "-s", target, f"PY={recorder}", f"STAMP={stamp}", *assignments],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout.splitlines()[-1])
+
+    return argv_of
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_a_variable_reaches_the_program_as_typed_and_runs_nothing(argv_of, tmp_path, name):
+    marker = tmp_path / "ran"
+    value = HOSTILE[name].format(marker=marker)
+    target = {"PROMPT": "sample", "CKPT": "sample", "GPUS": "plan"}.get(name, "train")
+    argv = argv_of(target, **{name: value})
+    assert not marker.exists(), f"{name}={value!r} ran a command"
+    option = {
+        "PROMPT": "--prompt=",
+        "CKPT": "--ckpt=",
+        "MODEL": "--model.config=",
+        "GPUS": "--gpus=",
+        "RUN": "--run=",
+        "TEXT": "--data.text=",
+    }[name]
+    expected = f"configs/model/{value}.yaml" if name == "MODEL" else value
+    assert f"{option}{expected}" in argv
+
+
+def test_args_are_split_into_options_as_a_shell_would_and_nothing_in_them_runs(argv_of, tmp_path):
+    marker = tmp_path / "ran"
+    args = f"--seed=$HOME --eval_every=5 '--x=$(touch {marker})' --y=`touch {marker}` --paths=\"[a, b]\""
+    argv = argv_of("train", ARGS=args)
+    assert not marker.exists()
+    words = ["--seed=$HOME", "--eval_every=5", f"--x=$(touch {marker})", "--y=`touch", f"{marker}`", "--paths=[a, b]"]
+    assert argv[-6:] == words
+
+
+def test_an_unbalanced_quote_in_args_is_one_line():
+    result = llm_here("plan", env={"LLM_ARGS": "--gpus='2"})
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: ARGS=--gpus='2: No closing quotation")
+
+
+def test_pytest_args_keep_their_quotes(argv_of, tmp_path):
+    recorder = tmp_path / "python"
+    recorder.write_text(f"#!{sys.executable}\nimport json, os\nprint(json.dumps(os.environ['PYTEST_ADDOPTS']))\n")
+    stamp = tmp_path / "installed"
+    stamp.touch()
+    result = subprocess.run(
+        ["make", "-s", "test", f"PY={recorder}", f"STAMP={stamp}", 'PYTEST_ARGS=-k "a and b" -x $HOME'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(result.stdout) == '-k "a and b" -x $HOME'
+
+
+@pytest.mark.parametrize(("force", "given"), [("1", "--force=true"), ("0", "--force=false"), ("", None)])
+def test_force_is_what_it_says(argv_of, force, given):
+    argv = argv_of("export", CKPT="c", OUT="o", FORCE=force)
+    assert [a for a in argv if a.startswith("--force")] == ([given] if given else [])
