@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,8 @@ import torch
 from tokenizers import Tokenizer
 
 from llm.data.datamodule import StepSampler, TokenBlocks, TokenDataModule
-from llm.data.prepare import PrepareConfig, load_meta, prepare, unigram_entropy
+from llm.data.lock import PreparationLock
+from llm.data.prepare import PrepareConfig, load_meta, prepare, prepared_dir, unigram_entropy
 from llm.data.sources import stdlib_files
 from llm.errors import ConfigError
 from support import run_llm, word_tokenizer
@@ -129,6 +132,17 @@ def test_same_inputs_are_prepared_once_and_changed_inputs_again(tmp_path):
     second = prepare(cfg)
     assert second != first and first.is_dir()
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted([first.name, second.name])  # no leftovers
+
+
+def test_what_a_preparation_killed_outright_left_is_removed_by_the_next(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    cfg = PrepareConfig(text=str(text), vocab_size=300, cache_dir=str(tmp_path / "c"))
+    left = tmp_path / "c" / f".tmp-{prepared_dir(cfg).name}-node-a-4242"  # kill -9 during its preparation
+    (left / "work").mkdir(parents=True)
+    (left / "work" / "copy.txt").write_text(text.read_text())
+    folder = prepare(cfg)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [folder.name]
 
 
 def test_unigram_entropy_of_a_known_distribution():
@@ -297,3 +311,66 @@ def test_preparation_on_a_long_host_name_and_a_long_file_name(tmp_path, monkeypa
     folder = prepare(PrepareConfig(text=str(text), vocab_size=300, cache_dir=str(tmp_path / "c")))
     assert load_meta(folder)["splits"]["train"]["tokens"] > 0
     assert [p.name for p in (tmp_path / "c").iterdir()] == [folder.name]  # nothing else left behind
+
+
+# --- the preparation lock: one preparation per cache folder, and none that waits forever ----------------
+
+
+def hold(lock: PreparationLock, who: str) -> PreparationLock:
+    lock.me = who  # a holder on another host, as that host's process would write it
+    return lock.__enter__()
+
+
+def test_a_lock_left_on_another_host_is_taken_over_once_nobody_refreshes_it(tmp_path):
+    out = tmp_path / "prepared"
+    (tmp_path / f".lock-{out.name}").write_text("node-a 25295")  # prepare on node-a, then kill -9
+    said = []
+    started = time.monotonic()
+    with PreparationLock(out, said.append, poll_seconds=0.05, stale_seconds=0.5) as lock:
+        assert lock.held and (tmp_path / f".lock-{out.name}").read_text() == lock.me
+    assert 0.5 <= time.monotonic() - started < 10
+    assert said[0].startswith("waiting for node-a 25295 to prepare")
+    assert said[1].startswith("taking over the preparation") and "node-a 25295" in said[1]
+    assert not (tmp_path / f".lock-{out.name}").exists()
+
+
+def test_a_lock_its_holder_on_another_host_refreshes_is_waited_for(tmp_path):
+    out = tmp_path / "prepared"
+    holder = hold(PreparationLock(out, print, heartbeat_seconds=0.05), "node-b 1 0000")
+    waiter = PreparationLock(out, lambda line: None, poll_seconds=0.05, stale_seconds=0.5)
+    acquired = threading.Event()
+    thread = threading.Thread(target=lambda: (waiter.__enter__(), acquired.set()), daemon=True)
+    thread.start()
+    assert not acquired.wait(2.0), "a refreshed lock was taken over"  # four times the stale limit
+    holder.__exit__(None, None, None)
+    assert acquired.wait(5.0) and waiter.held
+    waiter.__exit__(None, None, None)
+
+
+def test_jsonl_rows_without_text_are_counted_and_a_broken_line_is_one_line(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "".join(
+            json.dumps({"text": f"def f{i}(x): return x * {i}\n"} if i % 3 else {"other": "x"}) + "\n"
+            for i in range(300)
+        )
+    )
+    said = []
+    prepare(PrepareConfig(text=str(rows), vocab_size=300, cache_dir=str(tmp_path / "c")), log=said.append)
+    assert "warning: data.text=" + str(
+        rows
+    ) + ": 100 of 300 documents have no text in data.text_field=text" in "\n".join(said)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(rows.read_text() + "{not json\n")
+    with pytest.raises(
+        ConfigError, match=rf"data.text: {broken} cannot be read as json \(ArrowInvalid: JSON parse error"
+    ):
+        prepare(PrepareConfig(text=str(broken), vocab_size=300, cache_dir=str(tmp_path / "c")))
+
+
+def test_a_folders_other_files_are_not_read_as_data(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    (tmp_path / "corpus" / "metadata.json").write_text('{"name": "corpus", "version": 1, "license": "mit"}')
+    folder = prepare(PrepareConfig(text=str(tmp_path / "corpus"), vocab_size=300, cache_dir=str(tmp_path / "c")))
+    assert load_meta(folder)["source"]["files"] == 1

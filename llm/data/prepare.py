@@ -10,6 +10,7 @@ later run could mistake for prepared data.
 from __future__ import annotations
 
 import codecs
+import glob
 import hashlib
 import json
 import math
@@ -262,7 +263,10 @@ def prepare(cfg: PrepareConfig, log=print) -> Path:
 def _prepare_atomically(out: Path, cfg: PrepareConfig, source: Source, log) -> dict:
     started = time.perf_counter()
     tmp = out.parent / f".tmp-{out.name}-{socket.gethostname()}-{os.getpid()}"  # unique across the nodes
-    shutil.rmtree(tmp, ignore_errors=True)
+    # what a preparation killed outright (kill -9, a node lost) left: this process holds the lock of
+    # `out`, so no other one is writing into a folder of that name
+    for stale in out.parent.glob(f".tmp-{glob.escape(out.name)}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
         _prepare_into(tmp, cfg, source, log)
@@ -305,11 +309,17 @@ def _prepare_into(tmp: Path, cfg: PrepareConfig, source: Source, log) -> None:
     tokenizing and writing each split. Filtering and splitting are quick and show none."""
     work = tmp / "work"  # Arrow files made on the way; removed before the folder is published
     docs = load_documents(source, cfg.text_field, cfg.hf_split, cfg.hf_streaming, cfg.hf_max_documents, work)
+    read = len(docs)
     with quiet_datasets():
-        docs = docs.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
+        docs = docs.filter(lambda b: [isinstance(t, str) and bool(t.strip()) for t in b["text"]], batched=True)
     field = {"stdlib": "corpus", "local": f"data.text={cfg.text}", "hf": f"data.hf={cfg.hf}"}[source.kind]
     if len(docs) == 0:
         raise ConfigError(f"{field}: holds no text (0 non-empty documents); point it at files that contain text")
+    if len(docs) < read and source.kind != "stdlib":
+        log(
+            f"warning: {field}: {read - len(docs):,} of {read:,} documents have no text in data.text_field="
+            f"{cfg.text_field} (missing, empty or not a string) and are left out"
+        )
     replaced = invalid_utf8_bytes(source.files) if source.kind == "local" else 0
     if replaced:
         log(f"warning: {field}: {replaced:,} bytes are not UTF-8; each run of them was read as U+FFFD")

@@ -21,6 +21,8 @@ from llm.errors import ConfigError
 # file suffix -> the `datasets` builder that reads it
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TEXT_HINT = "give a .txt, .jsonl or .parquet file, a folder or a glob"
+# what a folder's data is: its other files (a metadata.json, a README.md) are not read as text
+FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 @dataclass
@@ -54,7 +56,7 @@ def _local_files(spec: str) -> list[Path]:
             raise ConfigError(f"data.text={spec}: the glob matches no file; {TEXT_HINT}")
         return files
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FOLDER_SUFFIXES)
         if not files:
             raise ConfigError(f"data.text={spec}: the folder holds no .txt, .jsonl or .parquet file; {TEXT_HINT}")
         return files
@@ -156,11 +158,27 @@ def load_documents(
                     fingerprint=hashlib.sha256(json.dumps(source.fingerprint()).encode()).hexdigest(),
                 )
             else:
-                ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+                ds = _load_files(builder, files, where)
                 ds = _text_column(ds, text_field, where)
                 bar.update(sum(f.stat().st_size for f in files))
             parts.append(ds)
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _load_files(builder: str, files: list[Path], where: str):
+    """A JSON Lines or Parquet reader over the files; a file it cannot read is named in one line."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except datasets.exceptions.DatasetGenerationError as exc:
+        cause = exc.__cause__ or exc
+        text = " ".join(str(cause).split())[:200]
+        named = files[0] if len(files) == 1 else next((f for f in files if str(f) in text), None)
+        what = f"{named} " if named else f"one of its {len(files)} {builder} file(s) "
+        raise ConfigError(
+            f"{where}: {what}cannot be read as {builder} ({type(cause).__name__}: {text}); fix or remove it"
+        ) from None
 
 
 def _read_text_files(files: list[Path], bar):
