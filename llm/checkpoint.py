@@ -8,6 +8,7 @@ import contextlib
 import os
 import pickle
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,39 @@ def first_line(exc: Exception) -> str:
     return text[:160] + ("..." if len(text) > 160 else "")
 
 
+def verify_checkpoint(path: str | Path, field: str = "ckpt") -> None:
+    """Every file of a checkpoint against the CRC-32s its zip records, which torch.load does not
+    check: a changed byte would otherwise load, silently, as a changed weight. Reads it whole."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*.pt") if p.is_file()) if path.is_dir() else [path]
+    if path.is_dir():
+        allow_deepspeed_types()
+    for file in files:
+        try:  # the objects first, through the memory map (no tensor read): a payload is refused unread
+            with weights_only_loads():
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as exc:
+            raise ConfigError(
+                f"{field}={path}: {file.name} holds objects other than tensors and plain data, refused unread "
+                f"({first_line(exc)}); use a checkpoint this project wrote"
+            ) from None
+        except (RuntimeError, EOFError, OSError, ValueError):
+            pass  # not a readable zip: said below, with the reason
+        try:
+            with zipfile.ZipFile(file) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise ConfigError(
+                f"{field}={path}: {file.name} is not a readable checkpoint ({first_line(exc)}); it may be truncated; "
+                "give another one, e.g. runs/<name>/checkpoints/last.ckpt"
+            ) from None
+        if damaged:
+            raise ConfigError(
+                f"{field}={path}: {damaged} in {file.name} does not match the checksum the save wrote; the file "
+                "is damaged: give another checkpoint (an earlier step-<n>.ckpt)"
+            )
+
+
 def read_header(path: str | Path, field: str = "ckpt") -> dict:
     """What a checkpoint was trained with, without reading its tensors: its resolved config, step
     and world size."""
@@ -128,6 +162,15 @@ def _read_sharded(path: Path) -> dict:
     return ckpt
 
 
+def run_folder_of(path: str | Path) -> Path | None:
+    """The run folder a checkpoint lies in (runs/<name>/checkpoints/<ckpt>), or None. Where the
+    checkpoint is, not the `run` its config names: a checkpoint's paths are data, never followed."""
+    parent = Path(path).resolve().parent
+    if parent.name == "checkpoints" and (parent.parent / "config.yaml").is_file():
+        return parent.parent
+    return None
+
+
 def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     hint = "give runs/<name>/checkpoints/last.ckpt (a file, or a DeepSpeed folder)"
@@ -135,7 +178,12 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ConfigError(f"ckpt={path}: no such checkpoint; {hint}")
     if path.is_dir() and not is_sharded(path):
         raise ConfigError(f"ckpt={path}: a folder that is no DeepSpeed checkpoint (no 'latest' file); {hint}")
-    return _read_sharded(path) if path.is_dir() else safe_load(path, "ckpt")
+    if path.is_dir():
+        verify_checkpoint(path)  # every shard: a payload refused unread, a damaged file named
+        return _read_sharded(path)
+    ckpt = safe_load(path, "ckpt")  # refuses a payload unread
+    verify_checkpoint(path)
+    return ckpt
 
 
 def load_for_inference(path: str | Path, device: str = "cpu") -> Loaded:
@@ -168,9 +216,9 @@ def export_fp32(ckpt: str, out: str) -> None:
         raise ConfigError("out=: give the file to write, e.g. OUT=model-fp32.ckpt")
     if target.exists():
         raise ConfigError(f"out={out}: already exists; choose another name or remove it first")
+    safe_load(client_state_file(path), "ckpt")  # not a folder of this project's runs: one line
+    verify_checkpoint(path)  # every shard: a payload refused unread, a damaged file named
     target.parent.mkdir(parents=True, exist_ok=True)
-    safe_load(client_state_file(path), "ckpt")  # refuses, in one line, a folder holding more than data
-    allow_deepspeed_types()
     with contextlib.redirect_stdout(sys.stderr), weights_only_loads():
         convert_zero_checkpoint_to_fp32_state_dict(str(path), str(target))
     print(f"wrote {target}")

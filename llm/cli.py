@@ -258,4 +258,7 @@ def fit_main() -> None:
     # LanguageModel.configure_gradient_clipping clips under bf16 autocast only and defers to Lightning
     # otherwise; under DeepSpeed the engine clips, at trainer.gradient_clip_val, as Lightning sets it
     warnings.filterwarnings("ignore", message=r"Since DeepSpeed handles gradient clipping internally")
-    LLMCLI()
+    try:
+        LLMCLI()
+    finally:
+        run.release_writer()  # a process's end releases it too; this is for a fit called in-process

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm.checkpoint import Loaded, load_for_inference
+from llm.checkpoint import Loaded, load_for_inference, run_folder_of
 from llm.data.prepare import PrepareConfig, load_meta, prepare
 from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
@@ -52,7 +52,8 @@ def evaluate(
     """Evaluate a checkpoint; print a table (or one JSON object) and add it to the run's W&B run.
 
     Args:
-        ckpt: a checkpoint file or DeepSpeed folder (CKPT=)
+        ckpt: a checkpoint file or DeepSpeed folder (CKPT=); without text or hf, one in its run folder
+            (runs/<name>/checkpoints/), whose data it was trained on is evaluated
         text: local text to evaluate on: a .txt, .jsonl or .parquet file, a folder or a glob (TEXT=)
         hf: a Hugging Face dataset, name[:config] or a local dataset folder (HF=), streamed
         hf_split: the split of the hf dataset
@@ -63,7 +64,7 @@ def evaluate(
         max_batches: stop after this many batches (none: everything)
         device: cpu, cuda, or auto
         json: print one JSON object instead of a table (--json=true)
-        wandb: add the result (eval/ keys) to the checkpoint's W&B run, when its run folder has one
+        wandb: add the result (eval/ keys) to the W&B run of the run folder the checkpoint lies in
     """
     if blocks not in ("all", "run"):
         raise ConfigError(f"blocks={blocks}: use all (the whole validation split) or run (the run's own blocks)")
@@ -71,6 +72,14 @@ def evaluate(
         raise ConfigError("blocks=run: the run's validation blocks exist only for its own data; drop TEXT=/HF=")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     loaded = load_for_inference(ckpt, device)
+    run_dir = run_folder_of(ckpt)
+    if run_dir is None and not (text or hf):
+        # the data paths inside a checkpoint are followed only with the user's say: the run folder it
+        # lies in is that say; a checkpoint from elsewhere could name any file to read
+        raise ConfigError(
+            f"ckpt={ckpt}: not in a run folder (runs/<name>/checkpoints/), so its own validation data is not "
+            "used; give TEXT= or HF= to evaluate on"
+        )
     T = loaded.model.config.block_size
     if text or hf:
         stream = TextStream(loaded, text, hf, hf_split, text_field)
@@ -110,8 +119,8 @@ def evaluate(
     else:
         for key, value in result.items():
             print(f"{key:<17} {value:.4f}" if isinstance(value, float) else f"{key:<17} {value}")
-    if wandb:
-        add_to_wandb_run(loaded, result)
+    if wandb and run_dir is not None:
+        add_to_wandb_run(loaded, result, run_dir)
     return result
 
 
@@ -234,11 +243,10 @@ def _progress(what: str):
     return tqdm(desc=f"evaluating {what}", unit="seq", leave=False)
 
 
-def add_to_wandb_run(loaded: Loaded, result: dict) -> None:
-    """The result (eval/ keys) in the summary of the checkpoint's own W&B run, where its curves are,
-    and as a W&B run of its own beside it: job_type eval, in the training run's group (offline
-    without an API key; kept in <run>/eval/wandb/)."""
-    run_dir = Path(loaded.config.get("run") or "")
+def add_to_wandb_run(loaded: Loaded, result: dict, run_dir: Path) -> None:
+    """The result (eval/ keys) in the summary of the W&B run of the run folder the checkpoint lies
+    in, where its curves are, and as a W&B run of its own beside it: job_type eval, in the training
+    run's group (offline without an API key; kept in <run>/eval/wandb/)."""
     id_file = run_dir / "wandb" / "run_id"
     if not id_file.is_file():
         return

@@ -96,8 +96,14 @@ def sample(
         raise ConfigError(f"max_new_tokens={max_new_tokens}: generate at least 1 token")
     if top_p is not None and not 0 < top_p <= 1:
         raise ConfigError(f"top_p={top_p}: must lie in (0, 1], or null for no nucleus filtering")
+    if num_samples < 1:
+        raise ConfigError(f"num_samples={num_samples}: print at least 1 sample")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k={top_k}: sample among at least 1 token, or null for all of them")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: no GPU is visible here; use cpu or auto")
     loaded = load_for_inference(ckpt, device)
     # a prompt quoting <|endoftext|> is text, as it is in the training data (ordinary), not a document end
     ids = ordinary(loaded.tokenizer).encode(prompt, add_special_tokens=False).ids if prompt else [loaded.eot_id]

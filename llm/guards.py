@@ -97,7 +97,8 @@ class NonFiniteSteps(Callback):
             raise RunStopped(
                 f"{worst} optimizer steps in a row had a non-finite gradient norm, more than max_skipped_steps="
                 f"{self.max_in_a_row}, by step {trainer.global_step}; the last checkpoint holds weights no skipped "
-                "step changed; lower the learning rate or look at the data, then continue with RESUME=auto",
+                "step changed; a learning rate too high needs a new RUN with a lower one (a resume keeps the "
+                "optimizer's), data at fault a fix and then RESUME=auto",
                 1,
             )
 

@@ -149,6 +149,15 @@ def from_hf(state: dict, c: ModelConfig) -> dict:
 
 def from_hf_config(config: dict, field: str = "init") -> ModelConfig:
     """The ModelConfig of a transformers config.json of either family."""
+    try:
+        return _model_config(config, field)
+    except KeyError as exc:
+        raise ConfigError(f"{field}: config.json lacks {exc}, which a {config.get('model_type')} config has") from None
+    except (TypeError, ValueError) as exc:  # a field of the wrong type, or sizes that do not fit together
+        raise ConfigError(f"{field}: config.json: {exc}") from None
+
+
+def _model_config(config: dict, field: str) -> ModelConfig:
     kind = config.get("model_type")
     tied = config.get("tie_word_embeddings", True)
     if kind == "gpt2":
@@ -195,7 +204,13 @@ def read_config(folder: Path, field: str) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{field}={folder}: no config.json; give a Hugging Face model folder (GPT-2 or Llama)")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{field}={folder}: config.json is not valid JSON ({exc}); fix it or export again") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{field}={folder}: config.json holds no JSON object; fix it or export again")
+    return config
 
 
 def load_weights(folder: Path, field: str = "init") -> dict:
@@ -203,18 +218,74 @@ def load_weights(folder: Path, field: str = "init") -> dict:
     (read weights-only)."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
+    return _read_weights(Path(folder), field, load_file, lambda f: torch.load(f, map_location="cpu", weights_only=True))
+
+
+def weight_shapes(folder: Path, field: str = "init") -> dict:
+    """The folder's weights as meta tensors of their shapes: the headers only of safetensors files."""
+    from safetensors import safe_open
+
+    def headers(file):
+        with safe_open(str(file), framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+
+    def pickled(file):
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        return {k: torch.empty(v.shape, device="meta") for k, v in state.items()}
+
+    return _read_weights(Path(folder), field, headers, pickled)
+
+
+def _read_weights(folder: Path, field: str, safetensors_file, pickle_file) -> dict:
+    import pickle
+
+    from safetensors import SafetensorError
+
     index = folder / "model.safetensors.index.json"
-    if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors")
-    if index.is_file():
-        state = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(folder / shard))
-        return state
-    if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    try:
+        if (folder / "model.safetensors").is_file():
+            return safetensors_file(folder / "model.safetensors")
+        if index.is_file():
+            state = {}
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                state.update(safetensors_file(folder / shard))
+            return state
+        if (folder / "pytorch_model.bin").is_file():
+            state = pickle_file(folder / "pytorch_model.bin")
+            if not isinstance(state, dict):
+                raise ValueError("not a state dict")
+            return state
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(
+            f"{field}={folder}: pytorch_model.bin holds objects other than tensors, refused unread "
+            f"({' '.join(str(exc).split())[:120]}); use a folder with model.safetensors"
+        ) from None
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"{field}={folder}: its weights cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
+            "the files may be truncated; download or export them again"
+        ) from None
     raise ConfigError(f"{field}={folder}: no model.safetensors or pytorch_model.bin; give a transformers model folder")
+
+
+def check_weights(folder: str | Path, config: ModelConfig, field: str = "init") -> None:
+    """Every weight the architecture needs, of the shape it needs, before a run starts: read from
+    the files' headers, so that a folder that does not fit is one line, not a failure at the
+    first step after the run folder exists."""
+    from llm.model import Transformer
+
+    with torch.device("meta"):
+        expected = Transformer(config).state_dict()
+    try:
+        theirs = from_hf(weight_shapes(Path(folder), field), config)
+    except KeyError as exc:
+        raise ConfigError(f"{field}={folder}: the weights lack {exc} that its config.json implies") from None
+    for name, tensor in theirs.items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ConfigError(
+                f"{field}={folder}: a weight for {name} has shape {tuple(tensor.shape)} where its config.json implies "
+                f"{tuple(expected[name].shape)}; the folder's weights and config.json do not belong together"
+            )
 
 
 def load_pretrained(folder: str | Path, field: str = "init") -> tuple[ModelConfig, dict]:
@@ -249,7 +320,9 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False) -
     if not out:
         raise ConfigError("out=: give the folder to write, e.g. OUT=runs/<name>/hf")
     target = Path(out)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"out={out}: is a file, and a transformers model is a folder; choose a folder")
+    if target.exists() and any(target.iterdir()) and not force:
         raise ConfigError(f"out={out}: exists and is not empty; choose another folder, or FORCE=1 to write into it")
     loaded = load_for_inference(ckpt)
     c = loaded.model.config

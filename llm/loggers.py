@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from llm import ranks
 from llm.metrics import STEP
-from llm.redact import scrub, scrub_text
+from llm.redact import scrub, scrub_name, scrub_text
 
 
 def wandb_mode() -> str:
@@ -247,8 +247,8 @@ def make_loggers(
         run_dir,
         project=wandb_project(project),
         entity=wandb_entity(entity),
-        name=run_dir.name,
-        group=experiment,
+        name=scrub_name(run_dir.name),
+        group=scrub_name(experiment),
         job_type="train",
         tags=tags or [],
     )

@@ -44,6 +44,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # each message names the field, the value and the fix: the CLI prints it as the whole answer
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive number")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} is a probability: use 0 (none) up to below 1, e.g. 0.1")
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; choose n_embd a multiple of n_head"

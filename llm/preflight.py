@@ -69,6 +69,7 @@ def check(cfg, command: str) -> None:
         raise ConfigError(
             f"collective_timeout={cfg.collective_timeout}: must be a positive number of seconds, e.g. 600"
         )
+    check_ranges(cfg)
     resolve_speed_options(cfg)
     if cfg.deepspeed:
         load_preset(cfg.deepspeed, cfg.nvme_path)  # an unknown preset, offload it cannot do, a bad NVMe path
@@ -96,12 +97,13 @@ def take_architecture(cfg) -> None:
     """INIT=: the model's architecture is the folder's (its config.json), whatever MODEL= says."""
     from dataclasses import asdict
 
-    from llm.hf import from_hf_config, read_config
+    from llm.hf import check_weights, from_hf_config, read_config
 
     folder = cfg.model.init
     if not Path(folder).is_dir():
         raise ConfigError(f"model.init={folder}: no such folder; give a Hugging Face model folder (GPT-2 or Llama)")
     config = from_hf_config(read_config(Path(folder), "model.init"), f"model.init={folder}")
+    check_weights(folder, config, "model.init")
     preset_dropout = cfg.model.config.dropout
     for key, value in asdict(config).items():
         setattr(cfg.model.config, key, value)
@@ -155,6 +157,38 @@ def check_trainer(trainer) -> None:
         raise ConfigError(
             f"trainer.max_steps={trainer.max_steps}: training is counted in optimizer steps; set a positive number"
         )
+
+
+def check_ranges(cfg) -> None:
+    """Numbers outside what they can mean: each would fail later with a traceback (a division by
+    zero, a DataLoader's own error) or, worse, train something else than asked without a word."""
+    data, o, trainer = datamodule_args(cfg.data), cfg.model.optimizer, cfg.trainer
+    betas = list(o.betas)
+    rules = [
+        ("eval_every", cfg.eval_every, cfg.eval_every >= 1, "a positive number of optimizer steps"),
+        ("save_every", cfg.save_every, cfg.save_every is None or cfg.save_every >= 1, "a positive number of steps"),
+        ("keep_last", cfg.keep_last, cfg.keep_last >= 1, "at least 1"),
+        ("max_skipped_steps", cfg.max_skipped_steps, cfg.max_skipped_steps >= 0, "0 or more"),
+        ("trainer.log_every_n_steps", trainer.log_every_n_steps, (trainer.log_every_n_steps or 0) >= 1, "1 or more"),
+        (
+            "trainer.accumulate_grad_batches",
+            trainer.accumulate_grad_batches,
+            (trainer.accumulate_grad_batches or 0) >= 1,
+            "1 or more micro-batches per optimizer step",
+        ),
+        ("data.batch_size", data.batch_size, data.batch_size >= 1, "1 or more sequences per micro-batch"),
+        ("data.val_batches", data.val_batches, data.val_batches >= 1, "1 or more"),
+        ("data.num_workers", data.num_workers, data.num_workers >= 0, "0 (load in the main process) or more"),
+        ("model.optimizer.lr", o.lr, o.lr > 0, "a positive learning rate, e.g. 3e-4"),
+        ("model.optimizer.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "between 0 and 1, e.g. 0.1"),
+        ("model.optimizer.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, "0 or more steps"),
+        ("model.optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "0 or more, e.g. 0.1"),
+        ("model.optimizer.betas", betas, len(betas) == 2 and all(0 <= b < 1 for b in betas), "two in [0, 1)"),
+        ("model.optimizer.eps", o.eps, o.eps > 0, "a small positive number, e.g. 1e-8"),
+    ]
+    for name, value, ok, needed in rules:
+        if not ok:
+            raise ConfigError(f"{name}={value}: out of range; use {needed}")
 
 
 def resolve_speed_options(cfg) -> None:

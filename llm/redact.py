@@ -9,8 +9,11 @@ import re
 SECRET_KEY = re.compile(
     r"api_?key|secret|password|passwd|credential|token|private_?key|auth(?!or)|cookie|session_?key", re.I
 )
+# a 40-hex path component is a commit (a Hub cache's snapshots/<sha>), not a W&B key: a path keeps it;
+# sk- starts a key only where a word starts (not inside task-classification)
 SECRET_VALUE = re.compile(
-    r"hf_[A-Za-z0-9]{20,}|\b[0-9a-f]{40}\b|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_\w{30,}"
+    r"hf_[A-Za-z0-9]{20,}|(?<![/\w])[0-9a-f]{40}(?![/\w])|(?<![A-Za-z0-9])sk-[A-Za-z0-9_-]{20,}"
+    r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_\w{30,}"
     r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|xox[abposr]-[A-Za-z0-9-]{10,}|eyJ[\w-]{10,}\.[\w-]{10,}\.[\w-]{10,}"
     r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[^-]*(?:-----END [A-Z ]*PRIVATE KEY-----)?"
 )
@@ -22,6 +25,12 @@ def scrub_text(text: str) -> str:
     """`text` with every secret-shaped part replaced; credentials inside a URL lose user and password."""
     text = URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
     return SECRET_VALUE.sub(REDACTED, text)
+
+
+def scrub_name(name: str) -> str:
+    """A name made from user input (a cache folder's, a W&B group's) without secret-shaped parts;
+    "redacted" rather than "<redacted>", which is no file name."""
+    return SECRET_VALUE.sub("redacted", URL_CREDENTIALS.sub(r"\g<scheme>redacted@", name))
 
 
 def scrub(value):

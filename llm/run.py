@@ -10,9 +10,11 @@ runs/<name>/
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
+import socket
 import sys
 import time
 import zipfile
@@ -49,8 +51,9 @@ def check(cfg) -> Path:
     run_dir = resolve_run_dir(cfg)
     cfg.run = str(run_dir)
     if ranks.is_first_process():
-        holds_run = run_dir.is_dir() and any(run_dir.iterdir())
-        if holds_run and cfg.resume is None:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"run={run_dir}: is a file; a run is a folder, choose another RUN")
+        if holds_run(run_dir) and cfg.resume is None:
             raise ConfigError(
                 f"run={run_dir}: already holds a run; continue it with RESUME=auto, or choose another RUN"
             )
@@ -61,13 +64,48 @@ def check(cfg) -> Path:
     return run_dir
 
 
+WRITER_LOCK = ".writer"  # in the run folder: flock-ed by the one training that writes into it
+_writer_lock = None  # its open file, held until the process ends (the kernel then releases the lock)
+
+
+def holds_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name != WRITER_LOCK for p in run_dir.iterdir())
+
+
 def create(cfg) -> Path:
-    """Create the run folder (first process) and hand its name to the processes started later."""
+    """Create the run folder (first process), become its one writer, and hand its name to the
+    processes started later. Two trainings started into one folder at once both pass `check`; the
+    lock decides between them before either writes anything."""
+    global _writer_lock
     run_dir = Path(cfg.run)
     os.environ[RUN_ENV] = str(run_dir)
-    if ranks.is_first_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if not ranks.is_first_process():
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / WRITER_LOCK, "a+")  # noqa: SIM115 (held open for the process's lifetime)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise ConfigError(
+            f"run={run_dir}: another training ({holder}) writes into it now; wait for it to end, or choose another RUN"
+        ) from None
+    lock.truncate(0)
+    lock.write(f"{socket.gethostname()} {os.getpid()}")
+    lock.flush()
+    _writer_lock = lock
+    if cfg.resume is None and holds_run(run_dir):  # filled since `check`, by a training that has ended
+        raise ConfigError(f"run={run_dir}: already holds a run; continue it with RESUME=auto, or choose another RUN")
     return run_dir
+
+
+def release_writer() -> None:
+    global _writer_lock
+    if _writer_lock is not None:
+        _writer_lock.close()
+        _writer_lock = None
 
 
 def is_complete_checkpoint(path: Path) -> bool:
@@ -92,15 +130,34 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
         if is_complete_checkpoint(path):
             say(f"resuming from {path}")
             return str(path)
+    if (run_dir / "summary.json").is_file() or not _is_run_config(run_dir / "config.yaml"):
+        raise ConfigError(
+            f"resume=auto: {run_dir} holds no checkpoint to continue, and files of something else than a run "
+            "that stopped before its first save; choose another RUN"
+        )
     say(f"resume=auto: no checkpoint in {folder} yet, starting from scratch")
     return None
+
+
+def _is_run_config(path: Path) -> bool:
+    """No config.yaml (the folder is new or empty), or the config of a training run."""
+    if not path.exists():
+        return True
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(config, dict) and {"model", "data", "trainer"} <= config.keys()
 
 
 def check_resume(cfg, path: str) -> None:
     """Refuse, in one line, to continue a checkpoint as a run it cannot continue exactly: another
     model, world size, batch or seed; allow more (or fewer, not yet reached) steps with a warning."""
-    from llm.checkpoint import read_header
+    from llm.checkpoint import read_header, verify_checkpoint
 
+    verify_checkpoint(path, field="resume")  # every file: a payload refused unread, a damaged one named
     header = read_header(path, field="resume")
     then, step = header["config"], header["step"]
     hint = "resume with the checkpoint's settings, or start a new RUN"
@@ -129,6 +186,8 @@ def check_resume(cfg, path: str) -> None:
     for key, old, new in same:
         if old != new:
             raise ConfigError(f"{key}={new}: the checkpoint {path} was trained with {old}; {hint}")
+    check_resume_data(then, cfg, path)
+    check_resume_optimizer(then, cfg, path)
     max_steps = cfg.trainer.max_steps
     if max_steps <= step:
         raise ConfigError(
@@ -140,6 +199,53 @@ def check_resume(cfg, path: str) -> None:
             f"warning: trainer.max_steps {then['trainer']['max_steps']} -> {max_steps}: "
             f"continuing from step {step}, the learning rate now decays to its minimum at step {max_steps}"
         )
+
+
+# how Make names a data setting, for the command that continues a run on its own data
+MAKE_VARIABLES = {"text": "TEXT", "hf": "HF", "tokenizer": "TOKENIZER"}
+
+
+def check_resume_data(then: dict, cfg, path: str) -> None:
+    """The same data and tokenizer as the checkpoint's: a resume on other text, or on the same text
+    cut by another tokenizer, would continue the step count and the W&B run of a different run.
+    Where the cache lies (and how many processes prepare it) may change."""
+    from dataclasses import fields
+
+    from llm.data.datamodule import datamodule_args
+    from llm.data.prepare import PrepareConfig
+    from llm.preflight import prepare_config
+
+    data_then, data_now = PrepareConfig.from_data_config(datamodule_args(then["data"])), prepare_config(cfg)
+    for name in (f.name for f in fields(PrepareConfig) if f.name not in ("cache_dir", "num_proc", "hf_streaming")):
+        old, new = getattr(data_then, name), getattr(data_now, name)
+        if old != new and old != scrub(new):  # the checkpoint's config was written scrubbed
+            give = f"{MAKE_VARIABLES[name]}={old}" if name in MAKE_VARIABLES else f"ARGS=--data.{name}={old}"
+            raise ConfigError(
+                f"data.{name}={new}: the checkpoint {path} was trained with {old}; continue it on its own data "
+                f"({give}), or start a new RUN"
+            )
+
+
+def check_resume_optimizer(then: dict, cfg, path: str) -> None:
+    """The optimizer's settings as the checkpoint has them: its optimizer and schedule states hold
+    the learning rate, warm-up, betas and decay they were built with, and a resume restores those, so
+    a change here would be recorded in config.yaml and then silently not happen."""
+    old_settings = then["model"].get("optimizer") or {}
+    new_settings = vars(cfg.model.optimizer)
+    for key in sorted(k for k in old_settings.keys() | new_settings.keys() if k != "fused" and not k.startswith("__")):
+        old, new = old_settings.get(key), new_settings.get(key)
+        if (list(old) if isinstance(old, list | tuple) else old) != (
+            list(new) if isinstance(new, list | tuple) else new
+        ):
+            raise ConfigError(
+                f"model.optimizer.{key}={new}: the checkpoint {path} was trained with {old}, which its optimizer "
+                "state keeps on resume; resume with it, or train its weights on in a new RUN (make export, "
+                "then INIT=<that folder>)"
+            )
+
+
+def _plain(value):
+    return list(value) if isinstance(value, list | tuple) else value  # betas: a list in YAML, a tuple here
 
 
 def say(line: str) -> None:
@@ -283,7 +389,7 @@ def write_summary(trainer: L.Trainer, datamodule, model, seconds: float) -> dict
         "compile_seconds": round(monitor.compile_seconds, 2),  # included in wall_seconds, not in perf/ metrics
         "peak_flops": monitor.peak.flops,  # of one device: MFU's denominator
         "peak_flops_source": monitor.peak.source,
-        "data": str(datamodule.folder),
+        "data": scrub_text(str(datamodule.folder)),
     }
     if trainer.is_global_zero:
         run_dir = Path(trainer.default_root_dir)

@@ -14,7 +14,7 @@ import torch
 from llm.data.datamodule import datamodule_args
 from llm.data.prepare import PrepareConfig, prepared_dir
 from llm.redact import scrub, scrub_text
-from support import RUN_ENV, assert_refused, corpus_fit, llm_here, program_stderr, run_llm, snapshot
+from support import RUN_ENV, assert_refused, corpus_fit, llm_here, program_stderr, run_llm, snapshot, word_tokenizer
 
 
 @pytest.fixture
@@ -47,13 +47,52 @@ def unchanged(folder: Path, command):
         ("--seed_everything=7", ["seed_everything=7: the checkpoint", "was trained with 1337"]),
         ("--trainer.devices=2", ["trainer.devices x trainer.num_nodes=2", "was trained with 1"]),
         ("--trainer.max_steps=12", ["trainer.max_steps=12: the checkpoint", "has already trained 12 steps"]),
+        # the optimizer and schedule states keep these: a change would be recorded and not happen
+        ("--model.optimizer.lr=0.0001", ["model.optimizer.lr=0.0001: the checkpoint", "INIT="]),
+        ("--model.optimizer.warmup_steps=2", ["model.optimizer.warmup_steps=2: the checkpoint", "with 4"]),
+        ("--model.optimizer.betas=[0.9,0.99]", ["model.optimizer.betas=(0.9, 0.99): the checkpoint"]),
+        ("--data.split=tail", ["data.split=tail: the checkpoint", "ARGS=--data.split=auto"]),
     ],
-    ids=["model-shape", "batch-size", "seed", "world-size", "no-more-steps"],
+    ids=["model-shape", "batch-size", "seed", "world-size", "no-more-steps", "lr", "warmup", "betas", "data-split"],
 )
 def test_resume_that_cannot_continue_exactly_is_refused(trained, runs, override, fragments):
     run, cache = trained
     args = canonical_args(runs, run, cache, "--resume=auto", override)
     assert_refused(unchanged(run, lambda: llm_here(*args)), *fragments)
+
+
+def test_resume_on_other_text_is_refused_with_the_runs_own(tmp_path, trained, runs):
+    run, cache = trained
+    other = tmp_path / "other.txt"
+    other.write_text("def g(y):\n    return y\n" * 300)
+    args = canonical_args(runs, run, cache, "--resume=auto", "--trainer.max_steps=14", f"--data.text={other}")
+    line = assert_refused(unchanged(run, lambda: llm_here(*args)), f"data.text={other}: the checkpoint")
+    assert line.endswith(f"continue it on its own data (TEXT={runs.corpus}), or start a new RUN")
+
+
+def test_a_run_folder_has_one_writer(tmp_path, trained, runs):
+    """A training writing into the folder holds its lock: a second one started into it is refused
+    before it writes anything, where both would pass the "already holds a run" check."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".writer", "w") as writer:  # what a training holds for as long as it runs
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        writer.write("node-a 4242")
+        writer.flush()
+        result = llm_here(*canonical_args(runs, run, trained[1]))
+    assert_refused(result, f"run={run}: another training (node-a 4242) writes into it now")
+    assert sorted(p.name for p in run.iterdir()) == [".writer"]
+
+
+def test_resume_auto_into_a_folder_of_something_else_is_refused(tmp_path, trained, runs):
+    run = tmp_path / "theirs"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: my other project\n")
+    (run / "summary.json").write_text("{}")
+    args = canonical_args(runs, run, trained[1], "--resume=auto")
+    assert_refused(unchanged(run, lambda: llm_here(*args)), f"resume=auto: {run} holds no checkpoint to continue")
 
 
 def test_resume_auto_without_a_run_is_refused(trained, runs):
@@ -92,7 +131,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_unread(tmp_path, trained, r
     torch.save(ckpt, bad)
     args = {
         "sample": ["sample", f"--ckpt={bad}", "--prompt=x"],
-        "eval": ["eval", f"--ckpt={bad}"],
+        "eval": ["eval", f"--ckpt={bad}", f"--text={trained[0] / 'config.yaml'}"],
         "fit": canonical_args(runs, tmp_path / "run", trained[1], f"--resume={bad}", "--trainer.max_steps=14"),
     }[command]
     field = "resume" if command == "fit" else "ckpt"
@@ -111,6 +150,15 @@ def test_a_sharded_checkpoint_that_would_run_code_is_refused_unread(tmp_path, mo
     assert not marker.exists()
 
 
+def overwrite_a_fifth(folder: Path) -> None:
+    """0xFF over a fifth of the shard, between the pieces a sampled checksum would read."""
+    shard = folder / "train.bin"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.seek(size // 3)
+        f.write(b"\xff" * (size // 5))
+
+
 def broken_cache(tmp_path: Path, trained, damage) -> Path:
     cache = tmp_path / "data"
     shutil.copytree(trained[1], cache)
@@ -126,8 +174,10 @@ def broken_cache(tmp_path: Path, trained, damage) -> Path:
         (lambda f: (f / "val.bin").write_bytes(bytes((f / "val.bin").stat().st_size)), "val.bin does not match"),
         (lambda f: (f / "meta.json").write_text('{"splits": '), "meta.json is not valid JSON"),
         (lambda f: (f / "val.bin").unlink(), "val.bin is missing"),
+        (overwrite_a_fifth, "train.bin does not match its checksum"),
+        (lambda f: word_tokenizer(f / "tokenizer.json", 512), "tokenizer.json does not match its checksum"),
     ],
-    ids=["truncated-shard", "overwritten-shard", "corrupt-meta", "missing-shard"],
+    ids=["truncated-shard", "overwritten-shard", "corrupt-meta", "missing-shard", "fifth-overwritten", "tokenizer"],
 )
 def test_damaged_prepared_data_is_found_before_training(tmp_path, trained, runs, damage, fragment):
     cache = broken_cache(tmp_path, trained, damage)
@@ -153,15 +203,40 @@ def test_eval_on_a_split_shorter_than_one_block(tmp_path, trained):
     small.write_text("x = 1\n" * 30)
     data = datamodule_args(ckpt["llm_config"]["data"])
     data.update(text=str(small), cache_dir=str(tmp_path / "data"), val_fraction=0.05)
-    path = tmp_path / "other-data.ckpt"
+    run = tmp_path / "other-data"  # a run folder of its own: eval follows its data there only
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained[0] / "config.yaml", run / "config.yaml")
+    path = run / "checkpoints" / "last.ckpt"
     torch.save(ckpt, path)
-    result = llm_here("eval", f"--ckpt={path}")  # prepares that text first, with its progress bars on stderr
+    result = llm_here("eval", f"--ckpt={path}", "--wandb=false")  # prepares that text first, with progress bars
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = program_stderr(result.stderr)[-1]
     assert (
         last.startswith(f"error: ckpt={path}: the validation split of its data")
         and "fewer than one block of 65" in last
     )
+
+
+def test_eval_never_follows_the_paths_inside_a_checkpoint_from_elsewhere(tmp_path, trained):
+    """A checkpoint someone sent: its config names a file to read, a cache to write and a run folder
+    whose W&B run to append to. None of them is touched; its own data needs its run folder."""
+    ckpt = torch.load(trained[0] / "checkpoints" / "last.ckpt", weights_only=False)
+    secret, victim, cache = tmp_path / "id_ed25519", tmp_path / "victim", tmp_path / "attacker-cache"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n" + "x" * 4000)
+    shutil.copytree(trained[0], victim, symlinks=True)  # a run folder with a W&B run
+    ckpt["llm_config"]["data"].update(text=str(secret), cache_dir=str(cache))
+    ckpt["llm_config"]["run"] = str(victim)
+    sent = tmp_path / "downloads" / "model.ckpt"
+    sent.parent.mkdir()
+    torch.save(ckpt, sent)
+    before = snapshot(victim)
+    refused = llm_here("eval", f"--ckpt={sent}")
+    assert_refused(refused, f"ckpt={sent}: not in a run folder (runs/<name>/checkpoints/)")
+    text = tmp_path / "mine.txt"
+    text.write_text("def f(x):\n    return x\n" * 200)
+    on_text = llm_here("eval", f"--ckpt={sent}", f"--text={text}", "--json=true")
+    assert on_text.returncode == 0, on_text.stderr[-3000:]
+    assert not cache.exists() and snapshot(victim) == before and not (victim / "eval").exists()
 
 
 def test_text_that_is_not_utf8_is_reported_with_the_bytes_replaced(tmp_path):
@@ -207,22 +282,30 @@ def test_secret_keys_and_url_credentials_are_scrubbed():
     assert scrub_text("https://alice:s3cr3t@example.com/corpus") == "https://<redacted>@example.com/corpus"
 
 
+def test_ordinary_values_shaped_a_little_like_secrets_are_kept():
+    snapshot = "/hub/models--gpt2/snapshots/607a30d783dfa663caf39e06633721c8d4cfcd7e/config.json"
+    for value in (snapshot, "task-classification_corpus", "data/ask-questions-and-answers-corpus.txt"):
+        assert scrub({"text": value}) == {"text": value} and scrub_text(value) == value
+
+
 def test_no_secret_reaches_the_run_folder_wandb_a_checkpoint_the_data_or_an_export(tmp_path, trained, runs):
-    secret = SECRETS["github"]
+    secret, named, group = SECRETS["github"], SECRETS["hf"], SECRETS["slack"]
     run, cache = tmp_path / "run", tmp_path / "data"
+    text = tmp_path / f"{named}.txt"  # a file named like a token
+    shutil.copy(runs.corpus, text)
     # a field that takes any text and changes nothing here (the Hub split, unused with local text)
     split = f"--data.hf_split=https://bot:{secret}@example.com"
-    result = run_llm(
-        *runs.args(run, f"--data.cache_dir={cache}", split, "--trainer.max_steps=2", probes=()), env=RUN_ENV
-    )
+    args = runs.args(run, f"--data.cache_dir={cache}", split, f"--data.text={text}", f"--experiment={group}", probes=())
+    result = run_llm(*args, "--trainer.max_steps=2", env=RUN_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert secret not in result.stdout + result.stderr
     export = llm_here("export", f"--ckpt={run}/checkpoints/last.ckpt", f"--out={tmp_path / 'hf'}")
     assert export.returncode == 0, export.stderr[-3000:]
     written = [p for folder in (run, cache, tmp_path / "hf") for p in folder.rglob("*") if p.is_file()]
     assert {p.name for p in written} >= {"config.yaml", "meta.json", "README.md", "last.ckpt", "summary.json"}
-    leaks = [str(p) for p in written if secret.encode() in p.read_bytes()]
-    assert not leaks, f"the secret was written to {leaks}"
+    for token in (secret, named, group):
+        assert token not in result.stdout + result.stderr
+        leaks = [str(p) for p in written if token.encode() in p.read_bytes() or token in str(p)]
+        assert not leaks, f"the secret was written to {leaks}"
     assert "hf_split: https://<redacted>@example.com" in (run / "config.yaml").read_text()
     # W&B recorded the command line (in its run file, offline), with the credentials taken out
     records = b"".join(p.read_bytes() for p in (run / "wandb").glob("offline-run-*/run-*.wandb"))

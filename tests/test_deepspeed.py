@@ -293,3 +293,59 @@ def test_weight_decay_falls_on_the_weight_matrices_also_under_zero3(runs, name):
     # under ZeRO-3 each parameter the module holds is a flat partition; its shape is in ds_shape
     for probe in probes(runs(name), 2 if name == "zero3" else 1):
         assert probe["decayed"] == sorted(DECAYED)
+
+
+class RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {os.environ['LLM_TEST_MARKER']}",))
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_with_a_payload_in_an_optimizer_shard_is_refused_unread(runs, tmp_path, monkeypatch):
+    """Every command that reads a ZeRO folder reads every shard as data first: DeepSpeed's own
+    loading would meet the payload only after the run folder exists, or mid-consolidation."""
+    import shutil
+
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("LLM_TEST_MARKER", str(marker))
+    folder = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    shutil.copytree(runs("zero2") / "checkpoints" / "last.ckpt", folder)
+    shutil.copy(runs("zero2") / "config.yaml", tmp_path / "run" / "config.yaml")
+    (shard,) = sorted(folder.rglob("*optim_states.pt"))[-1:]
+    state = torch.load(shard, weights_only=False)
+    state["payload"] = RunsCode()
+    torch.save(state, shard)
+    refused = f"{shard.name} holds objects other than tensors and plain data, refused unread"
+    commands = {
+        "sample": ["sample", f"--ckpt={folder}", "--prompt=x"],
+        "eval": ["eval", f"--ckpt={folder}", "--wandb=false"],
+        "export": ["export", f"--ckpt={folder}", f"--out={tmp_path / 'hf'}"],
+        "export-fp32": ["export-fp32", f"--ckpt={folder}", f"--out={tmp_path / 'fp32.ckpt'}"],
+        "resume": runs.args(tmp_path / "resumed", "--trainer.devices=2", "--deepspeed=zero2", f"--resume={folder}"),
+    }
+    for name, args in commands.items():
+        assert_refused(llm_here(*args), refused)
+        assert not marker.exists(), f"{name} ran the checkpoint's code"
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "fp32.ckpt").exists()
+    assert not (tmp_path / "resumed").exists()
+
+
+def test_a_checkpoint_with_a_changed_byte_is_refused(runs, tmp_path):
+    """torch.load does not check the CRC-32s its zip holds: the changed bytes would load as weights."""
+    import zipfile
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    whole = bytearray((runs("single") / "checkpoints" / "last.ckpt").read_bytes())
+    with zipfile.ZipFile(runs("single") / "checkpoints" / "last.ckpt") as archive:
+        entry = max(archive.infolist(), key=lambda i: i.file_size)  # the largest tensor's storage
+        start = entry.header_offset + 30 + len(entry.filename.encode()) + len(entry.extra) + entry.file_size // 2
+    whole[start : start + 64] = bytes(b ^ 0xFF for b in whole[start : start + 64])
+    ckpt.write_bytes(bytes(whole))
+    answer = f"{entry.filename} in last.ckpt does not match the checksum the save wrote"
+    assert_refused(llm_here("sample", f"--ckpt={ckpt}", "--prompt=x"), answer)
+    resume = runs.args(tmp_path / "resumed", f"--resume={ckpt}", "--trainer.max_steps=14", probes=())
+    assert_refused(llm_here(*resume), answer)
+    assert not (tmp_path / "resumed").exists()

@@ -52,6 +52,25 @@ def test_n_embd_not_divisible_by_n_head(existing):
     assert_refused(result, "model.config.n_embd=100 is not divisible by n_head=3", "choose n_embd")
 
 
+@pytest.mark.parametrize(
+    "option, answer",
+    [
+        ("--eval_every=0", "eval_every=0: out of range; use a positive number"),
+        ("--eval_every=-1", "eval_every=-1: out of range"),
+        ("--trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0: out of range; use 1 or more"),
+        ("--trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0: out of range"),
+        ("--data.batch_size=0", "data.batch_size=0: out of range"),
+        ("--data.num_workers=-1", "data.num_workers=-1: out of range"),
+        ("--model.optimizer.lr=-1", "model.optimizer.lr=-1.0: out of range; use a positive learning rate"),
+        ("--model.optimizer.betas=[2,2]", "model.optimizer.betas=[2.0, 2.0]: out of range; use two in [0, 1)"),
+        ("--model.config.dropout=2", "model.config.dropout=2.0 is a probability"),
+        ("--model.config.block_size=0", "model.config.block_size=0 must be a positive number"),
+    ],
+)
+def test_a_number_out_of_its_range_is_one_line(existing, option, answer):
+    assert_refused(fit_into(existing, option), answer)
+
+
 def test_tokenizer_larger_than_the_model_vocabulary(existing, tmp_path):
     tokenizer = word_tokenizer(tmp_path / "tokenizer.json", 1500)
     result = fit_into(existing, f"--data.tokenizer={tokenizer}", "--model.config.vocab_size=1000")
@@ -104,3 +123,11 @@ def test_unknown_model_preset_through_make(tmp_path):
     )
     assert_refused(result, "model.config=configs/model/gpt5.yaml", "no such config file", "configs/model/")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_folder_that_is_a_file(tmp_path):
+    notes = tmp_path / "notes"
+    notes.write_text("mine")
+    args = ["fit", "--config", "configs/experiment/default.yaml", *TINY, f"--run={notes}", "--trainer.max_steps=2"]
+    assert_refused(llm_here(*args, f"--data.cache_dir={tmp_path / 'data'}"), f"run={notes}: is a file")
+    assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes"]

@@ -4,6 +4,7 @@ the same logits, greedy text and token ids there as here, and come back with the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -129,6 +130,23 @@ def test_export_bad_inputs(exported, tmp_path):
     again = tmp_path / "again"
     shutil.copytree(out, again)
     assert llm_here("export", f"--ckpt={ckpt}", f"--out={again}", "--force=true").returncode == 0
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    answer = llm_here("export", f"--ckpt={ckpt}", f"--out={a_file}", "--force=true")
+    assert_refused(answer, f"out={a_file}: is a file") and a_file.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "option, answer",
+    [
+        ("--num_samples=0", "num_samples=0: print at least 1 sample"),
+        ("--top_k=-1", "top_k=-1: sample among at least 1 token"),
+        ("--device=cuda", "device=cuda: no GPU is visible here"),
+    ],
+)
+def test_sample_bad_inputs(runs, option, answer):
+    ckpt = runs("single") / "checkpoints" / "last.ckpt"
+    assert_refused(llm_here("sample", f"--ckpt={ckpt}", "--prompt=x", option), answer)
 
 
 def test_a_model_neither_family_expresses_is_not_exported(tmp_path, runs):
@@ -197,6 +215,53 @@ def test_init_from_a_pytorch_bin_that_would_run_code_is_refused_unread(tmp_path,
     with pytest.raises(Exception):  # noqa: B017  (its one-line answer is the reliability issue's; here: no code ran)
         load_pretrained(folder)
     assert not marker.exists(), "loading the weights ran their code"
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['LLM_TEST_MARKER']}",))
+
+
+def pickled_payload(folder: Path) -> None:
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    torch.save({**state, "payload": RunsCode()}, folder / "pytorch_model.bin")
+
+
+def edit_config(**changes):
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        config.update(changes)
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "form, damage, answer",
+    [
+        ("bin", pickled_payload, "pytorch_model.bin holds objects other than tensors, refused unread"),
+        ("safetensors", lambda f: (f / "config.json").write_text('{"model_type": "gpt2",'), "config.json is not valid"),
+        ("safetensors", edit_config(n_layer=None), "config.json lacks 'n_layer', which a gpt2 config has"),
+        ("safetensors", edit_config(n_embd=128), "has shape (512, 64) where its config.json implies (512, 128)"),
+        (
+            "safetensors",
+            lambda f: os.truncate(f / "model.safetensors", (f / "model.safetensors").stat().st_size // 2),
+            "its weights cannot be read (SafetensorError",
+        ),
+    ],
+    ids=["pickled-payload", "malformed-config", "missing-field", "mismatched-shapes", "truncated-weights"],
+)
+def test_an_init_folder_that_cannot_be_used_is_one_line_and_leaves_nothing(
+    tmp_path, runs, monkeypatch, form, damage, answer
+):
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("LLM_TEST_MARKER", str(marker))
+    folder = tmp_path / "hf"
+    transformers_gpt2(folder, vocab=512, form=form)
+    damage(folder)
+    result = llm_here(*runs.args(tmp_path / "run", f"--model.init={folder}", probes=()))
+    assert_refused(result, f"model.init={folder}", answer)
+    assert not marker.exists() and not (tmp_path / "run").exists()
 
 
 def test_init_with_a_tokenizer_larger_than_its_vocabulary_is_refused(tmp_path, runs):

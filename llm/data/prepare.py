@@ -10,6 +10,7 @@ later run could mistake for prepared data.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import hashlib
 import json
@@ -29,10 +30,10 @@ from llm.data.lock import PreparationLock
 from llm.data.sources import Source, load_documents, quiet_datasets, resolve_source
 from llm.data.tokenizer import EOT, load_tokenizer, ordinary, train_bpe
 from llm.errors import ConfigError
-from llm.redact import scrub
+from llm.redact import scrub, scrub_name
 
 FORMAT_VERSION = 3  # 2: text quoting the end-of-text token is encoded as text; 3: shard checksums
-CHECKSUM_CHUNKS, CHECKSUM_CHUNK_BYTES = 64, 1 << 16  # a cheap checksum: 4 MiB read at most per shard
+CHECKSUM_CHUNKS, CHECKSUM_CHUNK_BYTES = 64, 1 << 16  # the sampled checksum of caches prepared before sha256
 MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 100  # fewer documents: each one's tail goes to validation
 
 
@@ -90,7 +91,7 @@ def prepared_dir(cfg: PrepareConfig, source: Source | None = None) -> Path:
     source = source or resolve_source(cfg.text, cfg.hf)
     # the source's name is for people, the hash for uniqueness: the name is cut so that the folder
     # and its temporary sibling (with a host name and pid) stay within a file name's 255 bytes
-    return Path(cfg.cache_dir) / f"{source.name[:80]}-{cache_key(cfg, source)[:12]}"
+    return Path(cfg.cache_dir) / f"{scrub_name(source.name)[:80]}-{cache_key(cfg, source)[:12]}"
 
 
 def load_meta(folder: str | Path) -> dict:
@@ -105,8 +106,16 @@ def load_meta(folder: str | Path) -> dict:
 
 
 def shard_checksum(path: Path) -> str:
-    """CRC-32 of up to 64 chunks of 64 KiB spread evenly over the file, and its size: catches a
-    truncated, extended or overwritten shard without reading a large one whole."""
+    """SHA-256 of the whole file: a byte changed anywhere in a shard is found."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def sampled_checksum(path: Path) -> str:
+    """What caches prepared before the full checksum hold: CRC-32 of 64 pieces of 64 KiB and the size."""
     size = path.stat().st_size
     span = max(size - CHECKSUM_CHUNK_BYTES, 0)
     crc = 0
@@ -117,14 +126,29 @@ def shard_checksum(path: Path) -> str:
     return f"crc32:{crc:08x}:{size}"
 
 
+def _matches(path: Path, checksum: str) -> bool:
+    return (sampled_checksum if checksum.startswith("crc32:") else shard_checksum)(path) == checksum
+
+
+VERIFIED = ".verified"  # the (size, mtime) of each file when its checksum last matched: read once, not every run
+
+
 def verify_prepared(folder: Path) -> dict:
-    """meta.json, and each shard against it (size and checksum): one line naming what is wrong."""
+    """meta.json, and each shard and the tokenizer against it (size and checksum): one line naming
+    what is wrong. A file is hashed whole the first time, and again whenever it has changed since."""
     meta = load_meta(folder)
     fix = f"remove the folder {folder} and the data is prepared again"
     try:
         splits, itemsize = meta["splits"], np.dtype(meta["dtype"]).itemsize
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"data.cache_dir: {folder}/meta.json lacks {exc}; {fix}") from exc
+    try:
+        verified = json.loads((folder / VERIFIED).read_text())
+    except (OSError, ValueError):
+        verified = {}
+    checked = {}
+    files = [(folder / info["file"], info.get("checksum")) for info in splits.values()]
+    files.append((folder / meta.get("tokenizer", "tokenizer.json"), meta.get("tokenizer_checksum")))
     for info in splits.values():
         shard = folder / info["file"]
         expected = max(info["tokens"], 1) * itemsize
@@ -132,8 +156,20 @@ def verify_prepared(folder: Path) -> dict:
         if size != expected:
             got = "is missing" if size is None else f"holds {size:,} bytes"
             raise ConfigError(f"data.cache_dir: {shard} {got}, meta.json says {expected:,}; {fix}")
-        if info.get("checksum") and shard_checksum(shard) != info["checksum"]:
-            raise ConfigError(f"data.cache_dir: {shard} does not match its checksum in meta.json; {fix}")
+    for path, checksum in files:
+        if not checksum:
+            continue  # a cache prepared before this file had one
+        if not path.is_file():
+            raise ConfigError(f"data.cache_dir: {path} is missing; {fix}")
+        stamp = [path.stat().st_size, path.stat().st_mtime_ns]
+        if verified.get(path.name) != stamp and not _matches(path, checksum):
+            raise ConfigError(f"data.cache_dir: {path} does not match its checksum in meta.json; {fix}")
+        checked[path.name] = stamp
+    if checked != verified:
+        with contextlib.suppress(OSError):  # a read-only cache is hashed again next time, nothing worse
+            tmp = folder / f"{VERIFIED}.{os.getpid()}"
+            tmp.write_text(json.dumps(checked))
+            tmp.replace(folder / VERIFIED)
     return meta
 
 
@@ -367,16 +403,13 @@ def _prepare_into(tmp: Path, cfg: PrepareConfig, source: Source, log) -> None:
     val_tokens = np.memmap(tmp / "val.bin", dtype=dtype, mode="r")[: splits["val"]["tokens"]]
     meta = {
         "format": FORMAT_VERSION,
-        "source": {
-            "kind": source.kind,
-            "name": source.name,
-            "text": cfg.text,
-            "hf": cfg.hf,
-            "files": len(source.files),
-        },
+        "source": scrub(
+            {"kind": source.kind, "name": source.name, "text": cfg.text, "hf": cfg.hf, "files": len(source.files)}
+        ),
         "config": scrub(asdict(cfg)),
         "input_hash": cache_key(cfg, source),
         "tokenizer": "tokenizer.json",
+        "tokenizer_checksum": shard_checksum(tmp / "tokenizer.json"),
         "tokenizer_source": cfg.tokenizer or f"trained byte-level BPE, {cfg.vocab_size} tokens",
         "vocab_size": vocab_size,
         "eot_token": cfg.eot_token,
