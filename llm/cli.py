@@ -71,7 +71,9 @@ class ScrubbedConfigFile(SaveConfigCallback):
             resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_check=True))
             path = Path(log_dir) / self.config_filename
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump(scrub(resolved), sort_keys=False))
+            tmp = path.with_name(path.name + ".tmp")  # a disk that fills here leaves the old one, not an empty one
+            tmp.write_text(yaml.safe_dump(scrub(resolved), sort_keys=False))
+            tmp.replace(path)
         self.already_saved = True
 
 
@@ -188,6 +190,10 @@ class LLMCLI(LightningCLI):
             # a checkpoint is read as tensors and plain data only, DeepSpeed's shards included
             with weights_only_loads() if ckpt_path else contextlib.nullcontext():
                 self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+                if ckpt_path and "val/loss" not in self.trainer.callback_metrics:
+                    # resumed at the last step (a stop during the final validation): nothing trained
+                    # and nothing validated; the final validation, then the summary
+                    self.trainer.validate(model, datamodule=datamodule, verbose=False)
         except BaseException:
             for logger in wandb_loggers:
                 logger.finish(exit_code=1)

@@ -109,8 +109,10 @@ class CompileClock:
         self.seconds += time.perf_counter() - self._started
 
     def close(self) -> None:
-        self._handler.remove_start_callback(self._start)
-        self._handler.remove_end_callback(self._end)
+        if self._handler is not None:  # once: a fit and a validation after it both tear down
+            self._handler.remove_start_callback(self._start)
+            self._handler.remove_end_callback(self._end)
+            self._handler = None
 
 
 class PerformanceMonitor(Callback):

@@ -6,6 +6,7 @@ Each bad input raises ConfigError with one line that names the field, the value 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -70,6 +71,7 @@ def check(cfg, command: str) -> None:
             f"collective_timeout={cfg.collective_timeout}: must be a positive number of seconds, e.g. 600"
         )
     check_ranges(cfg)
+    check_disk(cfg, model_config(cfg))
     resolve_speed_options(cfg)
     if cfg.deepspeed:
         load_preset(cfg.deepspeed, cfg.nvme_path)  # an unknown preset, offload it cannot do, a bad NVMe path
@@ -189,6 +191,35 @@ def check_ranges(cfg) -> None:
     for name, value, ok, needed in rules:
         if not ok:
             raise ConfigError(f"{name}={value}: out of range; use {needed}")
+
+
+# what one checkpoint holds per parameter: fp32 weights and AdamW's two fp32 moments
+CHECKPOINT_BYTES_PER_PARAM = 12
+SMALL_FILES = 64 << 20  # config.yaml, metrics.csv, W&B's files, room to spare
+
+
+def check_disk(cfg, model: ModelConfig) -> None:
+    """Room for a checkpoint on the run folder's disk, before anything is written: a disk that fills
+    at the start leaves an empty config.yaml and W&B's errors by the hundred; later, a failed save."""
+    if not ranks.is_first_process():
+        return
+    from llm.model import count_params
+
+    folder = run.resolve_run_dir(cfg).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    one = count_params(model) * CHECKPOINT_BYTES_PER_PARAM
+    gib = 1 << 30
+    if free < one + SMALL_FILES:
+        raise ConfigError(
+            f"run={folder}: its disk has {free / gib:.1f} GiB free, and one checkpoint of this model takes about "
+            f"{one / gib:.1f} GiB; free space there, or choose a RUN on a larger disk"
+        )
+    if free < (cfg.keep_last + 2) * one:  # the kept ones, the best, and the one being written
+        print(
+            f"warning: run={folder}: {free / gib:.1f} GiB free, room for {int(free // one)} checkpoints of "
+            f"{one / gib:.1f} GiB; keep_last={cfg.keep_last} needs {cfg.keep_last + 2}: a later save may fail"
+        )
 
 
 def resolve_speed_options(cfg) -> None:

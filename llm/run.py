@@ -157,8 +157,8 @@ def check_resume(cfg, path: str) -> None:
     model, world size, batch or seed; allow more (or fewer, not yet reached) steps with a warning."""
     from llm.checkpoint import read_header, verify_checkpoint
 
-    verify_checkpoint(path, field="resume")  # every file: a payload refused unread, a damaged one named
-    header = read_header(path, field="resume")
+    header = read_header(path, field="resume")  # a file that is no checkpoint, or holds a payload: refused unread
+    verify_checkpoint(path, field="resume")  # every other shard too, and each file against its checksums
     then, step = header["config"], header["step"]
     hint = "resume with the checkpoint's settings, or start a new RUN"
     model_then = {k: v for k, v in then["model"]["config"].items() if not k.startswith("__")}
@@ -189,6 +189,10 @@ def check_resume(cfg, path: str) -> None:
     check_resume_data(then, cfg, path)
     check_resume_optimizer(then, cfg, path)
     max_steps = cfg.trainer.max_steps
+    if max_steps == step and not (Path(cfg.run) / "summary.json").is_file():
+        # stopped during its final validation, after the last step's checkpoint: finish that
+        say(f"the checkpoint {path} is at the last step, {step}; its validation and summary.json are still to do")
+        return
     if max_steps <= step:
         raise ConfigError(
             f"trainer.max_steps={max_steps}: the checkpoint {path} has already trained {step} steps; "
@@ -375,7 +379,7 @@ def write_summary(trainer: L.Trainer, datamodule, model, seconds: float) -> dict
         "steps": trainer.global_step,
         "tokens": trainer.global_step * tokens_per_step,
         "wall_seconds": round(seconds, 2),
-        "tokens_per_second": round(session_tokens / info.train_seconds, 1) if session_tokens else 0.0,
+        "tokens_per_second": round(session_tokens / info.train_seconds, 1) if info.train_seconds else 0.0,
         "final_train_loss": metrics.get("train/loss"),  # None when this session trained no step
         "final_val_loss": metrics.get("val/loss"),
         "unigram_val_entropy": meta["unigram_val_entropy"],

@@ -147,6 +147,20 @@ class BreakSave(Callback):
             checkpoint["breaks"] = _KillWhenPickled() if self.how == "kill" else _NoSpaceWhenPickled()
 
 
+class KillInValidation(Callback):
+    """kill -9 of the job in the middle of the validation after `step`, as a lost node does."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_validation_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            import os
+            import signal
+
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
 class StallRank(Callback):
     """Rank `rank` sleeps `seconds` before the backward pass of optimizer step `step` (counted from
     0): the other ranks reach that step's gradient reduction alone, a collective that cannot complete."""

@@ -26,7 +26,7 @@ from llm.data.prepare import (
 )
 from llm.data.sources import stdlib_files
 from llm.errors import ConfigError
-from support import run_llm, word_tokenizer
+from support import REPO, run_llm, word_tokenizer
 
 
 def decoded_documents(folder: Path, split: str) -> list[str]:
@@ -407,3 +407,43 @@ def test_a_byte_changed_anywhere_in_a_large_shard_is_found(tmp_path):
         f.write(b"\xff" * 1000)
     with pytest.raises(ConfigError, match="train.bin does not match its checksum in meta.json"):
         verify_prepared(folder)
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_during_preparation_is_one_line_and_keeps_nothing(tmp_path):
+    """A real full disk: a 1 MiB tmpfs for the cache, in a mount namespace of the test's own."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--mount", "true"]).returncode != 0:
+        pytest.skip("needs unshare --mount (root): a small filesystem of the test's own")
+    text, cache = tmp_path / "t.txt", tmp_path / "small"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 50_000)  # 2.2 MB
+    cache.mkdir()
+    prepare_args = f"--data.text={text} --data.cache_dir={cache}/c --data.vocab_size=300"
+    script = (
+        f"mount -t tmpfs -o size=1M tmpfs {cache} && {sys.executable} -m llm prepare "
+        f"--config configs/experiment/default.yaml {prepare_args}; status=$?; find {cache} -mindepth 2; exit $status"
+    )
+    result = subprocess.run(["unshare", "--mount", "bash", "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: data.cache_dir={cache}/c: the disk is full (No space left on device); free space there, or set "
+        "data.cache_dir on a larger disk; nothing of this preparation was kept"
+    )
+    assert "Traceback" not in result.stderr
+    assert not [line for line in result.stdout.splitlines() if line.startswith(str(cache))], "files were left"
+
+
+def test_a_long_run_without_white_space_is_cut_into_words_the_bpe_can_train_on():
+    from llm.data.tokenizer import MAX_WORD_CHARS, train_bpe
+
+    line = "".join(chr(97 + (i * 7919) % 26) for i in range(200_000))  # 200 KB of letters, no space
+    tok = train_bpe(["def f(x):\n    return x\n", line], 300)
+    pieces = [piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str(line[:1000])]
+    assert max(len(p) for p in pieces) == MAX_WORD_CHARS and "".join(pieces) == line[:1000]
+    text = "def f(x):\n    return x  # " + line[:300]
+    assert tok.decode(tok.encode(text).ids) == text
+    # ordinary words keep their leading space, as GPT-2's pre-tokenizer has it
+    assert [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("def hello")] == ["def", "Ġhello"]

@@ -131,3 +131,9 @@ def test_a_run_folder_that_is_a_file(tmp_path):
     args = ["fit", "--config", "configs/experiment/default.yaml", *TINY, f"--run={notes}", "--trainer.max_steps=2"]
     assert_refused(llm_here(*args, f"--data.cache_dir={tmp_path / 'data'}"), f"run={notes}: is a file")
     assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_a_disk_without_room_for_one_checkpoint_is_refused_before_anything_is_written(existing):
+    # 200 layers of 16384: about 650 billion parameters, 7 TiB a checkpoint (counted, never allocated)
+    big = ["--model.config.n_layer=200", "--model.config.n_embd=16384", "--model.config.n_head=128"]
+    assert_refused(fit_into(existing, *big), "GiB free, and one checkpoint of this model takes about", "larger disk")

@@ -141,6 +141,26 @@ def test_kill_during_a_save_leaves_the_previous_checkpoints_to_resume(tmp_path, 
     assert sorted(p.name for p in folder.glob("step-*.ckpt")) == kept
 
 
+def test_a_kill_during_the_final_validation_is_finished_by_the_rerun(tmp_path, runs):
+    """The last step's checkpoint is written before its validation: a kill there left a run that
+    the rerun called already trained, and that never got its summary.json."""
+    run = tmp_path / "run"
+    kill = json.dumps({"class_path": "tests.helpers.KillInValidation", "init_args": {"step": STEPS}})
+    first = start(runs.args(run, callbacks(kill), probes=()))
+    _, err = finish(first)
+    assert first.returncode == -signal.SIGKILL, err[-3000:]
+    assert (run / "checkpoints" / f"step-{STEPS:06d}.ckpt").is_file() and not (run / "summary.json").exists()
+    assert "val/loss" not in metrics_rows(run).get(STEPS - 1, {})
+    again = llm_here(*runs.args(run, "--resume=auto", probes=()), env=RUN_ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert trained_steps(again.stdout) == []  # validated and summarised, nothing trained
+    summary = json.loads((run / "summary.json").read_text())
+    expected = float(metrics_rows(runs("single"))[STEPS - 1]["val/loss"])
+    assert summary["steps"] == STEPS and float(metrics_rows(run)[STEPS - 1]["val/loss"]) == pytest.approx(
+        expected, abs=1e-6
+    )
+
+
 @pytest.mark.slow
 def test_kill_9_of_a_two_process_zero2_job_inside_a_save_resumes_exactly(tmp_path, runs):
     # the job is killed by SIGKILL to its process group while rank 0 writes a random save's shards

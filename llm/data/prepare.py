@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -271,6 +272,17 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def disk_full(exc: BaseException) -> str | None:
+    """The no-space error in an exception or what caused it (`datasets` wraps the OSError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return os.strerror(exc.errno)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def prepare(cfg: PrepareConfig, log=print) -> Path:
     """Prepare the data once; return its folder. A second call with the same inputs reads nothing."""
     cfg.check()
@@ -287,7 +299,15 @@ def prepare(cfg: PrepareConfig, log=print) -> Path:
         if (out / "meta.json").is_file():  # prepared by another process (another node) while this one waited
             log(f"prepared data: {out} (cached, prepared by another process)")
             return out
-        meta = _prepare_atomically(out, cfg, source, log)
+        try:
+            meta = _prepare_atomically(out, cfg, source, log)
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            raise ConfigError(
+                f"data.cache_dir={cfg.cache_dir}: the disk is full ({disk_full(exc)}); free space there, or set "
+                "data.cache_dir on a larger disk; nothing of this preparation was kept"
+            ) from None
     split = meta["splits"]
     log(
         f"prepared data: {out} (train {split['train']['tokens']:,} tokens, val {split['val']['tokens']:,} tokens, "

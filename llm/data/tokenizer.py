@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llm.errors import ConfigError
 
@@ -43,10 +43,21 @@ def ordinary(tokenizer: Tokenizer) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(spec))
 
 
+# A word no longer than this: BPE training slows with the length of the longest words, and a 2 MB
+# line without white space (base64, minified code, a DNA sequence) did not finish in 5 minutes
+MAX_WORD_CHARS = 64
+
+
 def train_bpe(texts, vocab_size: int, num_texts: int | None = None, eot_token: str = EOT) -> Tokenizer:
-    """A byte-level BPE (GPT-2's scheme: any byte sequence encodes, nothing is unknown)."""
+    """A byte-level BPE (GPT-2's scheme: any byte sequence encodes, nothing is unknown), whose
+    words are cut into pieces of at most MAX_WORD_CHARS characters."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(rf"\S{{{MAX_WORD_CHARS}}}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
