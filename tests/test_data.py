@@ -409,6 +409,7 @@ def test_a_byte_changed_anywhere_in_a_large_shard_is_found(tmp_path):
         verify_prepared(folder)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_disk_that_fills_during_preparation_is_one_line_and_keeps_nothing(tmp_path):
     """A real full disk: a 1 MiB tmpfs for the cache, in a mount namespace of the test's own."""

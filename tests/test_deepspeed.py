@@ -302,6 +302,7 @@ class RunsCode:
         return (os.system, (f"touch {os.environ['LLM_TEST_MARKER']}",))
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_sharded_checkpoint_with_a_payload_in_an_optimizer_shard_is_refused_unread(runs, tmp_path, monkeypatch):
     """Every command that reads a ZeRO folder reads every shard as data first: DeepSpeed's own

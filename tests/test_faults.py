@@ -141,6 +141,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoints_to_resume(tmp_path, 
     assert sorted(p.name for p in folder.glob("step-*.ckpt")) == kept
 
 
+@pytest.mark.long
 def test_a_kill_during_the_final_validation_is_finished_by_the_rerun(tmp_path, runs):
     """The last step's checkpoint is written before its validation: a kill there left a run that
     the rerun called already trained, and that never got its summary.json."""
