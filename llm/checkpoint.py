@@ -187,7 +187,11 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def load_for_inference(path: str | Path, device: str = "cpu") -> Loaded:
-    ckpt = read_checkpoint(path)
+    return loaded_from(read_checkpoint(path), device)
+
+
+def loaded_from(ckpt: dict, device: str = "cpu") -> Loaded:
+    """The model, tokenizer and config of a checkpoint already read (read_checkpoint)."""
     config = ckpt["llm_config"]
     model = Transformer(model_config_from(config))
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}

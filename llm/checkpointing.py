@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -187,7 +188,7 @@ class Checkpoints(Checkpoint):
     def _stop(self, trainer, signum: int) -> None:
         name = signal.Signals(signum).name
         said = f"{name} at step {trainer.global_step}; saved {self.last_saved}"
-        resume = f"make train RUN={trainer.default_root_dir} RESUME=auto"
+        resume = resume_command(trainer)
         job = ranks.slurm_job_id()
         if signum == signal.SIGUSR1 and job:  # SLURM's warning: queue the job again, then end this one
             if trainer.is_global_zero:
@@ -246,3 +247,15 @@ class Checkpoints(Checkpoint):
         for path in complete_checkpoints(self.folder)[: -self.keep_last]:
             if path.name not in keep:
                 remove(path)
+
+
+def resume_command(trainer) -> str:
+    """The command that continues this run: its folder, and the data and steps it was started with,
+    which a bare RESUME=auto would take from the defaults instead (and be refused, in one line)."""
+    words = [f"make train RUN={shlex.quote(str(trainer.default_root_dir))}"]
+    data = getattr(trainer.datamodule, "prepare_config", None)
+    for field, variable in (("text", "TEXT"), ("hf", "HF"), ("tokenizer", "TOKENIZER")):
+        value = getattr(data, field, None)
+        if value:
+            words.append(f"{variable}={shlex.quote(str(value))}")
+    return " ".join([*words, f"MAX_STEPS={trainer.max_steps}", "RESUME=auto"])

@@ -312,7 +312,7 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False) -
     from safetensors.torch import save_file
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-    from llm.checkpoint import load_for_inference, read_checkpoint
+    from llm.checkpoint import loaded_from, read_checkpoint
     from llm.data.tokenizer import EOT
 
     if dtype not in ("fp32", "bf16"):
@@ -324,7 +324,8 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False) -
         raise ConfigError(f"out={out}: is a file, and a transformers model is a folder; choose a folder")
     if target.exists() and any(target.iterdir()) and not force:
         raise ConfigError(f"out={out}: exists and is not empty; choose another folder, or FORCE=1 to write into it")
-    loaded = load_for_inference(ckpt)
+    whole = read_checkpoint(ckpt)  # once: a ZeRO folder is consolidated to fp32 on reading
+    loaded = loaded_from(whole)
     c = loaded.model.config
     family(c, field=f"ckpt={ckpt}")  # refuses before anything is written
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -340,7 +341,7 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False) -
     GenerationConfig(
         bos_token_id=loaded.eot_id, eos_token_id=loaded.eot_id, pad_token_id=loaded.eot_id
     ).save_pretrained(str(target))
-    (target / "README.md").write_text(model_card(read_checkpoint(ckpt), c, config["architectures"][0], dtype))
+    (target / "README.md").write_text(model_card(whole, c, config["architectures"][0], dtype))
     print(f"wrote {target} ({config['architectures'][0]}, {dtype})")
 
 

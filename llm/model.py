@@ -283,9 +283,6 @@ class Transformer(nn.Module):
             n -= self.pos_emb.weight.numel()
         return n
 
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        return flops_per_token(self.config, seq_len)
-
 
 def count_params(config: ModelConfig, exclude_position_embeddings: bool = False) -> int:
     """Parameter count of a config without allocating it (the model is built on the meta device)."""

@@ -16,7 +16,7 @@ scaled_dot_product_attention's fused kernels do):
 
 from __future__ import annotations
 
-import json
+import json as jsonlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -142,7 +142,7 @@ def plan_main(
     micro_batch: int = 8,
     seq_len: int | None = None,
     activation_checkpointing: bool = False,
-    json_out: bool = False,
+    json: bool = False,
 ) -> dict:
     """Plan the memory of a run per ZeRO stage and offload, and recommend the fastest preset that fits.
 
@@ -155,7 +155,7 @@ def plan_main(
         micro_batch: sequences per GPU per micro-batch the activations are planned for
         seq_len: tokens per sequence (none: the model's block_size)
         activation_checkpointing: plan with each block recomputed in the backward pass
-        json_out: print JSON instead of a table
+        json: print one JSON object instead of a table (--json=true), as make eval does
     """
     for name, value in (("gpus", gpus), ("nnodes", nnodes), ("micro_batch", micro_batch)):
         if value < 1:
@@ -179,8 +179,8 @@ def plan_main(
         "rows": [asdict(r) for r in rows],
         "recommended": best.preset if best else None,
     }
-    if json_out:
-        print(json.dumps(result, indent=2))
+    if json:
+        print(jsonlib.dumps(result, indent=2))
     else:
         print_table(result, rows, best)
     return result

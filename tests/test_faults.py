@@ -193,7 +193,9 @@ def test_sigterm_saves_at_the_step_boundary_then_resume_continues(tmp_path, runs
     process = start(args)
     out, err = signal_at(process, 3, lambda p: p.send_signal(signal.SIGTERM))
     assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
-    stopped = re.search(r"^stopped: SIGTERM at step (\d+); saved (\S+); make train RUN=\S+ RESUME=auto$", err, re.M)
+    # the command that continues it names the data and steps it was started with, not only its folder
+    resume = f"make train RUN={run} TEXT={runs.corpus} MAX_STEPS={STEPS} RESUME=auto"
+    stopped = re.search(rf"^stopped: SIGTERM at step (\d+); saved (\S+); {re.escape(resume)}$", err, re.M)
     assert stopped, err[-3000:]
     at, saved = int(stopped.group(1)), Path(stopped.group(2))
     assert saved.name == f"step-{at:06d}.ckpt" and saved.is_file() and trained_steps(out)[-1] == at
@@ -218,7 +220,7 @@ def test_a_stop_signal_to_the_whole_process_group_saves_at_the_step_boundary(tmp
     name = signal.Signals(signum).name
     assert process.returncode == 128 + signum, err[-3000:]
     assert err.count(f"{name}: saving a checkpoint at the end of this step, then stopping") == 1, err[-3000:]
-    stopped = re.search(rf"^stopped: {name} at step (\d+); saved (\S+); make train RUN=\S+ RESUME=auto$", err, re.M)
+    stopped = re.search(rf"^stopped: {name} at step (\d+); saved (\S+); make train RUN=\S+ .*RESUME=auto$", err, re.M)
     assert stopped and "Traceback" not in err, err[-3000:]
     at, saved = int(stopped.group(1)), Path(stopped.group(2))
     assert saved.name == f"step-{at:06d}.ckpt" and trained_steps(out)[-1] == at

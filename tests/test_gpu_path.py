@@ -266,6 +266,6 @@ def test_llama_recipe_uses_what_make_plan_recommends_for_8_gpus_of_80_gb():
         gpu_mem=80,
         micro_batch=recipe["data"]["batch_size"],
         activation_checkpointing=recipe["model"]["activation_checkpointing"],
-        json_out=True,
+        json=True,
     )
     assert (recipe["deepspeed"] or "ddp") == result["recommended"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from llm.model import KVCache, ModelConfig, Transformer, count_params
+from llm.model import KVCache, ModelConfig, Transformer, count_params, flops_per_token
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -98,8 +98,8 @@ def test_flops_per_token_is_6n_plus_attention():
     config = ModelConfig(**GPT2)  # learned positions: 32 x 32 position parameters are excluded
     model = Transformer(config)
     n = model.num_params() - 32 * 32
-    assert model.flops_per_token() == 6 * n + 12 * 2 * 4 * 8 * 32
-    assert model.flops_per_token(seq_len=8) == 6 * n + 12 * 2 * 4 * 8 * 8
+    assert flops_per_token(model.config) == 6 * n + 12 * 2 * 4 * 8 * 32
+    assert flops_per_token(model.config, seq_len=8) == 6 * n + 12 * 2 * 4 * 8 * 8
 
 
 def counted(forward, count: list[int]):

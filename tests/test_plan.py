@@ -107,7 +107,7 @@ def test_make_plan_prints_json_and_a_table():
             "NNODES=2",
             "GPU_MEM=80",
             "CPU_MEM=512",
-            "ARGS=--json_out=true --micro_batch=1",
+            "ARGS=--json=true --micro_batch=1",
         ],
         cwd=REPO,
         capture_output=True,
