@@ -21,8 +21,8 @@ from llm.errors import ConfigError
 # file suffix -> the `datasets` builder that reads it
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TEXT_HINT = "give a .txt, .jsonl or .parquet file, a folder or a glob"
-# what a folder's data is: its other files (a metadata.json, a README.md) are not read as text
-FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# a folder's .json files are its metadata (a dataset card's metadata.json), not data; named alone, one is
+FOLDER_SKIPS = (".json",)
 
 
 @dataclass
@@ -56,7 +56,9 @@ def _local_files(spec: str) -> list[Path]:
             raise ConfigError(f"data.text={spec}: the glob matches no file; {TEXT_HINT}")
         return files
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FOLDER_SUFFIXES)
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS and p.suffix not in FOLDER_SKIPS
+        )
         if not files:
             raise ConfigError(f"data.text={spec}: the folder holds no .txt, .jsonl or .parquet file; {TEXT_HINT}")
         return files
