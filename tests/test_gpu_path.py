@@ -176,6 +176,7 @@ def test_an_override_wins_over_everything():
 
 
 @pytest.mark.slow
+@pytest.mark.long  # a compile on a cold cache (a fresh clone's) costs about a minute on a CPU
 def test_compiled_training_matches_eager_and_keeps_checkpoint_keys(runs):
     eager, compiled = runs("single"), runs("single", "--model.compile=true", probes=())
     assert "compile: on" in (compiled / "stdout.txt").read_text()
