@@ -114,7 +114,7 @@ help:
 	@echo "  make test-bench  the test of make bench itself (minutes: the benchmark compiles and runs every path)"
 	@echo "  make stress      the stress tests, then STRESS_RUNS= 2-process ZeRO-2 CPU runs in a row, each bounded"
 	@echo "                   in time (default 10), the stacks of a hung one printed"
-	@echo "  make lint        ruff check and format check"
+	@echo "  make lint        ruff check and format check; the package's import layers (import-linter)"
 	@echo "  make format      ruff: fix what it can and format"
 	@echo "  make clean       remove .venv and the tool caches; never data/ or runs/"
 	@echo "  make rename      give a fork its own package name: make rename NAME=mylm (docs/extending.md)"
@@ -223,6 +223,7 @@ stress: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check llm tests scripts
 	$(PY) -m ruff format --check llm tests scripts
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(PY) -m ruff check --fix llm tests scripts

@@ -15,7 +15,12 @@ import torch  # noqa: E402
 
 from llm import ranks  # noqa: E402
 from llm.argv import with_make_args  # noqa: E402
-from llm.errors import ConfigError, RunStopped  # noqa: E402
+from llm.errors import (  # noqa: E402
+    ConfigError,
+    OneLineErrors,  # noqa: E402
+    RunStopped,
+)
+from llm.launch.collectives import end_child_processes, failed_collective  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning
@@ -25,19 +30,23 @@ if "CROSS_RANK" in os.environ:  # started by the DeepSpeed launcher: Lightning r
 # command -> (module, function, what it does). fit and prepare are LightningCLI entry points that
 # read sys.argv; the others are functions whose signature and docstring make their options.
 COMMANDS = {
-    "fit": ("llm.cli", "fit_main", "train (LightningCLI; --help lists every option)"),
-    "prepare": ("llm.cli", "prepare_main", "prepare and cache the data of a config"),
-    "sample": ("llm.generate", "sample", "generate text from a checkpoint"),
-    "eval": ("llm.evaluate", "evaluate", "validation loss, perplexity and bits per byte of a checkpoint"),
-    "export": ("llm.hf", "export", "a Hugging Face transformers folder of a checkpoint"),
+    "fit": ("llm.train.cli", "fit_main", "train (LightningCLI; --help lists every option)"),
+    "prepare": ("llm.train.cli", "prepare_main", "prepare and cache the data of a config"),
+    "sample": ("llm.tools.sample", "sample", "generate text from a checkpoint"),
+    "eval": ("llm.tools.evaluate", "evaluate", "validation loss, perplexity and bits per byte of a checkpoint"),
+    "export": ("llm.tools.export", "export", "a Hugging Face transformers folder of a checkpoint"),
     "export-fp32": ("llm.checkpoint", "export_fp32", "consolidate a DeepSpeed checkpoint folder into one fp32 file"),
-    "plan": ("llm.plan", "plan_main", "memory per ZeRO stage and offload, and the preset to use"),
-    "torchrun": ("llm.launch", "torchrun_main", "start this node's processes of a multi-node job (torchrun)"),
-    "deepspeed": ("llm.launch", "deepspeed_main", "start a job over a hostfile (the DeepSpeed launcher)"),
-    "slurm": ("llm.launch", "slurm_main", "submit a job to SLURM (sbatch scripts/slurm/train.sbatch)"),
-    "plot": ("llm.plot", "plot", "PNG charts of a run: loss, optimizer, throughput, memory"),
-    "tui": ("llm.plot", "tui", "open a run in W&B's terminal viewer"),
-    "wandb-dashboard": ("llm.dashboard", "wandb_dashboard", "build or update a saved W&B workspace of the metrics"),
+    "plan": ("llm.tools.plan", "plan_main", "memory per ZeRO stage and offload, and the preset to use"),
+    "torchrun": ("llm.launch.commands", "torchrun_main", "start this node's processes of a multi-node job (torchrun)"),
+    "deepspeed": ("llm.launch.commands", "deepspeed_main", "start a job over a hostfile (the DeepSpeed launcher)"),
+    "slurm": ("llm.launch.commands", "slurm_main", "submit a job to SLURM (sbatch scripts/slurm/train.sbatch)"),
+    "plot": ("llm.tools.plot", "plot", "PNG charts of a run: loss, optimizer, throughput, memory"),
+    "tui": ("llm.tools.plot", "tui", "open a run in W&B's terminal viewer"),
+    "wandb-dashboard": (
+        "llm.tools.dashboard",
+        "wandb_dashboard",
+        "build or update a saved W&B workspace of the metrics",
+    ),
 }
 READS_ARGV = {"fit", "prepare", "torchrun", "deepspeed", "slurm"}
 
@@ -46,8 +55,6 @@ def function_cli(function, args: list[str]) -> None:
     """A command from a function's signature and docstring (jsonargparse), with one-line errors."""
     from jsonargparse import ArgumentParser, auto_cli
 
-    from llm.errors import OneLineErrors
-
     class Parser(OneLineErrors, ArgumentParser):
         pass
 
@@ -55,7 +62,7 @@ def function_cli(function, args: list[str]) -> None:
 
 
 def stop_outside_training(signum, frame) -> None:
-    """A stop signal while the data is prepared or a run starts or ends, when llm/checkpointing.py
+    """A stop signal while the data is prepared or a run starts or ends, when llm/train/saving.py
     does not hold the signals: end with a line and the status of a stop during training."""
     name = signal.Signals(signum).name
     if ranks.is_first_process():
@@ -94,8 +101,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"stopped: {exc}", file=sys.stderr)
         sys.exit(exc.status)
     except RuntimeError as exc:
-        from llm.collectives import end_child_processes, failed_collective
-
         line = failed_collective(exc)
         if line is None:
             raise

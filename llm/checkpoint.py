@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from llm.config import OptimizerConfig  # noqa: F401  (registers the checkpoint's dataclasses for torch.load)
 from llm.errors import ConfigError
 from llm.model import ModelConfig, Transformer
-from llm.module import LanguageModel  # noqa: F401  (allows the checkpoint's dataclasses in torch.load)
 
 # what this project reads from rank 0's model-states file of a ZeRO checkpoint: what run.RunInfo
 # adds, and Lightning's step; the rest there is DeepSpeed's own (its partition, optimizer, ...)
@@ -43,6 +43,16 @@ def model_config_from(config: dict) -> ModelConfig:
 
 def is_sharded(path: Path) -> bool:
     return path.is_dir() and (path / "latest").is_file()
+
+
+def is_complete(path: Path) -> bool:
+    """A whole checkpoint file (torch.save writes a zip whose directory comes last), or a DeepSpeed
+    checkpoint folder whose `latest` tag names a written step."""
+    if path.is_file():
+        return zipfile.is_zipfile(path)
+    if path.is_dir() and (path / "latest").is_file():
+        return (path / (path / "latest").read_text().strip()).is_dir()
+    return False
 
 
 def client_state_file(path: Path) -> Path:

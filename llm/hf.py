@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from llm.errors import ConfigError
-from llm.model import ModelConfig
+from llm.model import ModelConfig, Transformer
 
 GPT2_NEEDS = {"norm": "layernorm", "mlp": "gelu"}
 LLAMA_NEEDS = {"norm": "rmsnorm", "mlp": "swiglu"}
@@ -38,44 +38,45 @@ def family(c: ModelConfig, field: str = "ckpt") -> str:
     return name
 
 
-def hf_config(c: ModelConfig, eot_id: int) -> dict:
-    """config.json of the matching transformers class."""
-    common = {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32"}
-    common |= {"bos_token_id": eot_id, "eos_token_id": eot_id}
+def hf_config(c: ModelConfig, eot_id: int, dtype: str = "float32"):
+    """The transformers config (GPT2Config or LlamaConfig) of the matching class; save_pretrained
+    writes its config.json."""
+    from transformers import GPT2Config, LlamaConfig
+
+    common = {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "dtype": dtype}
+    common |= {"bos_token_id": eot_id, "eos_token_id": eot_id, "initializer_range": c.init_std}
     if family(c) == "gpt2":
-        return common | {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "n_positions": c.block_size,
-            "n_embd": c.n_embd,
-            "n_layer": c.n_layer,
-            "n_head": c.n_head,
-            "n_inner": c.intermediate_size,  # None: 4 x n_embd, as here
-            "activation_function": "gelu_new",  # GPT-2's tanh approximation, as this model's MLP
-            "layer_norm_epsilon": c.norm_eps,
-            "resid_pdrop": c.dropout,
-            "embd_pdrop": c.dropout,
-            "attn_pdrop": c.dropout,
-            "initializer_range": c.init_std,
-        }
-    return common | {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "max_position_embeddings": c.block_size,
-        "hidden_size": c.n_embd,
-        "intermediate_size": c.mlp_hidden,
-        "num_hidden_layers": c.n_layer,
-        "num_attention_heads": c.n_head,
-        "num_key_value_heads": c.kv_heads,
-        "head_dim": c.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": c.norm_eps,
-        "rope_theta": c.rope_theta,
-        "attention_bias": c.bias,
-        "mlp_bias": c.bias,
-        "attention_dropout": c.dropout,
-        "initializer_range": c.init_std,
-    }
+        return GPT2Config(
+            architectures=["GPT2LMHeadModel"],
+            n_positions=c.block_size,
+            n_embd=c.n_embd,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            n_inner=c.intermediate_size,  # None: 4 x n_embd, as here
+            activation_function="gelu_new",  # GPT-2's tanh approximation, as this model's MLP
+            layer_norm_epsilon=c.norm_eps,
+            resid_pdrop=c.dropout,
+            embd_pdrop=c.dropout,
+            attn_pdrop=c.dropout,
+            **common,
+        )
+    return LlamaConfig(
+        architectures=["LlamaForCausalLM"],
+        max_position_embeddings=c.block_size,
+        hidden_size=c.n_embd,
+        intermediate_size=c.mlp_hidden,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.kv_heads,
+        head_dim=c.head_dim,
+        hidden_act="silu",
+        rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        attention_bias=c.bias,
+        mlp_bias=c.bias,
+        attention_dropout=c.dropout,
+        **common,
+    )
 
 
 def weight_map(c: ModelConfig) -> tuple[list[tuple[str, str, bool]], list[tuple[str, list[str], list[int]]]]:
@@ -179,8 +180,11 @@ def _model_config(config: dict, field: str) -> ModelConfig:
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         if head_dim * config["num_attention_heads"] != config["hidden_size"]:
             raise ConfigError(f"{field}: head_dim={head_dim} x heads differs from hidden_size; not supported here")
-        if config.get("rope_scaling"):
-            raise ConfigError(f"{field}: rope_scaling={config['rope_scaling']} is not supported; only plain RoPE")
+        # transformers 5 writes rope_parameters (rope_theta, rope_type), earlier releases rope_theta and rope_scaling
+        rope = config.get("rope_parameters") or {}
+        scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling:
+            raise ConfigError(f"{field}: rope scaling {scaling} is not supported; only plain RoPE")
         return ModelConfig(
             vocab_size=config["vocab_size"],
             block_size=config["max_position_embeddings"],
@@ -193,7 +197,7 @@ def _model_config(config: dict, field: str) -> ModelConfig:
             norm="rmsnorm",
             norm_eps=config.get("rms_norm_eps", 1e-6),
             position="rope",
-            rope_theta=config.get("rope_theta", 10000.0),
+            rope_theta=config.get("rope_theta") or rope.get("rope_theta", 10000.0),
             bias=bool(config.get("attention_bias", False)),
             tie_embeddings=tied,
         )
@@ -272,8 +276,6 @@ def check_weights(folder: str | Path, config: ModelConfig, field: str = "init") 
     """Every weight the architecture needs, of the shape it needs, before a run starts: read from
     the files' headers, so that a folder that does not fit is one line, not a failure at the
     first step after the run folder exists."""
-    from llm.model import Transformer
-
     with torch.device("meta"):
         expected = Transformer(config).state_dict()
     try:
@@ -296,86 +298,3 @@ def load_pretrained(folder: str | Path, field: str = "init") -> tuple[ModelConfi
         return config, from_hf(state, config)
     except KeyError as exc:
         raise ConfigError(f"{field}={folder}: the weights lack {exc} that its config.json implies") from exc
-
-
-def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False) -> None:
-    """A transformers folder from a checkpoint: config.json, model.safetensors, the tokenizer,
-    generation_config.json and a model card (README.md). AutoModelForCausalLM and AutoTokenizer load
-    it with no code of this project.
-
-    Args:
-        ckpt: a checkpoint file or DeepSpeed folder (CKPT=)
-        out: the folder to write (OUT=); an existing folder must be empty unless force
-        dtype: fp32 or bf16, the weights' type in model.safetensors
-        force: write into an existing, non-empty folder (FORCE=1)
-    """
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig, PreTrainedTokenizerFast
-
-    from llm.checkpoint import loaded_from, read_checkpoint
-    from llm.data.tokenizer import EOT
-
-    if dtype not in ("fp32", "bf16"):
-        raise ConfigError(f"dtype={dtype}: use fp32 or bf16")
-    if not out:
-        raise ConfigError("out=: give the folder to write, e.g. OUT=runs/<name>/hf")
-    target = Path(out)
-    if target.exists() and not target.is_dir():
-        raise ConfigError(f"out={out}: is a file, and a transformers model is a folder; choose a folder")
-    if target.exists() and any(target.iterdir()) and not force:
-        raise ConfigError(f"out={out}: exists and is not empty; choose another folder, or FORCE=1 to write into it")
-    whole = read_checkpoint(ckpt)  # once: a ZeRO folder is consolidated to fp32 on reading
-    loaded = loaded_from(whole)
-    c = loaded.model.config
-    family(c, field=f"ckpt={ckpt}")  # refuses before anything is written
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    tensors = {k: v.to(torch_dtype) for k, v in to_hf(loaded.model.state_dict(), c, f"ckpt={ckpt}").items()}
-    target.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
-    config = hf_config(c, loaded.eot_id) | {"torch_dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype]}
-    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    eot = loaded.data_meta.get("eot_token", EOT)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=loaded.tokenizer, eos_token=eot, bos_token=eot, pad_token=eot)
-    tokenizer.model_max_length = c.block_size
-    tokenizer.save_pretrained(str(target))
-    GenerationConfig(
-        bos_token_id=loaded.eot_id, eos_token_id=loaded.eot_id, pad_token_id=loaded.eot_id
-    ).save_pretrained(str(target))
-    (target / "README.md").write_text(model_card(whole, c, config["architectures"][0], dtype))
-    print(f"wrote {target} ({config['architectures'][0]}, {dtype})")
-
-
-def model_card(ckpt: dict, c: ModelConfig, architecture: str, dtype: str) -> str:
-    from llm.model import count_params
-
-    cfg = ckpt["llm_config"]
-    world = ckpt.get("world_size") or 1
-    from llm.data.datamodule import datamodule_args
-
-    batch = datamodule_args(cfg["data"])["batch_size"]
-    per_step = cfg["trainer"]["accumulate_grad_batches"] * batch * c.block_size * world
-    step = ckpt.get("global_step", 0)
-    summary = Path(cfg.get("run") or ".") / "summary.json"
-    val = json.loads(summary.read_text()).get("final_val_loss") if summary.is_file() else None
-    shape = f"{c.n_layer} layers, {c.n_head} heads ({c.kv_heads} key/value), width {c.n_embd}, MLP {c.mlp_hidden}"
-    return f"""# {Path(cfg.get("run") or "model").name}
-
-A decoder-only Transformer pretrained with this project's template, exported as `{architecture}`.
-
-| | |
-|---|---|
-| architecture | {architecture}: {shape} |
-| context | {c.block_size} tokens |
-| vocabulary | {c.vocab_size} |
-| parameters | {count_params(c):,} |
-| tokens trained | {step * per_step:,} ({step:,} optimizer steps of {per_step:,} tokens) |
-| final validation loss | {f"{val:.4f} nats per token" if val is not None else "not recorded"} |
-| weights | model.safetensors, {dtype} |
-| trained with | `{ckpt.get("command") or "not recorded"}` |
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model, tokenizer = AutoModelForCausalLM.from_pretrained("."), AutoTokenizer.from_pretrained(".")
-print(tokenizer.decode(model.generate(**tokenizer("def ", return_tensors="pt"), max_new_tokens=40)[0]))
-```
-"""

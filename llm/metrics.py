@@ -5,6 +5,7 @@ declared is logged, every key logged is declared), so a new metric is added here
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 SECTIONS = ("Loss", "Optimizer", "Throughput", "Memory")
@@ -60,3 +61,9 @@ def charts(section: str) -> list[Chart]:
 def logged_keys() -> set[str]:
     """The keys every training run logs."""
     return {TOKENS} | {key for c in CHARTS for key in c.keys}
+
+
+def bits_per_byte(loss_nats, tokens: int, n_bytes: int):
+    """Nats per token to bits per byte of text, comparable across tokenizers: the split's tokens
+    carry its bytes, so loss·tokens/bytes is nats per byte."""
+    return loss_nats * tokens / (n_bytes * math.log(2))

@@ -62,8 +62,8 @@ def compare(
 ) -> dict:
     """Median step time, tokens/s, MFU and peak memory of a path through the trainer and through its
     reference, and their ratio."""
-    from llm.monitor import training_dtype
-    from llm.peaks import find_peak
+    from llm.train.monitor import training_dtype
+    from llm.train.peaks import find_peak
 
     fields, batch = MODELS[name]
     config = ModelConfig(**{**fields, "vocab_size": fields.get("vocab_size") or vocab})
@@ -228,7 +228,7 @@ def bench(
     import datasets
 
     from llm.data.prepare import PrepareConfig, prepare
-    from llm.loggers import quiet_lightning
+    from llm.train.loggers import quiet_lightning
 
     quiet_lightning()
     datasets.disable_progress_bars()  # the bench prints its own lines

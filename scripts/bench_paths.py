@@ -25,7 +25,7 @@ class StepClock:
         self.peak = 0.0
 
     def tick(self, device: torch.device) -> None:
-        from llm.monitor import memory_bytes
+        from llm.train.monitor import memory_bytes
 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -50,7 +50,7 @@ class BenchPath:
     @classmethod
     def parse(cls, name: str) -> BenchPath:
         from llm.errors import ConfigError
-        from llm.strategy import preset_names
+        from llm.train.strategy import preset_names
 
         if name in ("eager", "compiled"):
             return cls(name, None, name == "compiled")
@@ -72,14 +72,14 @@ def device() -> torch.device:
 
 
 def optimizer_config():
-    from llm.module import OptimizerConfig
+    from llm.config import OptimizerConfig
 
     return OptimizerConfig(lr=3e-3, warmup_steps=2)
 
 
 def strategy_for(path: BenchPath, batch: int):
     """The trainer's strategy of a path, for one process, exactly as `make train DS=...` builds it."""
-    from llm.strategy import build_strategy
+    from llm.train.strategy import build_strategy
 
     return build_strategy(path.deepspeed, None, batch, device().type == "cuda", world_size=1)
 
@@ -89,9 +89,9 @@ def trainer_block(path: BenchPath, config: ModelConfig, data_kwargs: dict, preci
     from lightning.pytorch.callbacks import Callback
 
     from llm.data.datamodule import TokenDataModule
-    from llm.loggers import RunCSVLogger
-    from llm.module import LanguageModel
-    from llm.monitor import PerformanceMonitor
+    from llm.train.loggers import RunCSVLogger
+    from llm.train.module import LanguageModel
+    from llm.train.monitor import PerformanceMonitor
 
     clock = StepClock()
 

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import torch
 
+from llm.config import OptimizerConfig
 from llm.model import Transformer
-from llm.module import OptimizerConfig, param_groups, warmup_cosine
-from llm.strategy import adamw
+from llm.train.optim import adamw, param_groups, warmup_cosine
 
 
 def raw_training_steps(

@@ -29,7 +29,7 @@ class EngineProbe(Callback):
         optimizer = trainer.optimizers[0]
         base = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO optimizer wraps the real one
         state = sum(t.numel() for s in base.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
-        from llm.module import param_groups
+        from llm.train.optim import param_groups
 
         # which parameters the optimizer decays, as the module groups them from what it holds (under
         # ZeRO-3: flat partitions, whose full shape is in ds_shape)

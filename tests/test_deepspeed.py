@@ -28,7 +28,7 @@ import torch
 from llm.checkpoint import load_for_inference
 from llm.data.datamodule import datamodule_args
 from llm.data.prepare import PrepareConfig, prepared_dir
-from llm.strategy import build_strategy
+from llm.train.strategy import build_strategy
 from support import (
     CANONICAL_MODEL,
     COMPILE,

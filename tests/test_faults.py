@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import llm.module  # noqa: F401  (registers the dataclasses a checkpoint holds with weights-only loading)
+import llm.config  # noqa: F401  (registers the dataclasses a checkpoint holds with weights-only loading)
 from support import REPO, RUN_ENV, STEPS, batches, callbacks, llm_here, losses, metrics_rows, run_llm, trained_steps
 
 ZERO2 = ("--trainer.devices=2", "--deepspeed=zero2")

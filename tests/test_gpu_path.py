@@ -15,12 +15,12 @@ import pytest
 import torch
 import yaml
 
-from llm import peaks, preflight
 from llm.checkpoint import read_checkpoint
 from llm.errors import ConfigError
-from llm.peaks import find_peak, table_peak
-from llm.plan import plan_main
-from llm.strategy import plain_cuda_arch_list
+from llm.tools.plan import plan_main
+from llm.train import peaks, preflight
+from llm.train.optim import plain_cuda_arch_list
+from llm.train.peaks import find_peak, table_peak
 from support import REPO, STEPS, TINY, column, llm_here, losses, run_llm
 
 CLIP_PROBE = '--trainer.callbacks=[{"class_path": "tests.helpers.ClipProbe"}]'

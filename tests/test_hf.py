@@ -15,9 +15,9 @@ import torch
 from llm.checkpoint import load_for_inference
 from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
-from llm.generate import generate
 from llm.hf import load_pretrained, to_hf
 from llm.model import ModelConfig, Transformer
+from llm.tools.sample import generate
 from support import STEPS, assert_refused, llm_here, metrics_rows, run_llm, wandb_records
 
 # the module's fixtures (exports, an evaluated run) are made once: its tests stay on one test worker
@@ -116,7 +116,7 @@ def test_bf16_export_halves_the_weights(exported, tmp_path):
     assert llm_here("export", f"--ckpt={ckpt}", f"--out={half}", "--dtype=bf16").returncode == 0
     size = (half / "model.safetensors").stat().st_size
     assert size < 0.55 * (out / "model.safetensors").stat().st_size
-    assert json.loads((half / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_export_bad_inputs(exported, tmp_path):
@@ -200,6 +200,27 @@ def test_init_reads_folders_that_transformers_wrote(tmp_path, form, files):
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(idx), reference(idx).logits, rtol=0, atol=1e-5)
     assert set(theirs) >= {"transformer.wte.weight", "transformer.h.1.mlp.c_proj.weight"}
+
+
+def test_init_reads_the_rope_base_of_a_llama_that_transformers_wrote(tmp_path):
+    # transformers 5 writes rope_parameters where earlier releases wrote rope_theta: a base read from
+    # the wrong key would fall back to 10000 and the model would compute other logits
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=500000.0,
+    )  # fmt: skip
+    reference = LlamaForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path)
+    ours, state = load_pretrained(tmp_path)
+    assert ours.rope_theta == 500000.0 and ours.n_kv_head == 2
+    model = Transformer(ours).eval()
+    model.load_state_dict(state)
+    idx = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), reference(idx).logits, rtol=0, atol=1e-4)
 
 
 def test_init_from_a_pytorch_bin_that_would_run_code_is_refused_unread(tmp_path, monkeypatch):
@@ -360,8 +381,8 @@ def test_eval_over_the_blocks_of_a_two_process_run_reports_the_loss_it_logged(ru
 
 
 def test_eval_reads_a_text_longer_than_one_chunk_into_the_tokens_of_the_whole(runs, tmp_path, monkeypatch):
-    from llm import evaluate
-    from llm.evaluate import TextStream
+    from llm.tools import evaluate
+    from llm.tools.evaluate import TextStream
 
     monkeypatch.setattr(evaluate, "TEXT_CHUNK_BYTES", 4096)  # a MiB in use: many cuts in a small text
     # Python source: indented lines, blank lines and runs of spaces that a careless cut would split

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from llm.dashboard import build_workspace, panel_keys
 from llm.metrics import CHARTS, STEP, TOKENS, X_AXES, logged_keys
 from llm.model import ModelConfig, count_params, flops_per_token
-from llm.peaks import measure_matmul_peak
 from llm.redact import scrub
+from llm.tools.dashboard import build_workspace, panel_keys
+from llm.train.peaks import measure_matmul_peak
 from support import (
     FAKE_HF_TOKEN,
     FAKE_WANDB_KEY,
@@ -251,7 +251,7 @@ def test_plot_draws_every_logged_series_with_its_values(runs, tmp_path, monkeypa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from llm.plot import plot
+    from llm.tools.plot import plot
 
     run = tmp_path / "run"
     shutil.copytree(runs("single"), run, symlinks=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from llm.checkpoint import read_checkpoint
-from llm.strategy import SHM, SHM_PREFIX
+from llm.train.strategy import SHM, SHM_PREFIX
 from support import REPO, STEPS, llm_here, losses, program_stderr
 
 SMALL = [

@@ -102,7 +102,7 @@ def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     """In a DataLoader worker: ignore the signals that ask the run to stop. Ctrl-C, `timeout`,
     `scancel` and SLURM's warning signal every process of the group, workers included; a worker they
     killed would end the training process with an error in mid-step, before the checkpoint that
-    llm/checkpointing.py writes at the step boundary. The workers end with the training process."""
+    llm/train/saving.py writes at the step boundary. The workers end with the training process."""
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
 

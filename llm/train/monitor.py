@@ -20,8 +20,7 @@ from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from llm.peaks import Peak, find_peak
-from llm.run import tokens_per_optimizer_step
+from llm.train.peaks import Peak, find_peak
 
 GiB = 2**30
 PRECISION_DTYPES = {
@@ -253,3 +252,8 @@ class PerformanceMonitor(Callback):
             return None
         norm = trainer.strategy.deepspeed_engine.get_global_grad_norm()  # of the last step, before clipping
         return None if norm is None else float(norm)
+
+
+def tokens_per_optimizer_step(trainer, datamodule) -> int:
+    """Tokens in one optimizer step of the whole job: accumulation × micro batch × block × processes."""
+    return trainer.accumulate_grad_batches * datamodule.batch_size * datamodule.block_size * trainer.world_size

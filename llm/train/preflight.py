@@ -5,20 +5,22 @@ Each bad input raises ConfigError with one line that names the field, the value 
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from llm import ranks, run
+from llm import ranks
 from llm.data.datamodule import datamodule_args
 from llm.data.prepare import PrepareConfig, load_meta, prepare, prepared_dir
 from llm.data.sources import resolve_source
 from llm.data.tokenizer import tokenizer_vocab_size
 from llm.errors import ConfigError
-from llm.model import ModelConfig
-from llm.strategy import load_preset
+from llm.hf import check_weights, from_hf_config, read_config
+from llm.launch.commands import available_devices
+from llm.model import ModelConfig, count_params
+from llm.train import run_folder
+from llm.train.strategy import load_preset
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
@@ -75,7 +77,7 @@ def check(cfg, command: str) -> None:
     resolve_speed_options(cfg)
     if cfg.deepspeed:
         load_preset(cfg.deepspeed, cfg.nvme_path)  # an unknown preset, offload it cannot do, a bad NVMe path
-    run.check(cfg)
+    run_folder.check(cfg)
 
 
 def check_loggers(trainer) -> None:
@@ -98,8 +100,6 @@ def extra_loggers(logger) -> list:
 def take_architecture(cfg) -> None:
     """INIT=: the model's architecture is the folder's (its config.json), whatever MODEL= says."""
     from dataclasses import asdict
-
-    from llm.hf import check_weights, from_hf_config, read_config
 
     folder = cfg.model.init
     if not Path(folder).is_dir():
@@ -126,13 +126,6 @@ def world_size(trainer) -> int | None:
     if isinstance(devices, int) and isinstance(trainer.num_nodes, int):
         return devices * trainer.num_nodes
     return None
-
-
-def available_devices(on_gpu: bool) -> tuple[int, str]:
-    """How many processes this machine can run one device each for: GPUs, or CPU cores."""
-    if on_gpu:
-        return torch.cuda.device_count(), "GPUs"
-    return os.cpu_count() or 1, "CPU cores"
 
 
 def check_trainer(trainer) -> None:
@@ -203,9 +196,7 @@ def check_disk(cfg, model: ModelConfig) -> None:
     at the start leaves an empty config.yaml and W&B's errors by the hundred; later, a failed save."""
     if not ranks.is_first_process():
         return
-    from llm.model import count_params
-
-    folder = run.resolve_run_dir(cfg).absolute()
+    folder = run_folder.resolve_run_dir(cfg).absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     one = count_params(model) * CHECKPOINT_BYTES_PER_PARAM

@@ -25,11 +25,10 @@ import yaml
 
 from llm.errors import ConfigError
 from llm.model import ModelConfig, Transformer, count_params
-from llm.strategy import PRESETS as DS_PRESETS
-from llm.strategy import preset_names
+from llm.paths import configs
+from llm.train.strategy import preset_names
 
 GiB = 2**30
-MODELS = Path(__file__).resolve().parents[1] / "configs" / "model"
 OVERHEAD_BYTES = 2 * GiB  # CUDA context, NCCL buffers, allocator fragmentation: a floor that always goes
 OFFLOAD_COST = {None: 0, "cpu": 1, "nvme": 2}  # offload moves work onto PCIe and the CPU, NVMe onto the disk
 
@@ -39,7 +38,7 @@ def plan_rows() -> list[tuple[str, int, str | None, bool]]:
     configs/deepspeed/, read from the preset itself; fastest first."""
     rows = [("ddp", 0, None, False)]
     for name in preset_names():
-        zero = (yaml.safe_load((DS_PRESETS / f"{name}.yaml").read_text()) or {}).get("zero_optimization", {})
+        zero = (yaml.safe_load((configs("deepspeed") / f"{name}.yaml").read_text()) or {}).get("zero_optimization", {})
         devices = [(zero.get(k) or {}).get("device") for k in ("offload_optimizer", "offload_param")]
         optim, params = (d if d not in (None, "none") else None for d in devices)
         rows.append((name, zero.get("stage", 0), params or optim, params is not None))
@@ -77,9 +76,9 @@ def largest_layer_params(config: ModelConfig) -> int:
 
 
 def load_model_config(model: str) -> ModelConfig:
-    path = Path(model) if model.endswith(".yaml") else MODELS / f"{model}.yaml"
+    path = Path(model) if model.endswith(".yaml") else configs("model") / f"{model}.yaml"
     if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in MODELS.glob("*.yaml")))
+        names = ", ".join(sorted(p.stem for p in configs("model").glob("*.yaml")))
         raise ConfigError(f"model={model}: no such preset; use one of {names} (MODEL=)")
     fields = yaml.safe_load(path.read_text())
     if fields.get("vocab_size") is None:
@@ -216,7 +215,7 @@ def print_table(result: dict, rows: list[Row], best: Row | None) -> None:
     console.print(table)
     console.print(
         f"GiB per GPU: model states (params, grads, Adam) + activations + {r['overhead_gib']:g} GiB of CUDA "
-        "context and buffers. The formulas: python -c 'import llm.plan; help(llm.plan)'"
+        "context and buffers. The formulas: python -c 'import llm.tools.plan; help(llm.tools.plan)'"
     )
     if best is None:
         console.print(

@@ -15,10 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from llm.checkpoint import Loaded, load_for_inference, run_folder_of
+from llm.data.datamodule import TokenBlocks, datamodule_args
 from llm.data.prepare import PrepareConfig, load_meta, prepare
+from llm.data.sources import resolve_source
 from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
-from llm.module import bits_per_byte
+from llm.metrics import bits_per_byte
+from llm.redact import scrub
+from llm.wandb_settings import wandb_entity, wandb_mode, wandb_project
 
 TEXT_CHUNK_BYTES = 1 << 20  # a plain-text file is read, and tokenized, about a MiB of lines at a time
 # where a piece of text may end so that tokenizing the pieces gives the tokens of the whole: at a line
@@ -131,8 +135,6 @@ class Counts:
 
 
 def validation_blocks(loaded: Loaded, blocks: str, batch_size: int, ckpt: str):
-    from llm.data.datamodule import TokenBlocks, datamodule_args
-
     cfg = PrepareConfig.from_data_config(datamodule_args(loaded.config["data"]))
     folder = prepare(cfg, log=lambda *_: None)  # verifies a cached folder, prepares a missing one
     meta = load_meta(folder)
@@ -163,8 +165,6 @@ class TextStream(Counts):
     each), cut into non-overlapping blocks of block_size + 1 tokens."""
 
     def __init__(self, loaded: Loaded, text: str | None, hf: str | None, hf_split: str, text_field: str):
-        from llm.data.sources import resolve_source
-
         self.source = resolve_source(text, hf)
         self.tokenizer, self.eot = ordinary(loaded.tokenizer), loaded.eot_id
         self.hf_split, self.text_field, self.documents = hf_split, text_field, 0
@@ -251,9 +251,6 @@ def add_to_wandb_run(loaded: Loaded, result: dict, run_dir: Path) -> None:
     if not id_file.is_file():
         return
     import wandb
-
-    from llm.loggers import wandb_entity, wandb_mode, wandb_project
-    from llm.redact import scrub
 
     values = {f"eval/{k}": v for k, v in result.items() if k in ("loss", "ppl", "bpb", "tokens_evaluated")}
     values |= {"eval/evaluated": result["evaluated"], "eval/step": result["step"]}

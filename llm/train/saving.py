@@ -9,7 +9,7 @@
 
 A save is written under `<name>.partial` by every rank that holds a part of it, and renamed to its
 final name by rank 0 once all have finished: a name without the suffix is a complete checkpoint.
-RESUME=auto takes the one with the highest step (llm/run.py). The previous checkpoints are removed
+RESUME=auto takes the one with the highest step (llm/train/run_folder.py). The previous checkpoints are removed
 only after the new one is complete.
 
 Saves happen every `save_every` optimizer steps, at the last step, when training ends early, and
@@ -47,8 +47,9 @@ def step_of(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """The complete step checkpoints in `folder`, oldest first."""
+def step_checkpoints(folder: Path) -> list[Path]:
+    """The step checkpoints in `folder`, oldest first: each complete when it got its name (it is
+    written under a `.partial` name and renamed), unless the disk lost it since (checkpoint.is_complete)."""
     found = [p for p in folder.glob("step-*.ckpt") if step_of(p) is not None]
     return sorted(found, key=step_of)
 
@@ -65,8 +66,6 @@ def point(link: Path, target: str) -> None:
     tmp = link.with_name(link.name + ".new")
     remove(tmp)
     os.symlink(target, tmp)
-    if link.is_dir() and not link.is_symlink():  # a real folder from an older layout
-        shutil.rmtree(link)
     os.replace(tmp, link)
 
 
@@ -244,7 +243,7 @@ class Checkpoints(Checkpoint):
     def _prune(self) -> None:
         best = self._best
         keep = {f"step-{best['step']:06d}.ckpt"} if best else set()
-        for path in complete_checkpoints(self.folder)[: -self.keep_last]:
+        for path in step_checkpoints(self.folder)[: -self.keep_last]:
             if path.name not in keep:
                 remove(path)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import netrc
 import os
 import secrets
 import string
@@ -19,30 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from llm import ranks
 from llm.metrics import STEP
 from llm.redact import scrub, scrub_name, scrub_text
-
-
-def wandb_mode() -> str:
-    """Offline unless an API key is configured; WANDB_MODE, when set, wins."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return "online"
-    except (OSError, netrc.NetrcParseError):
-        pass
-    return "offline"
-
-
-def wandb_project(project: str | None = None) -> str:
-    """The config's W&B project, else WANDB_PROJECT, else llm."""
-    return project or os.environ.get("WANDB_PROJECT") or "llm"
-
-
-def wandb_entity(entity: str | None = None) -> str | None:
-    """The config's W&B entity, else WANDB_ENTITY, else None: the API key's default entity."""
-    return entity or os.environ.get("WANDB_ENTITY") or None
+from llm.wandb_settings import wandb_entity, wandb_mode, wandb_project
 
 
 class _StepRowsWriter(_ExperimentWriter):

@@ -3,61 +3,18 @@
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass, field
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from torch import nn
 
-from llm.guards import skip_nonfinite_steps
+from llm.config import OptimizerConfig
+from llm.hf import load_pretrained
+from llm.metrics import bits_per_byte
 from llm.model import ModelConfig, Transformer
-from llm.strategy import make_optimizer, reinit_partitioned
-
-
-@dataclass
-class OptimizerConfig:
-    lr: float = 3e-4  # peak learning rate, reached at the end of warm-up
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.1  # on matrices only; norms, biases and embeddings are not decayed
-    betas: tuple[float, float] = field(default=(0.9, 0.95))
-    eps: float = 1e-8
-    fused: bool | None = None  # torch's fused AdamW kernel (one kernel for all parameters); None: on GPU only
-
-
-def bits_per_byte(loss_nats, tokens: int, n_bytes: int):
-    """Nats per token to bits per byte of text, comparable across tokenizers: the split's tokens
-    carry its bytes, so loss·tokens/bytes is nats per byte."""
-    return loss_nats * tokens / (n_bytes * math.log(2))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: weight matrices decay; norms, biases and embeddings do not."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():  # yields a tied matrix once
-        if not p.requires_grad:
-            continue
-        dims = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 shard is flat; ds_shape is the full shape
-        (decay if dims >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float):
-    """Linear warm-up from lr/warmup to lr, then cosine decay to lr * min_lr_ratio at total_steps."""
-    warmup_steps = max(1, min(warmup_steps, total_steps - 1))
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup_steps, total_iters=warmup_steps)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=optimizer.defaults["lr"] * min_lr_ratio
-    )
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
-
-
-# checkpoints hold these dataclasses among the hyperparameters; resuming loads them with
-# torch.load(weights_only=True), which accepts only the types allowed here
-torch.serialization.add_safe_globals([ModelConfig, OptimizerConfig])
+from llm.train.guards import skip_nonfinite_steps
+from llm.train.optim import make_optimizer, param_groups, warmup_cosine
+from llm.train.strategy import reinit_partitioned
 
 
 class LanguageModel(L.LightningModule):
@@ -99,8 +56,6 @@ class LanguageModel(L.LightningModule):
         else:
             model.apply(init)
         if self.init:  # start from a transformers folder's weights (preflight took its architecture)
-            from llm.hf import load_pretrained
-
             model.load_state_dict(load_pretrained(self.init)[1])
         if self.compile_model:
             # in place (nn.Module.compile): the parameter names, and so the checkpoints, stay those of
@@ -137,7 +92,7 @@ class LanguageModel(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Runs after backward, before the optimizer step: the global gradient norm decides whether
-        the step is taken (llm/guards.py), then clips. DeepSpeed's engine and the fp16 grad scaler
+        the step is taken (llm/train/guards.py), then clips. DeepSpeed's engine and the fp16 grad scaler
         check and skip on their own, and clip or unscale as Lightning arranges."""
         precision = self.trainer.precision_plugin
         self.nonfinite = None

@@ -7,7 +7,7 @@
 Each one checks the world it will form and prints it, refuses an impossible one with one line
 before anything starts, then hands over to its launcher, which starts `python -m llm fit` in
 every process. From there Lightning reads the ranks from the launcher's environment, and the
-processes agree on the run folder and the inputs through rank 0 (llm/job.py), which serves a small
+processes agree on the run folder and the inputs through rank 0 (llm/launch/agreement.py), which serves a small
 store on MASTER_PORT + 1: both ports must be open between the nodes.
 
 Options of the launcher come first; the training options (those of `make train`) follow `--`.
@@ -25,10 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from llm.errors import ConfigError
-from llm.job import DEFAULT_TIMEOUT, TIMEOUT_ENV
+from llm.errors import ConfigError, one_line
+from llm.launch.agreement import DEFAULT_TIMEOUT, TIMEOUT_ENV
+from llm.paths import slurm_script
 
-SBATCH = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "train.sbatch"
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -49,9 +49,16 @@ def check_count(name: str, value: int, field: str) -> int:
     return value
 
 
-def check_devices(devices: int) -> int:
-    from llm.preflight import available_devices
+def available_devices(on_gpu: bool) -> tuple[int, str]:
+    """How many processes this machine can run one device each for: GPUs, or CPU cores."""
+    if on_gpu:
+        import torch
 
+        return torch.cuda.device_count(), "GPUs"
+    return os.cpu_count() or 1, "CPU cores"
+
+
+def check_devices(devices: int) -> int:
     check_count("processes per node", devices, "DEVICES")
     available, kind = available_devices(on_gpu=_has_gpu())
     if devices > available:
@@ -133,8 +140,6 @@ def hand_over(command: list[str], env: dict, timeout: float) -> None:
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    from llm.errors import one_line
-
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line, as every command of the project answers
             sys.stderr.write(f"error: {one_line(message)}\n")
@@ -287,5 +292,6 @@ def slurm_main() -> None:
     Path("runs").mkdir(exist_ok=True)  # the job's log goes to runs/slurm-<job id>.out
     args, env = training_command(fit_args, devices, nnodes)
     print(f"slurm: {nnodes} nodes x {devices} processes = {nnodes * devices} processes", flush=True)
-    print(" ".join(shlex.quote(c) for c in [*command, str(SBATCH), *args[1:]]), flush=True)
-    hand_over([*command, str(SBATCH), *args[1:]], env, a.timeout)
+    command = [*command, str(slurm_script()), *args[1:]]
+    print(" ".join(shlex.quote(c) for c in command), flush=True)
+    hand_over(command, env, a.timeout)

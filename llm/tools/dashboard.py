@@ -7,6 +7,7 @@ import warnings
 
 from llm.errors import ConfigError
 from llm.metrics import SECTIONS, X_AXES, charts
+from llm.wandb_settings import wandb_entity, wandb_mode, wandb_project
 
 VIEW_NAME = "Pretraining"
 
@@ -64,8 +65,6 @@ def wandb_dashboard(entity: str | None = None, project: str | None = None, x: st
         x: the x-axis of every panel: step or tokens
         url: a workspace this command saved before, to update in place instead of saving a new one
     """
-    from llm.loggers import wandb_entity, wandb_mode, wandb_project
-
     if wandb_mode() != "online":
         raise ConfigError(
             "wandb-dashboard: W&B is offline here (no WANDB_API_KEY, no `wandb login`, or WANDB_MODE set); "

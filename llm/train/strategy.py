@@ -13,7 +13,6 @@ import argparse
 import atexit
 import json
 import os
-import re
 import tempfile
 import time
 from datetime import timedelta
@@ -23,10 +22,10 @@ import torch
 import yaml
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
-from llm.collectives import DEFAULT_TIMEOUT, STARTUP_TIMEOUT
 from llm.errors import ConfigError
+from llm.launch.collectives import DEFAULT_TIMEOUT, STARTUP_TIMEOUT
+from llm.paths import configs
 
-PRESETS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 # the trainer and data configs own these; a preset that sets them would make two sources of truth
 OWNED_ELSEWHERE = {
     "train_micro_batch_size_per_gpu": "data.batch_size",
@@ -41,12 +40,12 @@ OWNED_ELSEWHERE = {
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    return sorted(p.stem for p in configs("deepspeed").glob("*.yaml"))
 
 
 def load_preset(name: str, nvme_path: str | None = None) -> dict:
     """The DeepSpeed config of a preset name (or a .json or .yaml path), checked; NVMe paths filled in."""
-    path = Path(name) if name.endswith((".json", ".yaml", ".yml")) else PRESETS / f"{name}.yaml"
+    path = Path(name) if name.endswith((".json", ".yaml", ".yml")) else configs("deepspeed") / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(
             f"deepspeed={name}: no such preset; use one of {', '.join(preset_names())} (DS=), "
@@ -186,7 +185,7 @@ def build_strategy(
     """ "auto" for one device, DDP for several, a DeepSpeed strategy with a preset. The processes
     meet while they start with at least STARTUP_TIMEOUT seconds to spare (ranks started one after
     another, each importing torch on a busy node); from the first step, every collective times out
-    after `timeout` seconds (llm/collectives.py)."""
+    after `timeout` seconds (llm/launch/collectives.py)."""
     timeout = max(timeout, STARTUP_TIMEOUT)
     if not preset:
         return DDPStrategy(timeout=timedelta(seconds=timeout)) if world_size and world_size > 1 else "auto"
@@ -203,43 +202,6 @@ def build_strategy(
         strategy = CPUDeepSpeedStrategy(config=config, process_group_backend="gloo", timeout=timedelta(seconds=timeout))
     strategy.preset = Path(preset).stem
     return strategy
-
-
-def make_optimizer(
-    groups: list[dict], lr: float, betas, eps: float, strategy: Strategy, fused: bool | None = None
-) -> torch.optim.Optimizer:
-    """AdamW as the strategy needs it (see adamw)."""
-    deepspeed_config = strategy.config if isinstance(strategy, DeepSpeedStrategy) else None
-    return adamw(groups, lr, betas, eps, strategy.root_device.type == "cuda", deepspeed_config, fused)
-
-
-def adamw(
-    groups: list[dict], lr: float, betas, eps: float, on_gpu: bool, deepspeed_config: dict | None, fused: bool | None
-) -> torch.optim.Optimizer:
-    """DeepSpeed's CPU Adam when ZeRO offloads the optimizer (DeepSpeed rejects a torch optimizer
-    there), its fused Adam for ZeRO on GPU, torch's AdamW otherwise, fused into one kernel when
-    `fused` says so (None: on a GPU)."""
-    if deepspeed_config is not None:
-        plain_cuda_arch_list()  # DeepSpeed compiles the two optimizers below on first use
-        if offloads_optimizer(deepspeed_config):
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
-        if on_gpu:
-            from deepspeed.ops.adam import FusedAdam
-
-            return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
-    fused = on_gpu if fused is None else fused
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
-
-
-def plain_cuda_arch_list() -> None:
-    """DeepSpeed's op builder reads TORCH_CUDA_ARCH_LIST and fails on entries with a feature suffix
-    such as "9.0a" (`invalid literal for int()`), which some containers set; its ops need only the
-    plain capability, so the suffix is dropped for the builds of this process."""
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if arch:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d+\.\d+)[a-z]+", r"\1", arch)
 
 
 def _post_order(module: torch.nn.Module):

@@ -18,18 +18,24 @@ import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from llm import job, preflight, ranks, run
+from llm import ranks
 from llm.checkpoint import weights_only_loads
-from llm.collectives import DEFAULT_TIMEOUT, CollectiveTimeout
 from llm.data.datamodule import TokenDataModule, datamodule_args
 from llm.errors import ConfigError, OneLineErrors
-from llm.guards import NonFiniteSteps
-from llm.loggers import RunWandbLogger, make_loggers, quiet_lightning
+from llm.launch import agreement
+from llm.launch.collectives import DEFAULT_TIMEOUT, CollectiveTimeout
 from llm.model import count_params, flops_per_token
-from llm.module import LanguageModel
-from llm.monitor import PerformanceMonitor
 from llm.redact import scrub
-from llm.strategy import build_strategy
+from llm.train import preflight, resume, run_folder
+from llm.train.callbacks import LoggingStepOnResume, RunInfo, ValidateAtEnd
+from llm.train.guards import NonFiniteSteps
+from llm.train.loggers import RunWandbLogger, make_loggers, quiet_lightning
+from llm.train.module import LanguageModel
+from llm.train.monitor import PerformanceMonitor, tokens_per_optimizer_step
+from llm.train.progress import progress_bar
+from llm.train.saving import Checkpoints
+from llm.train.strategy import build_strategy
+from llm.train.summary import strategy_label, write_summary
 
 
 class ArgumentParser(OneLineErrors, LightningArgumentParser):
@@ -114,8 +120,8 @@ class LLMCLI(LightningCLI):
             preflight.check(cfg, "prepare")
             return
         # with an outside launcher every process is here at once: rank 0 decides the run folder and
-        # whether the inputs only it checks are acceptable; the others take its word (llm/job.py)
-        self.agreement = job.Agreement.start()
+        # whether the inputs only it checks are acceptable; the others take its word (llm/launch/agreement.py)
+        self.agreement = agreement.Agreement.start()
         try:
             if not self.agreement.leader:
                 cfg.run = self.agreement.wait("run")
@@ -128,7 +134,7 @@ class LLMCLI(LightningCLI):
         except ConfigError as exc:
             self.agreement.refuse(str(exc))
             raise
-        self.run_dir = run.create(cfg)
+        self.run_dir = run_folder.create(cfg)
         cfg.trainer.default_root_dir = str(self.run_dir)
 
     def choose_resume(self, cfg) -> str | None:
@@ -136,12 +142,12 @@ class LLMCLI(LightningCLI):
         config before any expensive work; the others take it from rank 0."""
         if not self.agreement.leader:
             if self.agreement.store is None:  # started by Lightning's launcher, after rank 0 chose
-                return os.environ.get(run.RESUME_ENV) or None
+                return os.environ.get(run_folder.RESUME_ENV) or None
             return self.agreement.wait("resume")
-        path = run.resume_checkpoint(cfg.resume, Path(cfg.run))
+        path = resume.resume_checkpoint(cfg.resume, Path(cfg.run))
         if path:
-            run.check_resume(cfg, path)
-        os.environ[run.RESUME_ENV] = path or ""
+            resume.check_resume(cfg, path)
+        os.environ[run_folder.RESUME_ENV] = path or ""
         self.agreement.publish("resume", path)
         return path
 
@@ -155,12 +161,19 @@ class LLMCLI(LightningCLI):
         callbacks = list(trainer_init.get("callbacks") or [])
         resolved = yaml.safe_load(self._parser(self.subcommand).dump(cfg, skip_check=True))
         model = preflight.model_config(cfg)
-        # the monitor first: the progress lines of a logging step show what it has just measured
-        callbacks.append(PerformanceMonitor(flops_per_token(model, model.block_size), cfg.peak_flops))
-        callbacks.append(NonFiniteSteps(cfg.max_skipped_steps))
-        callbacks.append(CollectiveTimeout(cfg.collective_timeout))
-        save_every = cfg.save_every or cfg.eval_every
-        callbacks += run.callbacks(scrub(resolved), self.run_dir, self.data_folder, save_every, cfg.keep_last)
+        self.monitor = PerformanceMonitor(flops_per_token(model, model.block_size), cfg.peak_flops)
+        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.save_every or cfg.eval_every, cfg.keep_last)
+        self.run_info = RunInfo(scrub(resolved), self.data_folder, self.resume_from)
+        callbacks += [  # the monitor first: the progress lines of a logging step show what it has just measured
+            self.monitor,
+            NonFiniteSteps(cfg.max_skipped_steps),
+            CollectiveTimeout(cfg.collective_timeout),
+            self.checkpoints,
+            ValidateAtEnd(),
+            LoggingStepOnResume(),
+            self.run_info,
+            progress_bar(),
+        ]
         loggers = make_loggers(self.run_dir, cfg.experiment, cfg.wandb_project, cfg.wandb_entity, run_tags(cfg))
         loggers += preflight.extra_loggers(trainer_init.get("logger"))
         strategy = build_strategy(
@@ -179,11 +192,9 @@ class LLMCLI(LightningCLI):
         ckpt_path = self.resume_from
         if ranks.is_first_process():
             self.print_header(model.config, datamodule)
-        info = next(c for c in self.trainer.callbacks if isinstance(c, run.RunInfo))
-        info.resumed_from = ckpt_path
         for logger in self.trainer.loggers:
             if isinstance(logger, RunWandbLogger):
-                logger.run_config = self.wandb_config(model.config, info.config)
+                logger.run_config = self.wandb_config(model.config, self.run_info.config)
         started = time.perf_counter()
         wandb_loggers = [logger for logger in self.trainer.loggers if isinstance(logger, RunWandbLogger)]
         try:
@@ -198,7 +209,8 @@ class LLMCLI(LightningCLI):
             for logger in wandb_loggers:
                 logger.finish(exit_code=1)
             raise
-        summary = run.write_summary(self.trainer, datamodule, model, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        summary = write_summary(self.trainer, datamodule, model, seconds, self.checkpoints, self.run_info, self.monitor)
         files = [self.run_dir / "config.yaml", self.run_dir / "summary.json", datamodule.folder / "tokenizer.json"]
         last = summary["last_checkpoint"]
         weights = Path(last).resolve() if self._config().wandb_log_model and last else None
@@ -213,7 +225,7 @@ class LLMCLI(LightningCLI):
             "params": count_params(model_config),
             "flops_per_token": flops_per_token(model_config, model_config.block_size),
             "world_size": self.trainer.world_size,
-            "strategy": run.strategy_label(self.trainer.strategy),
+            "strategy": strategy_label(self.trainer.strategy),
             "model_preset": model_preset(self._config()),
         }
 
@@ -222,9 +234,9 @@ class LLMCLI(LightningCLI):
         accumulate, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
         print(f"model: {count_params(c):,} parameters, {c.n_layer} layers, {c.n_embd} wide, vocab {c.vocab_size}")
         print(
-            f"tokens per step: {run.tokens_per_optimizer_step(self.trainer, datamodule):,} "
+            f"tokens per step: {tokens_per_optimizer_step(self.trainer, datamodule):,} "
             f"({accumulate} x {datamodule.batch_size} x {datamodule.block_size} tokens x {world} processes); "
-            f"strategy: {run.strategy_label(self.trainer.strategy)}; "
+            f"strategy: {strategy_label(self.trainer.strategy)}; "
             f"compile: {'on' if self.model.compile_model else 'off'}; run: {self.run_dir}"
         )
 
@@ -267,4 +279,4 @@ def fit_main() -> None:
     try:
         LLMCLI()
     finally:
-        run.release_writer()  # a process's end releases it too; this is for a fit called in-process
+        run_folder.release_writer()  # a process's end releases it too; this is for a fit called in-process

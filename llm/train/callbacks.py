@@ -1,0 +1,95 @@
+"""The run's own Lightning callbacks: validate at the last step, log resumed steps under their own
+number, and make every checkpoint self-contained (config, tokenizer, random states)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from llm.redact import scrub, scrub_text
+
+
+class ValidateAtEnd(Callback):
+    """Validate (and so checkpoint) after the final step too, not only every `eval_every` steps.
+    Lightning validates when a run is asked to stop, so ask at the last step."""
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
+class LoggingStepOnResume(Callback):
+    """Lightning (2.6) restores the step it logs under off by one from the global step when the
+    checkpoint was written at a validation (behind, or ahead with DeepSpeed), so a resumed run would
+    log step n under n-1 or n+1 and overwrite or skip a row of metrics.csv. With one optimizer the
+    two counters are equal by definition: make them so at the first batch, after Lightning's own
+    restart bookkeeping."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._pending = True
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if self._pending:
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+            self._pending = False
+
+
+class RunInfo(Callback):
+    """Make every checkpoint self-contained and resumable exactly: the resolved config, the
+    tokenizer, the world size, and every rank's random-number generator states."""
+
+    def __init__(self, config: dict, data_folder: Path, resumed_from: str | None = None):
+        self.config = config
+        self.data_folder = Path(data_folder)
+        self.resumed_from = resumed_from  # the checkpoint this session continues, if any
+        self.start_step, self.train_seconds = 0, 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start_step, self._started = trainer.global_step, time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.train_seconds = time.perf_counter() - self._started
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["llm_config"] = self.config
+        checkpoint["tokenizer_json"] = (self.data_folder / "tokenizer.json").read_text()
+        checkpoint["data_meta"] = scrub(json.loads((self.data_folder / "meta.json").read_text()))
+        checkpoint["world_size"] = trainer.world_size
+        checkpoint["command"] = scrub_text(" ".join(["python -m llm", *sys.argv[1:]]))
+        checkpoint["rng_states"] = all_ranks(trainer, rng_states())
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states") or []
+        if len(states) == trainer.world_size:
+            set_rng_states(states[trainer.global_rank])
+
+
+def rng_states() -> dict:
+    """This process's generators (torch, CUDA, Python's random), in types a weights-only load accepts."""
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def all_ranks(trainer, value) -> list:
+    """`value` of every rank, in rank order, on every rank."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return [value]
+    gathered = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

@@ -1,0 +1,79 @@
+"""summary.json: what a run did and reached, written and printed at its end."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+
+from llm.model import count_params
+from llm.redact import scrub_text
+from llm.train.callbacks import RunInfo
+from llm.train.monitor import PerformanceMonitor, tokens_per_optimizer_step
+from llm.train.saving import Checkpoints
+from llm.train.strategy import preset_of
+
+
+def best_checkpoint(folder: Path) -> str | None:
+    best = folder / "best.ckpt"
+    return str(folder / os.readlink(best)) if best.is_symlink() else None
+
+
+def strategy_label(strategy) -> str:
+    """ "deepspeed zero2", "ddp", "single_device": what ran, as the user chose it."""
+    preset = preset_of(strategy)
+    if preset:
+        return f"deepspeed {preset}"
+    name = type(strategy).__name__.removesuffix("Strategy")  # DDP, SingleDevice, FSDP, ...
+    return {"DDP": "ddp", "SingleDevice": "single_device"}.get(name, name.lower())
+
+
+def write_summary(
+    trainer: L.Trainer,
+    datamodule,
+    model,
+    seconds: float,
+    checkpoints: Checkpoints,
+    info: RunInfo,
+    monitor: PerformanceMonitor,
+) -> dict:
+    """summary.json: what the run did and reached; printed as well. Rank 0 writes it."""
+    meta = datamodule.meta
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    tokens_per_step = tokens_per_optimizer_step(trainer, datamodule)
+    session_tokens = (trainer.global_step - info.start_step) * tokens_per_step
+    summary = {
+        "steps": trainer.global_step,
+        "tokens": trainer.global_step * tokens_per_step,
+        "wall_seconds": round(seconds, 2),
+        "tokens_per_second": round(session_tokens / info.train_seconds, 1) if info.train_seconds else 0.0,
+        "final_train_loss": metrics.get("train/loss"),  # None when this session trained no step
+        "final_val_loss": metrics.get("val/loss"),
+        "unigram_val_entropy": meta["unigram_val_entropy"],
+        "best_checkpoint": best_checkpoint(checkpoints.folder),
+        "last_checkpoint": str(checkpoints.last_saved) if checkpoints.last_saved else info.resumed_from,
+        "params": count_params(model.config),
+        "world_size": trainer.world_size,
+        "strategy": strategy_label(trainer.strategy),
+        "precision": str(trainer.precision),
+        "compile": model.compile_model,
+        "compile_seconds": round(monitor.compile_seconds, 2),  # included in wall_seconds, not in perf/ metrics
+        "peak_flops": monitor.peak.flops,  # of one device: MFU's denominator
+        "peak_flops_source": monitor.peak.source,
+        "data": scrub_text(str(datamodule.folder)),
+    }
+    if trainer.is_global_zero:
+        run_dir = Path(trainer.default_root_dir)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        width = max(len(k) for k in summary)
+        print(f"\nsummary ({run_dir / 'summary.json'}):")
+        for key, value in summary.items():
+            if isinstance(value, float):
+                shown = f"{value:.4f}" if key.endswith(("loss", "entropy")) else f"{value:,.1f}"
+                shown = f"{value:.3g}" if key == "peak_flops" else shown
+            else:
+                shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+            print(f"  {key:<{width}}  {shown}")
+    return summary
