@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from llm.config import OptimizerConfig  # noqa: F401  (registers the checkpoint's dataclasses for torch.load)
+from llm.config import model_config_of  # also registers the checkpoint's dataclasses for torch.load
 from llm.errors import ConfigError
 from llm.model import ModelConfig, Transformer
 
 # what this project reads from rank 0's model-states file of a ZeRO checkpoint: what run.RunInfo
 # adds, and Lightning's step; the rest there is DeepSpeed's own (its partition, optimizer, ...)
-CLIENT_KEYS = ("llm_config", "tokenizer_json", "data_meta", "global_step", "world_size", "command")
+CLIENT_KEYS = ("llm_config", "llm_format", "tokenizer_json", "data_meta", "global_step", "world_size", "command")
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch reads it at every load
 
 
@@ -37,8 +37,7 @@ class Loaded:
 
 
 def model_config_from(config: dict) -> ModelConfig:
-    fields = {k: v for k, v in config["model"]["config"].items() if not k.startswith("__")}
-    return ModelConfig(**fields)
+    return model_config_of(config["model"]["config"])
 
 
 def is_sharded(path: Path) -> bool:
@@ -156,7 +155,12 @@ def read_header(path: str | Path, field: str = "ckpt") -> dict:
     if path.is_dir() and not is_sharded(path):
         raise ConfigError(f"{field}={path}: a folder that is no DeepSpeed checkpoint (no 'latest' file)")
     ckpt = safe_load(client_state_file(path) if path.is_dir() else path, field, mmap=True)
-    return {"config": ckpt["llm_config"], "step": ckpt.get("global_step", 0), "world_size": ckpt.get("world_size")}
+    return {
+        "config": ckpt["llm_config"],
+        "step": ckpt.get("global_step", 0),
+        "world_size": ckpt.get("world_size"),
+        "format": ckpt.get("llm_format", 1),
+    }
 
 
 def _read_sharded(path: Path) -> dict:

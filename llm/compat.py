@@ -30,3 +30,17 @@ def process_group_timeouts() -> list[timedelta]:
         for device in group._device_types:
             timeouts.append(group._get_backend(torch.device(device)).options._timeout)
     return timeouts
+
+
+def skip_fused_update_if(optimizer, found_inf) -> None:
+    """Make the next step of torch's fused Adam/AdamW change nothing when `found_inf` (a 0-dim
+    tensor on the parameters' device) is non-zero, with no host synchronisation. This is how torch's
+    GradScaler talks to optimizers that unscale themselves (`_step_supports_amp_scaling`): torch
+    2.13's fused kernels read the optimizer's `found_inf` attribute and leave parameters, moments and
+    step counts unchanged when it is set. `end_fused_skip` removes it after the step."""
+    optimizer.found_inf = found_inf.float()
+
+
+def end_fused_skip(optimizer) -> None:
+    if hasattr(optimizer, "found_inf"):
+        del optimizer.found_inf

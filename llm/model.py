@@ -38,9 +38,6 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True  # output projection shares the token embedding matrix
     init_std: float = 0.02
-    # the published model a preset reproduces, e.g. {name: GPT-2 small, params: 124439808, vocab_size: 50257}:
-    # the parameter count at that vocabulary, checked by tests/test_model.py; not part of the architecture
-    reference: dict | None = None
 
     def __post_init__(self) -> None:
         # each message names the field, the value and the fix: the CLI prints it as the whole answer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from llm import compat
@@ -26,3 +27,28 @@ def test_every_process_group_gets_the_timeout_including_groups_made_later(tmp_pa
         assert len(after) == len(before) and set(after) == {timedelta(seconds=7)}
     finally:
         dist.destroy_process_group()
+
+
+def test_fused_adamw_leaves_everything_unchanged_while_found_inf_is_set():
+    # guards.skip_update_if_nonfinite hands a non-finite gradient norm to torch's fused AdamW as a grad
+    # scaler does; if torch stops reading the attribute, a NaN step would write NaN into the weights
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    weight.grad = torch.ones(4, 4)
+    optimizer.step()  # one real step: moments and a step count exist
+    before = weight.detach().clone(), {k: v.clone() for k, v in optimizer.state[weight].items()}
+
+    weight.grad = torch.full((4, 4), float("nan"))
+    compat.skip_fused_update_if(optimizer, torch.tensor(True))
+    optimizer.step()
+    compat.end_fused_skip(optimizer)
+    assert torch.equal(weight.detach(), before[0])
+    for key, value in optimizer.state[weight].items():
+        assert torch.equal(value, before[1][key]), key
+
+    weight.grad = torch.ones(4, 4)
+    compat.skip_fused_update_if(optimizer, torch.tensor(False))
+    optimizer.step()
+    compat.end_fused_skip(optimizer)
+    assert not torch.equal(weight.detach(), before[0]) and not hasattr(optimizer, "found_inf")

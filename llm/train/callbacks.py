@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from llm.config import CHECKPOINT_FORMAT
 from llm.redact import scrub, scrub_text
 
 
@@ -58,6 +59,7 @@ class RunInfo(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["llm_config"] = self.config
+        checkpoint["llm_format"] = CHECKPOINT_FORMAT
         checkpoint["tokenizer_json"] = (self.data_folder / "tokenizer.json").read_text()
         checkpoint["data_meta"] = scrub(json.loads((self.data_folder / "meta.json").read_text()))
         checkpoint["world_size"] = trainer.world_size

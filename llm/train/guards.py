@@ -7,48 +7,36 @@ Who decides that a step is bad: the module, from the gradient norm it computes f
 value, the same on every rank after the all-reduce); DeepSpeed's engine, which checks its own
 gradient buffers and skips the step itself; under fp16, the grad scaler (its skipped steps are how it
 finds its scale, not faults, so they are not counted). Skipping costs no host synchronisation on a
-GPU with torch's fused AdamW: the kernel takes the flag as `found_inf`, as under a grad scaler; the
-counts are read at logging steps only.
+GPU with torch's fused AdamW: the kernel takes the flag as `found_inf`, as under a grad scaler
+(llm/compat.py); the counts are read at logging steps only. The module applies the skip from
+Lightning's hooks (LanguageModel.configure_gradient_clipping and optimizer_step).
 """
 
 from __future__ import annotations
-
-import functools
-import types
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from llm import compat
 from llm.errors import RunStopped
 
 
-def skip_nonfinite_steps(optimizer: torch.optim.Optimizer, module) -> None:
-    """Make `optimizer.step` skip the update when `module.nonfinite` (a 0-dim bool tensor set after
-    backward) is true. Installed before the learning-rate scheduler wraps `step` in turn."""
-    step = optimizer.step
-    fused = bool(optimizer.defaults.get("fused"))
+def skip_update_if_nonfinite(optimizer: torch.optim.Optimizer, norm: torch.Tensor) -> torch.Tensor:
+    """After backward and before the update: make this step change nothing when `norm` (the global
+    gradient norm) is not finite. Returns the flag, a 0-dim bool tensor on the device.
 
-    @functools.wraps(step)
-    def guarded(self, closure=None):
-        loss = None
-        if closure is not None:  # Lightning's: forward, backward, then clipping (which sets the flag)
-            with torch.enable_grad():
-                loss = closure()
-        bad = getattr(module, "nonfinite", None)
-        if bad is None:
-            step()
-        elif fused:  # no host sync: the kernel leaves parameters, moments and step count unchanged
-            self.found_inf = bad.float()
-            try:
-                step()
-            finally:
-                del self.found_inf
-        elif not bad.item():
-            step()
-        return loss
-
-    optimizer.step = types.MethodType(guarded, optimizer)
+    torch's fused AdamW takes the flag as it takes a grad scaler's, on the device; any other
+    optimizer skips the parameters whose gradient is None, which costs one host synchronisation to
+    decide (on CPU, none to speak of)."""
+    bad = ~torch.isfinite(norm)
+    if optimizer.defaults.get("fused"):
+        compat.skip_fused_update_if(optimizer, bad)
+    elif bad.item():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+    return bad
 
 
 class NonFiniteSteps(Callback):
@@ -80,8 +68,7 @@ class NonFiniteSteps(Callback):
         if isinstance(trainer.strategy, DeepSpeedStrategy):
             skipped = not trainer.strategy.deepspeed_engine.was_step_applied()
             return torch.tensor(int(skipped), device=pl_module.device)
-        bad = getattr(pl_module, "nonfinite", None)
-        return None if bad is None else bad.long()
+        return None if pl_module.nonfinite is None else pl_module.nonfinite.long()
 
     def _report(self, trainer, pl_module) -> None:
         total, in_a_row, worst = (int(v) for v in self._counts.tolist())

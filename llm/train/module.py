@@ -8,11 +8,12 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from llm import compat
 from llm.config import OptimizerConfig
 from llm.hf import load_pretrained
 from llm.metrics import bits_per_byte
 from llm.model import ModelConfig, Transformer
-from llm.train.guards import skip_nonfinite_steps
+from llm.train.guards import skip_update_if_nonfinite
 from llm.train.optim import make_optimizer, param_groups, warmup_cosine
 from llm.train.strategy import reinit_partitioned
 
@@ -39,6 +40,9 @@ class LanguageModel(L.LightningModule):
         self.compile_model = bool(compile)
         self.init = init
         self.model: Transformer | None = None
+        # set after each backward (configure_gradient_clipping): whether this step is skipped, a 0-dim bool
+        # tensor on the device; None where DeepSpeed or fp16's grad scaler decide (guards.NonFiniteSteps reads it)
+        self.nonfinite: torch.Tensor | None = None
 
     def configure_model(self) -> None:
         # built here rather than in __init__ so that DeepSpeed ZeRO-3 can partition it as it is created
@@ -61,9 +65,6 @@ class LanguageModel(L.LightningModule):
             # in place (nn.Module.compile): the parameter names, and so the checkpoints, stay those of
             # the plain model; compiled lazily, at the first step, after DeepSpeed has set up its hooks
             model.compile()
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.model(idx)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(batch[:, :-1], targets=batch[:, 1:])  # (B, T) inputs and their next tokens
@@ -91,18 +92,22 @@ class LanguageModel(L.LightningModule):
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Runs after backward, before the optimizer step: the global gradient norm decides whether
-        the step is taken (llm/train/guards.py), then clips. DeepSpeed's engine and the fp16 grad scaler
-        check and skip on their own, and clip or unscale as Lightning arranges."""
-        precision = self.trainer.precision_plugin
+        """Lightning's hook after backward, before the update: the global gradient norm is taken
+        once, here, and read three ways: `train/grad_norm` on logging steps, the skip of a step whose
+        norm is not finite (llm/train/guards.py), and the clipping. DeepSpeed's engine keeps the
+        gradients in its own buffers, checks, skips and clips on its own, and reports its norm
+        (llm/train/monitor.py); fp16's grad scaler skips the steps it overflows on itself."""
         self.nonfinite = None
-        if isinstance(self.trainer.strategy, DeepSpeedStrategy) or getattr(precision, "scaler", None) is not None:
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         params = [p for p in self.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
-        self.nonfinite = ~torch.isfinite(norm)
+        if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            self.nonfinite = skip_update_if_nonfinite(optimizer, norm)
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
             # clipped here rather than by Lightning's mixed-precision plugin, which refuses any optimizer
             # that can unscale gradients itself (torch's fused AdamW): under bf16 there is no scaler and the
@@ -111,19 +116,22 @@ class LanguageModel(L.LightningModule):
         elif gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # a resumed run may train more steps than the checkpoint's: its cosine then decays to the
-        # minimum at the new max_steps, from the learning rate it has reached (torch's cosine is
-        # computed step by step from the current rate), instead of rising again past the old end
-        for state in checkpoint.get("lr_schedulers", []):
-            if "_schedulers" in state:
-                cosine, warmup_steps = state["_schedulers"][-1], state["_milestones"][0]
-                cosine["T_max"] = max(1, self.trainer.max_steps - warmup_steps)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        # Lightning's step: the closure runs forward, backward and configure_gradient_clipping, then
+        # the optimizer updates; a fused skip's flag lasts for this step only
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:
+            compat.end_fused_skip(optimizer.optimizer)
+
+    def on_train_start(self) -> None:
+        # a resumed run may train more (or fewer) steps than the checkpoint's: its schedule, restored
+        # with the checkpoint, then ends at the new max_steps
+        self.lr_schedulers().lr_lambdas[0].retarget(self.trainer.max_steps, self.trainer.global_step)
 
     def configure_optimizers(self):
         o = self.optim
         groups = param_groups(self.model, o.weight_decay)
         optimizer = make_optimizer(groups, o.lr, o.betas, o.eps, self.trainer.strategy, o.fused)
-        skip_nonfinite_steps(optimizer, self)
         scheduler = warmup_cosine(optimizer, o.warmup_steps, self.trainer.max_steps, o.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -235,16 +235,7 @@ class PerformanceMonitor(Callback):
             out[f"mem/{name}_max"], out[f"mem/{name}_min"] = high[i], low[i]
         return out
 
-    # --- the gradient norm before clipping --------------------------------------------------------
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            return  # DeepSpeed keeps gradients in its own buffers; its engine reports the norm
-        if (trainer.global_step + 1) % trainer.log_every_n_steps:
-            return
-        norms = [p.grad.detach().norm() for p in pl_module.parameters() if p.grad is not None]
-        if norms:
-            pl_module.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, on_epoch=False)
+    # --- the gradient norm before clipping: DeepSpeed's (the module logs it otherwise) -------------
 
     @staticmethod
     def _deepspeed_grad_norm(trainer) -> float | None:

@@ -3,6 +3,7 @@ schedule (linear warm-up, then cosine decay)."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -25,14 +26,37 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class WarmupCosine:
+    """The learning-rate factor of scheduler step k (0-based; the rate of optimizer step k + 1):
+    linear from 1/warmup to 1 over `warmup` steps, then half a cosine down to `min_ratio` at `total`,
+    where it stays. A callable object rather than a function, so that LambdaLR's state_dict keeps
+    its fields in the checkpoint, and a resumed run with another max_steps moves its end (`retarget`)."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float):
+        self.warmup = max(1, min(warmup, total - 1))
+        self.total, self.min_ratio = total, min_ratio
+        self.start, self.start_factor = self.warmup, 1.0  # where the cosine starts, and from which factor
+
+    def __call__(self, k: int) -> float:
+        if k < self.warmup:
+            return 1 / self.warmup + (1 - 1 / self.warmup) * k / self.warmup
+        span = max(1, self.total - self.start)
+        j = min(k - self.start, span)
+        return self.min_ratio + (self.start_factor - self.min_ratio) * (1 + math.cos(math.pi * j / span)) / 2
+
+    def retarget(self, total: int, step: int) -> None:
+        """A resumed run with another max_steps: from `step`, the cosine goes on from the factor it
+        has reached down to min_ratio at the new `total`, instead of jumping to another curve."""
+        if total == self.total:
+            return
+        if step > self.start:
+            self.start_factor, self.start = self(step), step
+        self.total = total
+
+
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float):
-    """Linear warm-up from lr/warmup to lr, then cosine decay to lr * min_lr_ratio at total_steps."""
-    warmup_steps = max(1, min(warmup_steps, total_steps - 1))
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup_steps, total_iters=warmup_steps)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=optimizer.defaults["lr"] * min_lr_ratio
-    )
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+    """torch's LambdaLR over WarmupCosine."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, min_lr_ratio))
 
 
 def make_optimizer(

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from llm import ranks
+from llm.config import model_config_of
 from llm.data.datamodule import datamodule_args
 from llm.data.prepare import PrepareConfig, load_meta, prepare, prepared_dir
 from llm.data.sources import resolve_source
@@ -26,9 +27,8 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
 def model_config(cfg) -> ModelConfig:
-    fields = {k: v for k, v in vars(cfg.model.config).items() if not k.startswith("__")}
     try:
-        return ModelConfig(**fields)
+        return model_config_of(vars(cfg.model.config))
     except ValueError as exc:
         raise ConfigError(f"model.config.{exc}") from exc
 

@@ -3,9 +3,11 @@ exactly: another model, world size, batch, seed, data or optimizer."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from llm.checkpoint import is_complete, read_header, verify_checkpoint
+from llm.config import CHECKPOINT_FORMAT, model_config_of
 from llm.data.datamodule import datamodule_args
 from llm.data.prepare import PrepareConfig
 from llm.errors import ConfigError
@@ -56,8 +58,13 @@ def check_resume(cfg, path: str) -> None:
     verify_checkpoint(path, field="resume")  # every other shard too, and each file against its checksums
     then, step = header["config"], header["step"]
     hint = "resume with the checkpoint's settings, or start a new RUN"
-    model_then = {k: v for k, v in then["model"]["config"].items() if not k.startswith("__")}
-    model_now = {k: v for k, v in vars(cfg.model.config).items() if not k.startswith("__")}
+    if header["format"] < CHECKPOINT_FORMAT:
+        raise ConfigError(
+            f"resume={path}: written by llm 0.1.0, whose learning-rate schedule this version cannot continue; "
+            "start a new RUN (INIT= from its make export starts from its weights)"
+        )
+    model_then = asdict(model_config_of(then["model"]["config"]))
+    model_now = asdict(model_config_of(vars(cfg.model.config)))
     for key in sorted(model_then.keys() | model_now.keys()):
         if model_then.get(key) != model_now.get(key):
             raise ConfigError(
