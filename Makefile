@@ -5,6 +5,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# the exact versions the test suite passed with (torch aside: TORCH= pins it); CONSTRAINTS= installs
+# the newest that pyproject.toml's ranges allow instead
+CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -51,7 +54,7 @@ NAME ?=
 # `q`, so no shell reads it as code either.
 USER_VARIABLES := MODEL CONFIG TEXT HF TOKENIZER DS NVME_PATH DEVICES NNODES NODE_RANK MASTER_ADDR \
 	MASTER_PORT HOSTFILE PARTITION TIME ACCOUNT LAUNCH_TIMEOUT PRECISION MAX_STEPS RUN RESUME INIT FORCE \
-	CKPT PROMPT OUT GPUS GPU_MEM CPU_MEM ARGS PYTEST_ARGS STRESS_RUNS TEST_WORKERS NAME TORCH PYTHON VENV
+	CKPT PROMPT OUT GPUS GPU_MEM CPU_MEM ARGS PYTEST_ARGS STRESS_RUNS TEST_WORKERS NAME TORCH CONSTRAINTS PYTHON VENV
 $(foreach v,$(USER_VARIABLES),$(if $(filter command environment,$(firstword $(origin $(v)))),\
 	$(eval override $(v) := $$(value $(v)))))
 q = '$(subst ','\'',$(1))'
@@ -61,7 +64,9 @@ LLM = $(WITH_ARGS) $(PY) -m llm
 # pytest splits PYTEST_ADDOPTS as a shell would (quotes kept: PYTEST_ARGS='-k "a and b"') and runs nothing
 PYTEST = $(if $(PYTEST_ARGS),PYTEST_ADDOPTS=$(call q,$(PYTEST_ARGS))) $(PY) -m pytest
 
-CLI_ARGS = --config $(call q,$(CONFIG)) \
+# an experiment states what differs from the default one, which comes first (configs/experiment/*.yaml)
+DEFAULT_CONFIG := configs/experiment/default.yaml
+CLI_ARGS = --config $(call q,$(DEFAULT_CONFIG)) $(if $(filter-out $(DEFAULT_CONFIG),$(CONFIG)),--config $(call q,$(CONFIG))) \
 	$(if $(MODEL),--model.config=$(call q,configs/model/$(MODEL).yaml)) \
 	$(if $(TEXT),--data.text=$(call q,$(TEXT))) \
 	$(if $(HF),--data.hf=$(call q,$(HF))) \
@@ -87,37 +92,11 @@ EXPERIMENTS := $(sort $(notdir $(basename $(wildcard configs/experiment/*.yaml))
 .PHONY: help install prepare train train-multinode train-deepspeed slurm sample eval export export-fp32 plan bench plot tui wandb-dashboard \
 	test test-fast test-long test-gpu test-bench stress lint format clean rename
 
-help:
+help: ## this list: a target's `##` lines above it are its help
 	@echo "Pretrain decoder-only Transformers. Targets:"
-	@echo "  make install     .venv with the project and its dev extras (every target does this first)"
-	@echo "  make prepare     text -> tokenizer -> packed token shards in data/ (cached)"
-	@echo "  make train       prepare if needed, then train; default: tiny model, embedded corpus, CPU, W&B offline"
-	@echo "  make train-multinode  torchrun on this node, run once per node: NNODES= NODE_RANK= MASTER_ADDR= MASTER_PORT= DEVICES="
-	@echo "  make train-deepspeed  the DeepSpeed launcher over HOSTFILE= (\"host slots=N\" lines), started on its first host"
-	@echo "  make slurm       submit scripts/slurm/train.sbatch: NNODES= DEVICES= [PARTITION= TIME= ACCOUNT=]; requeues itself"
-	@echo "  make sample      generated text: make sample CKPT=runs/<name>/checkpoints/last.ckpt PROMPT=\"...\""
-	@echo "  make eval        loss, perplexity and bits per byte of CKPT= on its run's validation split, or TEXT= / HF="
-	@echo "  make export      a Hugging Face transformers folder OUT= of CKPT= (GPT-2 or Llama family; FORCE=1, ARGS=--dtype=bf16)"
-	@echo "  make export-fp32 a DeepSpeed checkpoint folder CKPT= as one fp32 file OUT="
-	@echo "  make plan        memory per ZeRO stage and offload, and the preset to use: MODEL= GPUS= NNODES= GPU_MEM= [CPU_MEM=]"
-	@echo "  make bench       each path (eager, compiled, zero1-3) through the trainer and through a plain loop or"
-	@echo "                   DeepSpeed's own engine, and data preparation: a table and bench.json (ARGS=\"--paths=[...]\")"
-	@echo "  make plot        PNG charts of a run's loss, optimizer, throughput and memory: make plot RUN=runs/<name>"
-	@echo "  make tui         a run in W&B's terminal viewer (wandb leet): make tui RUN=runs/<name>"
-	@echo "  make wandb-dashboard  save (or, ARGS=--url=..., update) a W&B workspace of every logged metric: needs"
-	@echo "                   WANDB_API_KEY; WANDB_ENTITY=, WANDB_PROJECT= choose where (ARGS=--x=tokens: tokens on x)"
-	@echo "  make test        the CPU test suite, GPUs hidden, in TEST_WORKERS= processes (2; PYTEST_ARGS= to pytest)"
-	@echo "  make test-fast   the tests a fork's CI runs: no multi-process runs, no ../shared/data (.github/workflows/ci.yml)"
-	@echo "  make test-long   the end-to-end runs: every docs/extending.md recipe, the launchers (torchrun, DeepSpeed,"
-	@echo "                   SLURM), the presets at smoke size, compiled and CPU-offload runs, fault runs, Shakespeare"
-	@echo "  make test-gpu    the GPU-only tests (compiled bf16, ZeRO on one GPU, no host sync between logging steps)"
-	@echo "  make test-bench  the test of make bench itself (minutes: the benchmark compiles and runs every path)"
-	@echo "  make stress      the stress tests, then STRESS_RUNS= 2-process ZeRO-2 CPU runs in a row, each bounded"
-	@echo "                   in time (default 10), the stacks of a hung one printed"
-	@echo "  make lint        ruff check and format check; the package's import layers (import-linter)"
-	@echo "  make format      ruff: fix what it can and format"
-	@echo "  make clean       remove .venv and the tool caches; never data/ or runs/"
-	@echo "  make rename      give a fork its own package name: make rename NAME=mylm (docs/extending.md)"
+	@awk '/^## / { doc[++n] = substr($$0, 4); next } \
+		/^[a-z0-9-]+:/ && n { name = $$1; sub(/:.*/, "", name); printf "  make %-15s %s\n", name, doc[1]; \
+			for (i = 2; i <= n; i++) printf "  %-20s %s\n", "", doc[i] } { n = 0 }' $(firstword $(MAKEFILE_LIST))
 	@echo "Variables (empty: the config's value):"
 	@echo "  MODEL=           a preset in configs/model/: $(MODEL_PRESETS);"
 	@echo "                   one with an experiment of its name brings it too ($(subst $(eval) ,$(comma) ,$(filter-out default,$(EXPERIMENTS))), tuned for GPUs)"
@@ -137,100 +116,132 @@ help:
 	@echo "  RUN=             run folder (default runs/<experiment>-<time>)"
 	@echo "  INIT=            a Hugging Face model folder (GPT-2 or Llama) to start training from; its architecture wins"
 	@echo "  RESUME=          auto (the newest complete checkpoint in RUN=, which it needs) or a checkpoint path"
-	@echo "  CONFIG=          an experiment YAML (default: configs/experiment/<MODEL>.yaml if there is one, else default.yaml)"
+	@echo "  CONFIG=          an experiment YAML, applied over configs/experiment/default.yaml (default: configs/experiment/<MODEL>.yaml"
+	@echo "                   if there is one); ARGS=--print_config shows the result"
 	@echo "  ARGS=            further overrides, split as a shell splits words, e.g. ARGS=\"--model.config.n_layer=6\""
 	@echo "Every value is text: \$$, quotes, spaces and ; in it reach the program as typed, and nothing in it is run"
 	@echo "  CKPT=, PROMPT=   checkpoint (a file or a DeepSpeed folder) and prompt for make sample / eval / export / export-fp32"
 	@echo "  GPUS=, GPU_MEM=, CPU_MEM=  GPUs per node, GiB per GPU, GiB of CPU memory per node, for make plan"
 	@echo "  TORCH=           the torch requirement installed first (default "$(call q,$(TORCH))")"
+	@echo "  CONSTRAINTS=     the pinned versions make install uses (default constraints.txt, what the tests passed with;"
+	@echo "                   empty: the newest pyproject.toml allows)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(wildcard $(CONSTRAINTS))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(call q,$(TORCH))
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" $(if $(CONSTRAINTS),-c $(call q,$(CONSTRAINTS)))
 	touch $@
 
+## .venv with the project and its dev extras (every target does this first)
 install: $(STAMP)
 
+## text -> tokenizer -> packed token shards in data/ (cached)
 prepare: $(STAMP)
 	$(LLM) prepare $(CLI_ARGS)
 
+## prepare if needed, then train; default: tiny model, embedded corpus, CPU, W&B offline
 train: $(STAMP)
 	$(LLM) fit $(CLI_ARGS)
 
+## torchrun on this node, run once per node: NNODES= NODE_RANK= MASTER_ADDR= MASTER_PORT= DEVICES=
 train-multinode: $(STAMP)
 	$(LLM) torchrun --nnodes=$(call q,$(or $(NNODES),1)) --node_rank=$(call q,$(NODE_RANK)) \
 		--master_addr=$(call q,$(MASTER_ADDR)) --master_port=$(call q,$(MASTER_PORT)) \
 		--devices=$(call q,$(or $(DEVICES),1)) --timeout=$(call q,$(LAUNCH_TIMEOUT)) -- $(CLI_ARGS)
 
+## the DeepSpeed launcher over HOSTFILE= ("host slots=N" lines), started on its first host
 train-deepspeed: $(STAMP)
 	$(LLM) deepspeed --hostfile=$(call q,$(HOSTFILE)) --master_port=$(call q,$(MASTER_PORT)) \
 		--timeout=$(call q,$(LAUNCH_TIMEOUT)) -- $(CLI_ARGS)
 
+## submit scripts/slurm/train.sbatch: NNODES= DEVICES= [PARTITION= TIME= ACCOUNT=]; requeues itself
 slurm: $(STAMP)
 	$(LLM) slurm --nnodes=$(call q,$(or $(NNODES),1)) --devices=$(call q,$(or $(DEVICES),1)) \
 		$(if $(PARTITION),--partition=$(call q,$(PARTITION))) $(if $(TIME),--time=$(call q,$(TIME))) \
 		$(if $(ACCOUNT),--account=$(call q,$(ACCOUNT))) --timeout=$(call q,$(LAUNCH_TIMEOUT)) -- $(CLI_ARGS)
 
+## generated text: make sample CKPT=runs/<name>/checkpoints/last.ckpt PROMPT="..."
 sample: $(STAMP)
 	$(LLM) sample --ckpt=$(call q,$(CKPT)) --prompt=$(call q,$(PROMPT))
 
+## loss, perplexity and bits per byte of CKPT= on its run's validation split, or TEXT= / HF=
 eval: $(STAMP)
 	$(LLM) eval --ckpt=$(call q,$(CKPT)) $(if $(TEXT),--text=$(call q,$(TEXT))) $(if $(HF),--hf=$(call q,$(HF)))
 
+## a Hugging Face transformers folder OUT= of CKPT= (GPT-2 or Llama family; FORCE=1, ARGS=--dtype=bf16)
 export: $(STAMP)
 	$(LLM) export --ckpt=$(call q,$(CKPT)) --out=$(call q,$(OUT)) $(if $(FORCE),--force=$(call q,$(patsubst 0,false,$(patsubst 1,true,$(FORCE)))))
 
+## a DeepSpeed checkpoint folder CKPT= as one fp32 file OUT=
 export-fp32: $(STAMP)
 	$(LLM) export-fp32 --ckpt=$(call q,$(CKPT)) --out=$(call q,$(OUT))
 
+## memory per ZeRO stage and offload, and the preset to use: MODEL= GPUS= NNODES= GPU_MEM= [CPU_MEM=]
 plan: $(STAMP)
 	$(LLM) plan $(if $(MODEL),--model=$(call q,$(MODEL))) $(if $(GPUS),--gpus=$(call q,$(GPUS))) \
 		$(if $(NNODES),--nnodes=$(call q,$(NNODES))) $(if $(GPU_MEM),--gpu_mem=$(call q,$(GPU_MEM))) \
 		$(if $(CPU_MEM),--cpu_mem=$(call q,$(CPU_MEM)))
 
+## each path (eager, compiled, zero1-3) through the trainer and through a plain loop or
+## DeepSpeed's own engine, and data preparation: a table and bench.json (ARGS="--paths=[...]")
 bench: $(STAMP)
 	$(WITH_ARGS) $(PY) scripts/bench.py
 
+## PNG charts of a run's loss, optimizer, throughput and memory: make plot RUN=runs/<name>
 plot: $(STAMP)
 	$(LLM) plot --run=$(call q,$(RUN))
 
+## a run in W&B's terminal viewer (wandb leet): make tui RUN=runs/<name>
 tui: $(STAMP)
 	$(LLM) tui --run=$(call q,$(RUN))
 
+## save (or, ARGS=--url=..., update) a W&B workspace of every logged metric: needs
+## WANDB_API_KEY; WANDB_ENTITY=, WANDB_PROJECT= choose where (ARGS=--x=tokens: tokens on x)
 wandb-dashboard: $(STAMP)
 	$(LLM) wandb-dashboard
 
+## the CPU test suite, GPUs hidden, in TEST_WORKERS= processes (2; PYTEST_ARGS= to pytest)
 test: $(STAMP)
 	$(PYTEST) -n $(call q,$(TEST_WORKERS)) --dist loadgroup -m "not long and not gpu and not bench and not stress"
 
+## the tests a fork's CI runs: no multi-process runs, no ../shared/data (.github/workflows/ci.yml)
 test-fast: $(STAMP)
 	$(PYTEST) -n $(call q,$(TEST_WORKERS)) --dist loadgroup -m "not slow and not shared_data and not long and not gpu and not bench and not stress"
 
+## the end-to-end runs: every docs/extending.md recipe, the launchers (torchrun, DeepSpeed,
+## SLURM), the presets at smoke size, compiled and CPU-offload runs, fault runs, Shakespeare
 test-long: $(STAMP)
 	$(PYTEST) -n $(call q,$(TEST_WORKERS)) --dist loadgroup -m "long and not gpu"
 
+## the GPU-only tests (compiled bf16, ZeRO on one GPU, no host sync between logging steps)
 test-gpu: $(STAMP)
 	LLM_TEST_GPU=1 $(PYTEST) -m gpu
 
+## the test of make bench itself (minutes: the benchmark compiles and runs every path)
 test-bench: $(STAMP)
 	$(PYTEST) -m bench
 
+## the stress tests, then STRESS_RUNS= 2-process ZeRO-2 CPU runs in a row, each bounded
+## in time (default 10), the stacks of a hung one printed
 stress: $(STAMP)
 	$(PYTEST) -m stress
 	$(WITH_ARGS) $(PY) scripts/stress.py --runs=$(call q,$(STRESS_RUNS))
 
+## ruff check and format check; the package's import layers (import-linter)
 lint: $(STAMP)
 	$(PY) -m ruff check llm tests scripts
 	$(PY) -m ruff format --check llm tests scripts
 	$(VENV)/bin/lint-imports
 
+## ruff: fix what it can and format
 format: $(STAMP)
 	$(PY) -m ruff check --fix llm tests scripts
 	$(PY) -m ruff format llm tests scripts
 
+## give a fork its own package name: make rename NAME=mylm (docs/extending.md)
 rename:
 	$(PYTHON) scripts/rename.py $(call q,$(NAME))
 
+## remove .venv and the tool caches; never data/ or runs/
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache  # never data/ or runs/: they hold work

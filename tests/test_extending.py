@@ -126,7 +126,7 @@ def test_renamed_project_installs_and_passes_its_tests(tmp_path):
     env = {**os.environ, "VENV": str(overlay_venv(tmp_path / "venv"))}
     env.pop("PYTHONPATH", None)
     follow("Renaming the package", copy, env)
-    assert not (copy / "llm").exists() and (copy / "mylm" / "cli.py").is_file()
+    assert not (copy / "llm").exists() and (copy / "mylm" / "train" / "cli.py").is_file()
     leftovers = [
         str(p.relative_to(copy))
         for p in copy.rglob("*.py")

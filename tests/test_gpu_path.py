@@ -232,6 +232,8 @@ def test_recipe_trains_two_steps_at_smoke_size(recipe, tmp_path, code_corpus, da
     result = (run_llm if recipe == "gpt2-124m" else llm_here)(
         "fit",
         "--config",
+        "configs/experiment/default.yaml",  # a recipe states what differs from it, as make applies them
+        "--config",
         f"configs/experiment/{recipe}.yaml",
         *SMALL,
         f"--data.text={code_corpus}",
@@ -254,9 +256,9 @@ def test_recipe_trains_two_steps_at_smoke_size(recipe, tmp_path, code_corpus, da
 def test_recipe_is_the_experiment_make_picks_for_its_model(recipe):
 
     dry = subprocess.run(["make", "-n", "train", f"MODEL={recipe}"], cwd=REPO, capture_output=True, text=True)
-    assert f"--config 'configs/experiment/{recipe}.yaml'" in dry.stdout
+    assert f"--config 'configs/experiment/default.yaml' --config 'configs/experiment/{recipe}.yaml'" in dry.stdout
     other = subprocess.run(["make", "-n", "train", "MODEL=gpt2-350m"], cwd=REPO, capture_output=True, text=True)
-    assert "--config 'configs/experiment/default.yaml'" in other.stdout
+    assert "--config 'configs/experiment/default.yaml' " in other.stdout and other.stdout.count("--config") == 1
 
 
 def test_llama_recipe_uses_what_make_plan_recommends_for_8_gpus_of_80_gb():
@@ -266,7 +268,7 @@ def test_llama_recipe_uses_what_make_plan_recommends_for_8_gpus_of_80_gb():
         gpus=recipe["trainer"]["devices"],
         gpu_mem=80,
         micro_batch=recipe["data"]["batch_size"],
-        activation_checkpointing=recipe["model"]["activation_checkpointing"],
+        activation_checkpointing=recipe["model"].get("activation_checkpointing", False),  # the default's
         json=True,
     )
-    assert (recipe["deepspeed"] or "ddp") == result["recommended"]
+    assert (recipe.get("deepspeed") or "ddp") == result["recommended"]

@@ -103,3 +103,39 @@ def test_pytest_args_keep_their_quotes(argv_of, tmp_path):
 def test_force_is_what_it_says(argv_of, force, given):
     argv = argv_of("export", CKPT="c", OUT="o", FORCE=force)
     assert [a for a in argv if a.startswith("--force")] == ([given] if given else [])
+
+
+def install_commands(*assignments: str) -> str:
+    """What `make install` would run in a fresh clone (the stamp made again), without running it."""
+    result = subprocess.run(
+        ["make", "-n", "-B", "install", "STAMP=/nonexistent/stamp", *assignments],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_install_takes_the_tested_versions_unless_told_not_to():
+    assert "-c 'constraints.txt'" in install_commands()
+    assert " -c " not in install_commands("CONSTRAINTS=")
+
+
+def test_every_dependency_has_the_version_the_tests_passed_with():
+    # a dependency added to pyproject.toml without a refreshed constraints.txt would install untested
+    import re
+
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["dev"]
+    names = {re.split(r"[<>=!\[ ;]", spec, maxsplit=1)[0].lower().replace("_", "-") for spec in wanted}
+    pinned = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pinned[name.lower().replace("_", "-")] = version
+    assert names - {"torch"} <= pinned.keys(), sorted(names - {"torch"} - pinned.keys())
+    assert "torch" not in pinned  # TORCH= pins it: a CUDA and a CPU build have different versions
