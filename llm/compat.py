@@ -1,7 +1,9 @@
 """What the project needs from its libraries that they offer no public API for, in one place.
 
 Each function names the versions it was written against (torch 2.13, lightning 2.6, deepspeed
-0.19) and has a test in tests/test_compat.py that fails when a library changes under it.
+0.19, wandb 0.31) and has a test in tests/test_compat.py that fails when a library changes under it.
+Two subclasses override private methods where they are (train/strategy.py's CPUDeepSpeedStrategy,
+train/progress.py's RichBar); the same tests check those methods still exist.
 """
 
 from __future__ import annotations
@@ -44,3 +46,16 @@ def skip_fused_update_if(optimizer, found_inf) -> None:
 def end_fused_skip(optimizer) -> None:
     if hasattr(optimizer, "found_inf"):
         del optimizer.found_inf
+
+
+def drop_wandb_anonymous(logger) -> None:
+    """Lightning 2.6's WandbLogger hands wandb.init `anonymous=None`, which wandb 0.31 warns about on
+    every run; the keyword arguments it hands over wait in `_wandb_init` until the run starts."""
+    logger._wandb_init.pop("anonymous", None)
+
+
+def set_logging_step(trainer, step: int) -> None:
+    """The step Lightning 2.6 logs metrics under: the fit loop's count of batches that stepped the
+    optimizer (`fit_loop.epoch_loop._batches_that_stepped`), which it restores off by one after some
+    resumes (callbacks.LoggingStepOnResume)."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = step

@@ -1,4 +1,5 @@
-"""Callbacks that tests pass to the real entry point with --trainer.callbacks."""
+"""Callbacks that tests pass to the real entry point with --trainer.callbacks, and the objects that
+act when pickled or unpickled."""
 
 from lightning.pytorch.callbacks import Callback
 
@@ -118,6 +119,15 @@ class PoisonLoss(Callback):
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if trainer.global_step in self.steps:
             loss.mul_(float("nan"))  # in the graph: every gradient becomes NaN
+
+
+class RunsCode:
+    """A payload: unpickling it runs a command, which leaves the file LLM_TEST_MARKER names."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {os.environ['LLM_TEST_MARKER']}",))
 
 
 class _KillWhenPickled:

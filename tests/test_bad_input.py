@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import RunsCode
 
 from llm.data.datamodule import datamodule_args
 from llm.data.prepare import PrepareConfig, prepared_dir
@@ -146,11 +147,6 @@ def test_a_truncated_checkpoint(tmp_path, trained):
     assert_refused(
         llm_here("sample", f"--ckpt={cut}", "--prompt=x"), f"ckpt={cut}: not a readable checkpoint", "truncated"
     )
-
-
-class RunsCode:
-    def __reduce__(self):
-        return (os.system, (f"touch {os.environ['LLM_TEST_MARKER']}",))
 
 
 @pytest.mark.parametrize("command", ["sample", "eval", "fit"])

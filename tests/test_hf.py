@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import RunsCode
 
 from llm.checkpoint import load_for_inference
 from llm.data.tokenizer import ordinary
@@ -236,11 +237,6 @@ def test_init_from_a_pytorch_bin_that_would_run_code_is_refused_unread(tmp_path,
     with pytest.raises(Exception):  # noqa: B017  (its one-line answer is the reliability issue's; here: no code ran)
         load_pretrained(folder)
     assert not marker.exists(), "loading the weights ran their code"
-
-
-class RunsCode:
-    def __reduce__(self):
-        return (os.system, (f"touch {os.environ['LLM_TEST_MARKER']}",))
 
 
 def pickled_payload(folder: Path) -> None:

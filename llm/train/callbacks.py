@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from llm import compat
 from llm.config import CHECKPOINT_FORMAT
 from llm.redact import scrub, scrub_text
 
@@ -37,7 +38,7 @@ class LoggingStepOnResume(Callback):
 
     def on_train_batch_start(self, trainer, *args) -> None:
         if self._pending:
-            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+            compat.set_logging_step(trainer, trainer.global_step)
             self._pending = False
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from llm import ranks
 from llm.checkpoint import weights_only_loads
@@ -66,23 +66,6 @@ RUN_ARGUMENTS = [
 ]
 
 
-class ScrubbedConfigFile(SaveConfigCallback):
-    """config.yaml in the run folder: the resolved config, with secrets replaced (loggers.scrub)."""
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.already_saved:
-            return
-        log_dir = trainer.log_dir  # a broadcast: every rank asks
-        if trainer.is_global_zero:
-            resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_check=True))
-            path = Path(log_dir) / self.config_filename
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")  # a disk that fills here leaves the old one, not an empty one
-            tmp.write_text(yaml.safe_dump(scrub(resolved), sort_keys=False))
-            tmp.replace(path)
-        self.already_saved = True
-
-
 class LLMCLI(LightningCLI):
     def __init__(self, *args, prepare_only: bool = False, **kwargs):
         self.prepare_only = prepare_only
@@ -92,7 +75,7 @@ class LLMCLI(LightningCLI):
             *args,
             subclass_mode_data=True,
             parser_class=ArgumentParser,
-            save_config_callback=ScrubbedConfigFile,  # a resumed run rewrites it with its own config
+            save_config_callback=None,  # config.yaml is written once the config is resolved (instantiate_trainer)
             load_from_checkpoint_support=False,
             **kwargs,
         )
@@ -157,13 +140,17 @@ class LLMCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         cfg = self._config()
-        trainer_init = self._get(self.config_init, "trainer", default={})  # the YAML's, instantiated
+        trainer_init = self.config_init.get(f"{self.subcommand}.trainer") or {}  # the YAML's, instantiated
         callbacks = list(trainer_init.get("callbacks") or [])
-        resolved = yaml.safe_load(self._parser(self.subcommand).dump(cfg, skip_check=True))
+        # the resolved config, once, without secrets: config.yaml, every checkpoint and W&B's run config
+        whole = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_validation=True))
+        resolved = scrub(whole[self.subcommand])
+        if ranks.is_first_process():  # a resumed run rewrites it with its own config
+            write_config_file(self.run_dir / "config.yaml", resolved)
         model = preflight.model_config(cfg)
         self.monitor = PerformanceMonitor(flops_per_token(model, model.block_size), cfg.peak_flops)
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.save_every or cfg.eval_every, cfg.keep_last)
-        self.run_info = RunInfo(scrub(resolved), self.data_folder, self.resume_from)
+        self.run_info = RunInfo(resolved, self.data_folder, self.resume_from)
         callbacks += [  # the monitor first: the progress lines of a logging step show what it has just measured
             self.monitor,
             NonFiniteSteps(cfg.max_skipped_steps),
@@ -239,6 +226,12 @@ class LLMCLI(LightningCLI):
             f"strategy: {strategy_label(self.trainer.strategy)}; "
             f"compile: {'on' if self.model.compile_model else 'off'}; run: {self.run_dir}"
         )
+
+
+def write_config_file(path: Path, resolved: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")  # a disk that fills here leaves the old one, not an empty one
+    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    tmp.replace(path)
 
 
 def model_preset(cfg) -> str:

@@ -10,68 +10,83 @@ import string
 import sys
 from pathlib import Path
 
-from lightning.fabric.loggers.csv_logs import _ExperimentWriter
-from lightning.fabric.loggers.logger import _DummyExperiment, rank_zero_experiment
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from llm import ranks
+from llm import compat, ranks
 from llm.metrics import STEP
 from llm.redact import scrub, scrub_name, scrub_text
 from llm.wandb_settings import wandb_entity, wandb_mode, wandb_project
 
 
-class _StepRowsWriter(_ExperimentWriter):
-    """Lightning's CSV writer, changed in two ways: the metrics logged at one step (train and
-    validation) share one row, and an existing file is continued rather than deleted, so a resumed
-    run keeps the rows of the steps before it."""
+class RunCSVLogger(Logger):
+    """`<run>/metrics.csv`, one row per optimizer step: the metrics logged at one step (train and
+    validation) share a row, and an existing file is continued rather than replaced, so a resumed
+    run keeps the rows of the steps before it. Written on rank zero, whole and atomically, at each
+    save (Lightning saves after each logging step)."""
 
-    def __init__(self, log_dir: str):
-        self.log_dir = log_dir
-        self.metrics_file_path = os.path.join(log_dir, self.NAME_METRICS_FILE)
-        self._fs = None
-        self.rows: dict[int, dict] = {}
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                for row in csv.DictReader(f):
-                    self.rows[int(row["step"])] = {k: v for k, v in row.items() if v != ""}
-        self.metrics = []
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
+    def __init__(self, run_dir: str):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.csv"
+        self.rows: dict[int, dict] | None = None  # read on first use, on rank zero only
 
-    def log_metrics(self, metrics_dict: dict, step: int | None = None) -> None:
-        step = len(self.rows) if step is None else int(step)
-        values = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics_dict.items()}
-        self.rows.setdefault(step, {}).update(values, step=step)
-        self.metrics.append(values)  # Lightning's CSVLogger saves when this is non-empty
+    @property
+    def name(self) -> str:
+        return "csv"
 
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def save_dir(self) -> str:
+        return str(self.run_dir)
+
+    @rank_zero_only
+    def log_hyperparams(self, params=None, *args, **kwargs) -> None:
+        pass  # config.yaml beside it holds them all
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        rows = self._rows()
+        step = len(rows) if step is None else int(step)
+        values = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
+        rows.setdefault(step, {}).update(values, step=step)
+
+    @rank_zero_only
     def save(self) -> None:
         if not self.rows:
             return
         keys = sorted({k for row in self.rows.values() for k in row} - {"step"})
-        tmp = self.metrics_file_path + ".tmp"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["step", *keys])
             writer.writeheader()
             writer.writerows(self.rows[s] for s in sorted(self.rows))
-        os.replace(tmp, self.metrics_file_path)
-        self.metrics = []
+        os.replace(tmp, self.path)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()
+
+    def _rows(self) -> dict[int, dict]:
+        if self.rows is None:
+            self.rows = {}
+            if self.path.is_file():
+                with open(self.path, newline="") as f:
+                    for row in csv.DictReader(f):
+                        self.rows[int(row["step"])] = {k: v for k, v in row.items() if v != ""}
+        return self.rows
 
 
-class RunCSVLogger(CSVLogger):
-    """Writes `<run>/metrics.csv` directly in the run folder."""
+class _NoExperiment:
+    """What the W&B logger hands Lightning once W&B has failed: every call does nothing."""
 
-    def __init__(self, run_dir: str):
-        super().__init__(save_dir=run_dir, name="", version="")
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> _StepRowsWriter:
-        if self._experiment is None:
-            self._experiment = _StepRowsWriter(self.log_dir)
-        return self._experiment
-
-    def log_hyperparams(self, params=None) -> None:
-        pass  # config.yaml beside it holds them all
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 class RunWandbLogger(WandbLogger):
@@ -85,8 +100,8 @@ class RunWandbLogger(WandbLogger):
 
     def __init__(self, run_dir: Path, **kwargs):
         super().__init__(id=self.run_id(run_dir), resume="allow", save_dir=str(run_dir), **kwargs)
-        # Lightning passes anonymous=None, which this wandb release warns about on every run
-        self._wandb_init.pop("anonymous", None)
+        compat.drop_wandb_anonymous(self)
+        self.run_name = kwargs.get("name") or run_dir.name
         self.run_config: dict = {}
         self.failed = False
         self.defined = False
@@ -118,7 +133,7 @@ class RunWandbLogger(WandbLogger):
     @rank_zero_experiment
     def experiment(self):
         if self.failed:
-            return _DummyExperiment()
+            return _NoExperiment()
         try:
             argv, sys.argv = sys.argv, [scrub_text(a) for a in sys.argv]  # W&B records the command line
             try:
@@ -132,7 +147,7 @@ class RunWandbLogger(WandbLogger):
             return experiment
         except Exception as exc:  # wandb raises many kinds: bad mode, unwritable dir, network
             self._give_up(exc)
-            return _DummyExperiment()
+            return _NoExperiment()
 
     @rank_zero_only
     def log_hyperparams(self, params=None) -> None:
@@ -163,7 +178,7 @@ class RunWandbLogger(WandbLogger):
 
             experiment = self.experiment
             experiment.summary.update(scrub(summary))
-            artifact = wandb.Artifact(f"{self._name}-model", type="model", metadata=scrub(summary))
+            artifact = wandb.Artifact(f"{self.run_name}-model", type="model", metadata=scrub(summary))
             for path in files:
                 artifact.add_file(str(path), name=path.name)
             if weights is not None:

@@ -154,6 +154,7 @@ class PerformanceMonitor(Callback):
         self.samples = 0  # sequences this rank trained on in this session
         self.start_step = self.last_logged_step = self.last_step = trainer.global_step
         self.throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
+        self.logged_time, self.logged_tokens = 0.0, 0  # as of the previous logging step (the rates' window)
         self.waited_until = self._loader_wait(trainer)
         self.last_end: float | None = None  # end of the previous micro-batch; None after a pause
 
@@ -194,7 +195,7 @@ class PerformanceMonitor(Callback):
     def _log(self, trainer, pl_module, now: float) -> None:
         train_time = self.train_time + self._batch_seconds(now)
         tokens = self.samples * self.tokens_per_sample  # this rank's, this session
-        new_tokens = tokens - self.throughput._lengths[-1]
+        new_tokens = tokens - self.logged_tokens
         self.throughput.update(
             time=train_time,
             batches=trainer.global_step - self.start_step,
@@ -203,7 +204,8 @@ class PerformanceMonitor(Callback):
             flops=new_tokens * self.flops_per_token,
         )
         rates = self.throughput.compute()  # over the interval since the previous logging step
-        interval = self.throughput._time[-1] - self.throughput._time[0]
+        interval = train_time - self.logged_time  # the window of two updates compute() read
+        self.logged_time, self.logged_tokens = train_time, tokens
         world = trainer.world_size
         metrics = {
             "train/tokens": trainer.global_step * self.tokens_per_step,

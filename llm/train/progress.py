@@ -16,7 +16,8 @@ def progress_bar() -> ProgressBar:
 class RichBar(RichProgressBar):
     """Lightning's rich progress bar, counting the run's batches rather than epochs (a run here is
     one pass of max_steps, so "Epoch 0/-2" would say nothing), and refreshed on logging steps only:
-    reading the shown loss is a device sync, which the other steps are spared."""
+    reading the shown loss is a device sync, which the other steps are spared. `_refresh_rate` and
+    `_get_train_description` are Lightning 2.6's own, without a public form (tests/test_compat.py)."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

@@ -138,7 +138,9 @@ def remove_stale_shm_buffers(min_age: float = 60.0) -> list[Path]:
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy with the three places that assume CUDA relaxed, so the real ZeRO
-    engine runs on CPU processes over gloo (tests, and anyone without a GPU)."""
+    engine runs on CPU processes over gloo (tests, and anyone without a GPU). Two of them are private
+    methods of Lightning 2.6 (`_init_deepspeed_distributed`, `_setup_model_and_optimizer`), which
+    tests/test_compat.py checks are still there."""
 
     strategy_name = "deepspeed_cpu"
 
