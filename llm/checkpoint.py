@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 from llm.config import model_config_of  # also registers the checkpoint's dataclasses for torch.load
-from llm.errors import ConfigError
+from llm.errors import ConfigError, exception_line
 from llm.model import ModelConfig, Transformer
 
 # what this project reads from rank 0's model-states file of a ZeRO checkpoint: what run.RunInfo
@@ -98,11 +98,11 @@ def safe_load(file: Path, field: str, mmap: bool = False) -> dict:
     except pickle.UnpicklingError as exc:
         raise ConfigError(
             f"{field}={file}: holds objects other than tensors and plain data, refused unread "
-            f"({first_line(exc)}); use a checkpoint this project wrote"
+            f"({exception_line(exc)}); use a checkpoint this project wrote"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise ConfigError(
-            f"{field}={file}: not a readable checkpoint ({first_line(exc)}); it may be truncated; "
+            f"{field}={file}: not a readable checkpoint ({exception_line(exc)}); it may be truncated; "
             "give another one, e.g. runs/<name>/checkpoints/last.ckpt"
         ) from exc
     if not isinstance(ckpt, dict) or "llm_config" not in ckpt:
@@ -110,36 +110,38 @@ def safe_load(file: Path, field: str, mmap: bool = False) -> dict:
     return ckpt
 
 
-def first_line(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return text[:160] + ("..." if len(text) > 160 else "")
+def _refuse_payload(file: Path, path: Path, field: str) -> None:
+    """The objects of one file, through the memory map (no tensor read): a payload is refused unread."""
+    try:
+        with weights_only_loads():
+            torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(
+            f"{field}={path}: {file.name} holds objects other than tensors and plain data, refused unread "
+            f"({exception_line(exc)}); use a checkpoint this project wrote"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError):
+        pass  # not a readable zip: verify_checkpoint says so, with the reason
 
 
-def verify_checkpoint(path: str | Path, field: str = "ckpt") -> None:
+def verify_checkpoint(path: str | Path, field: str = "ckpt", objects_read: bool = False) -> None:
     """Every file of a checkpoint against the CRC-32s its zip records, which torch.load does not
-    check: a changed byte would otherwise load, silently, as a changed weight. Reads it whole."""
+    check: a changed byte would otherwise load, silently, as a changed weight. Reads it whole.
+    `objects_read`: the caller has already loaded the (one-file) checkpoint weights-only."""
     path = Path(path)
     files = sorted(p for p in path.rglob("*.pt") if p.is_file()) if path.is_dir() else [path]
     if path.is_dir():
         allow_deepspeed_types()
     for file in files:
-        try:  # the objects first, through the memory map (no tensor read): a payload is refused unread
-            with weights_only_loads():
-                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as exc:
-            raise ConfigError(
-                f"{field}={path}: {file.name} holds objects other than tensors and plain data, refused unread "
-                f"({first_line(exc)}); use a checkpoint this project wrote"
-            ) from None
-        except (RuntimeError, EOFError, OSError, ValueError):
-            pass  # not a readable zip: said below, with the reason
+        if not objects_read:
+            _refuse_payload(file, path, field)
         try:
             with zipfile.ZipFile(file) as archive:
                 damaged = archive.testzip()
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise ConfigError(
-                f"{field}={path}: {file.name} is not a readable checkpoint ({first_line(exc)}); it may be truncated; "
-                "give another one, e.g. runs/<name>/checkpoints/last.ckpt"
+                f"{field}={path}: {file.name} is not a readable checkpoint ({exception_line(exc)}); it may be "
+                "truncated; give another one, e.g. runs/<name>/checkpoints/last.ckpt"
             ) from None
         if damaged:
             raise ConfigError(
@@ -196,7 +198,7 @@ def read_checkpoint(path: str | Path) -> dict:
         verify_checkpoint(path)  # every shard: a payload refused unread, a damaged file named
         return _read_sharded(path)
     ckpt = safe_load(path, "ckpt")  # refuses a payload unread
-    verify_checkpoint(path)
+    verify_checkpoint(path, objects_read=True)  # the zip's checksums: its objects were just read
     return ckpt
 
 

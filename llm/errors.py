@@ -45,3 +45,9 @@ class OneLineErrors:
             return super().error(message, ex)
         sys.stderr.write(f"error: {one_line(message)}\n")
         sys.exit(2)
+
+
+def exception_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's message on one line, cut at `limit` characters: the reason inside a one-line answer."""
+    text = " ".join(str(exc).split())
+    return text[:limit] + ("..." if len(text) > limit else "")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llm.errors import ConfigError
+from llm.errors import ConfigError, exception_line
 from llm.model import ModelConfig, Transformer
 
 GPT2_NEEDS = {"norm": "layernorm", "mlp": "gelu"}
@@ -262,11 +262,11 @@ def _read_weights(folder: Path, field: str, safetensors_file, pickle_file) -> di
     except pickle.UnpicklingError as exc:
         raise ConfigError(
             f"{field}={folder}: pytorch_model.bin holds objects other than tensors, refused unread "
-            f"({' '.join(str(exc).split())[:120]}); use a folder with model.safetensors"
+            f"({exception_line(exc)}); use a folder with model.safetensors"
         ) from None
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, KeyError) as exc:
         raise ConfigError(
-            f"{field}={folder}: its weights cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
+            f"{field}={folder}: its weights cannot be read ({type(exc).__name__}: {exception_line(exc)}); "
             "the files may be truncated; download or export them again"
         ) from None
     raise ConfigError(f"{field}={folder}: no model.safetensors or pytorch_model.bin; give a transformers model folder")

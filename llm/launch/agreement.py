@@ -20,7 +20,7 @@ import time
 from datetime import timedelta
 
 from llm import ranks
-from llm.errors import ConfigError
+from llm.errors import ConfigError, exception_line
 
 TIMEOUT_ENV = "LLM_LAUNCH_TIMEOUT"  # seconds a process waits for rank 0 to answer (LAUNCH_TIMEOUT=)
 DEFAULT_TIMEOUT = 300.0
@@ -72,7 +72,7 @@ class Agreement:
                 addr, port + 1, is_master=leader, wait_for_workers=False, timeout=timedelta(seconds=timeout)
             )
         except Exception as exc:  # the client's connection timed out, or the port is taken
-            reason = " ".join(str(exc).split())[:160]
+            reason = exception_line(exc)
             if leader:
                 raise ConfigError(
                     f"MASTER_PORT={port}: rank 0 cannot serve the job's agreement on port {port + 1} ({reason}); "

@@ -100,7 +100,7 @@ class LLMCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self._config()
         if self.prepare_only:
-            preflight.check(cfg, "prepare")
+            preflight.resolve_and_check(cfg, "prepare")
             return
         # with an outside launcher every process is here at once: rank 0 decides the run folder and
         # whether the inputs only it checks are acceptable; the others take its word (llm/launch/agreement.py)
@@ -108,7 +108,7 @@ class LLMCLI(LightningCLI):
         try:
             if not self.agreement.leader:
                 cfg.run = self.agreement.wait("run")
-            preflight.check(cfg, self.subcommand)
+            preflight.resolve_and_check(cfg, self.subcommand)
             self.agreement.publish("run", cfg.run)
             self.resume_from = self.choose_resume(cfg)
             self.data_folder = preflight.prepare_data(cfg)
@@ -246,7 +246,7 @@ def run_tags(cfg) -> list[str]:
     return [
         f"model:{model_preset(cfg)}",
         f"ds:{ds}",
-        f"precision:{cfg.trainer.precision}",  # filled in by preflight.check
+        f"precision:{cfg.trainer.precision}",  # filled in by preflight.resolve_and_check
         f"world:{preflight.world_size(cfg.trainer)}",
     ]
 

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from llm import compat, ranks
+from llm.errors import exception_line
 from llm.metrics import STEP
 from llm.redact import scrub, scrub_name, scrub_text
 from llm.wandb_settings import wandb_entity, wandb_mode, wandb_project
@@ -125,7 +126,7 @@ class RunWandbLogger(WandbLogger):
     def _give_up(self, exc: Exception) -> None:
         if not self.failed:
             self.failed = True
-            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            reason = exception_line(exc, 200) or type(exc).__name__
             message = f"warning: W&B failed ({reason}); training continues, metrics go to metrics.csv only"
             print(message, file=sys.stderr)
 

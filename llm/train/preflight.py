@@ -41,8 +41,10 @@ def round_up(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-def check(cfg, command: str) -> None:
-    """Check the parsed config; fill in the model's vocabulary size and the precision."""
+def resolve_and_check(cfg, command: str) -> None:
+    """Fill in what the parsed config leaves to the inputs and the hardware, so that config.yaml
+    says what runs (INIT='s architecture, the vocabulary size, the precision, compile and fused
+    AdamW, the run folder's name), and check every input against it; nothing else is changed."""
     if command != "prepare" and cfg.model.init:
         take_architecture(cfg)
     model = model_config(cfg)
@@ -77,7 +79,7 @@ def check(cfg, command: str) -> None:
     resolve_speed_options(cfg)
     if cfg.deepspeed:
         load_preset(cfg.deepspeed, cfg.nvme_path)  # an unknown preset, offload it cannot do, a bad NVMe path
-    run_folder.check(cfg)
+    run_folder.decide(cfg)
 
 
 def check_loggers(trainer) -> None:

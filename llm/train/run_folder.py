@@ -36,8 +36,8 @@ def resolve_run_dir(cfg) -> Path:
     return Path("runs") / f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check(cfg) -> Path:
-    """Decide the run folder and refuse to reuse one by accident; creates nothing."""
+def decide(cfg) -> Path:
+    """Decide the run folder (cfg.run) and refuse to reuse one by accident; creates nothing."""
     named = bool(cfg.run) or RUN_ENV in os.environ or bool(ranks.slurm_job_id())
     run_dir = resolve_run_dir(cfg)
     cfg.run = str(run_dir)
@@ -65,7 +65,7 @@ def holds_run(run_dir: Path) -> bool:
 
 def create(cfg) -> Path:
     """Create the run folder (first process), become its one writer, and hand its name to the
-    processes started later. Two trainings started into one folder at once both pass `check`; the
+    processes started later. Two trainings started into one folder at once both pass `decide`; the
     lock decides between them before either writes anything."""
     global _writer_lock
     run_dir = Path(cfg.run)
@@ -87,7 +87,7 @@ def create(cfg) -> Path:
     lock.write(f"{socket.gethostname()} {os.getpid()}")
     lock.flush()
     _writer_lock = lock
-    if cfg.resume is None and holds_run(run_dir):  # filled since `check`, by a training that has ended
+    if cfg.resume is None and holds_run(run_dir):  # filled since `decide`, by a training that has ended
         raise ConfigError(f"run={run_dir}: already holds a run; continue it with RESUME=auto, or choose another RUN")
     return run_dir
 

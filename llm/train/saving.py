@@ -42,6 +42,10 @@ PARTIAL = ".partial"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C
 
 
+def step_name(step: int) -> str:
+    return f"step-{step:06d}.ckpt"
+
+
 def step_of(path: Path) -> int | None:
     match = STEP_NAME.match(path.name)
     return int(match.group(1)) if match else None
@@ -202,13 +206,19 @@ class Checkpoints(Checkpoint):
     # --- how -----------------------------------------------------------------------------------
 
     def best(self) -> dict | None:
+        """The record of the best checkpoint: its step and validation loss (best.json). best.ckpt is
+        a link to the same step, for people and tools that open a path."""
         path = self.folder / "best.json"
         return json.loads(path.read_text()) if path.is_file() else None
+
+    def best_path(self) -> Path | None:
+        best = self.best()
+        return self.folder / step_name(best["step"]) if best else None
 
     def save(self, trainer) -> Path:
         """Write step-<global step>.ckpt (once per step) and make it the last checkpoint."""
         step = trainer.global_step
-        final = self.folder / f"step-{step:06d}.ckpt"
+        final = self.folder / step_name(step)
         if step == self._saved_step:
             return final
         partial = final.with_name(final.name + PARTIAL)
@@ -242,7 +252,7 @@ class Checkpoints(Checkpoint):
 
     def _prune(self) -> None:
         best = self._best
-        keep = {f"step-{best['step']:06d}.ckpt"} if best else set()
+        keep = {step_name(best["step"])} if best else set()
         for path in step_checkpoints(self.folder)[: -self.keep_last]:
             if path.name not in keep:
                 remove(path)

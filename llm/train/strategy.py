@@ -22,7 +22,7 @@ import torch
 import yaml
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
-from llm.errors import ConfigError
+from llm.errors import ConfigError, exception_line
 from llm.launch.collectives import DEFAULT_TIMEOUT, STARTUP_TIMEOUT
 from llm.paths import configs
 
@@ -54,8 +54,8 @@ def load_preset(name: str, nvme_path: str | None = None) -> dict:
     try:
         config = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        reason = " ".join(str(exc).split())
-        raise ConfigError(f"deepspeed={name}: {path} is not valid {path.suffix[1:].upper()} ({reason})") from exc
+        kind = path.suffix[1:].upper()
+        raise ConfigError(f"deepspeed={name}: {path} is not valid {kind} ({exception_line(exc, 400)})") from exc
     if not isinstance(config, dict):
         raise ConfigError(f"deepspeed={name}: {path} holds no DeepSpeed config (a mapping with zero_optimization)")
     for key, owner in OWNED_ELSEWHERE.items():

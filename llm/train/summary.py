@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import lightning as L
@@ -14,11 +13,6 @@ from llm.train.callbacks import RunInfo
 from llm.train.monitor import PerformanceMonitor, tokens_per_optimizer_step
 from llm.train.saving import Checkpoints
 from llm.train.strategy import preset_of
-
-
-def best_checkpoint(folder: Path) -> str | None:
-    best = folder / "best.ckpt"
-    return str(folder / os.readlink(best)) if best.is_symlink() else None
 
 
 def strategy_label(strategy) -> str:
@@ -52,7 +46,7 @@ def write_summary(
         "final_train_loss": metrics.get("train/loss"),  # None when this session trained no step
         "final_val_loss": metrics.get("val/loss"),
         "unigram_val_entropy": meta["unigram_val_entropy"],
-        "best_checkpoint": best_checkpoint(checkpoints.folder),
+        "best_checkpoint": str(checkpoints.best_path()) if checkpoints.best_path() else None,
         "last_checkpoint": str(checkpoints.last_saved) if checkpoints.last_saved else info.resumed_from,
         "params": count_params(model.config),
         "world_size": trainer.world_size,
