@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from llm.config import model_config_of  # also registers the checkpoint's dataclasses for torch.load
+from llm.config import RunConfig, model_config_of  # also registers the checkpoint's dataclasses for torch.load
 from llm.errors import ConfigError, exception_line
 from llm.model import ModelConfig, Transformer
 
@@ -34,6 +34,10 @@ class Loaded:
     data_meta: dict
     step: int
     world_size: int = 1  # processes that trained it
+
+    @property
+    def run_config(self) -> RunConfig:
+        return RunConfig.from_dict(self.config)
 
 
 def model_config_from(config: dict) -> ModelConfig:

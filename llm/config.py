@@ -1,17 +1,30 @@
-"""The typed configuration a run is built from, beside the architecture's (llm/model.py:ModelConfig).
+"""The typed configuration of a run, resolved: what config.yaml and every checkpoint record.
 
-Checkpoints hold these dataclasses among their hyperparameters, and every checkpoint is read with
-torch.load(weights_only=True), which accepts only the types registered here.
+`RunConfig` has one constructor for the dict those hold (`from_dict`: a config.yaml read back, a
+checkpoint's `llm_config`, or the parsed command line as a dict), and frozen parts: the
+architecture (llm/model.py's ModelConfig), the optimizer and schedule, the data to prepare, the
+loader, the trainer's settings and the run's own options. Resuming compares two of them field by
+field (llm/train/resume.py); the tools read a checkpoint's through it.
+
+Checkpoints hold the ModelConfig and OptimizerConfig dataclasses among their hyperparameters, and
+every checkpoint is read with torch.load(weights_only=True), which accepts only the types
+registered here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal
 
 import torch
+import yaml
 
+from llm.errors import ConfigError
 from llm.model import ModelConfig
+
+EOT = "<|endoftext|>"  # the end-of-text token a trained BPE writes after every document
 
 
 @dataclass
@@ -29,18 +42,165 @@ class OptimizerConfig:
 torch.serialization.add_safe_globals([ModelConfig, OptimizerConfig, (OptimizerConfig, "llm.module.OptimizerConfig")])
 
 
+@dataclass
+class PrepareConfig:
+    """What to prepare (llm/data/prepare.py). The DataModule's arguments of the same names fill it in."""
+
+    text: str | None = None
+    hf: str | None = None
+    hf_split: str = "train"
+    hf_streaming: bool = False
+    hf_max_documents: int | None = None
+    text_field: str = "text"
+    tokenizer: str | None = None
+    vocab_size: int = 8192
+    eot_token: str = EOT
+    val_fraction: float = 0.1
+    split: Literal["auto", "document", "tail"] = "auto"
+    cache_dir: str = "data"
+    num_proc: int | None = None
+
+    @classmethod
+    def from_data_config(cls, data: Mapping) -> PrepareConfig:
+        """The preparation fields of a data config (which holds the loader's fields too)."""
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def check(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must lie between 0 and 1, e.g. 0.1")
+        if self.tokenizer is None and not 256 < self.vocab_size <= 2**32:
+            raise ConfigError(
+                f"data.vocab_size={self.vocab_size}: a byte-level BPE needs more than 256 tokens, e.g. 8192"
+            )
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How the prepared tokens are cut and sampled (the DataModule's other arguments)."""
+
+    block_size: int = 256
+    batch_size: int = 16  # sequences per micro-batch per device
+    num_workers: int = 0
+    val_batches: int = 20
+    seed: int = 1234  # of the training sample positions
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The Lightning Trainer settings a run's figures depend on (the rest stays Lightning's)."""
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    precision: str | None = None
+    max_steps: int = -1
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    log_every_n_steps: int = 50
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The run's own options, beside the model, data and trainer sections (`python -m llm fit --help`)."""
+
+    experiment: str = "default"
+    run: str | None = None
+    resume: str | None = None
+    eval_every: int = 100
+    save_every: int | None = None
+    keep_last: int = 2
+    max_skipped_steps: int = 5
+    deepspeed: str | None = None
+    nvme_path: str | None = None
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_log_model: bool = False
+    collective_timeout: float = 600.0
+    peak_flops: float | None = None
+    seed_everything: int | bool | None = None
+
+
 # what a checkpoint's `llm_format` says its layout is; absent: 0.1.0's, whose learning-rate schedule
 # (a SequentialLR) this version cannot continue, though its weights still load for sample, eval, export
 CHECKPOINT_FORMAT = 2
 LEGACY_MODEL_KEYS = {"reference"}  # 0.1.0 kept a preset's published parameter count in ModelConfig
 
 
-def model_config_of(values: Mapping) -> ModelConfig:
-    """The architecture from a parsed config's model.config or a checkpoint's: jsonargparse's own
-    keys (`__path__`) and 0.1.0's `reference` dropped. ValueError names a field that does not fit."""
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = set(values) - known - LEGACY_MODEL_KEYS
-    unknown = {k for k in unknown if not k.startswith("__")}
+def _fields_of(cls, values: Mapping, ignore=frozenset()) -> dict:
+    """The values of `cls`'s fields in `values`; jsonargparse's own keys (`__path__`) and `ignore` are
+    dropped, anything else unknown is a ValueError naming it."""
+    known = {f.name for f in fields(cls)}
+    unknown = {k for k in values if k not in known and k not in ignore and not k.startswith("__")}
     if unknown:
-        raise ValueError(f"{sorted(unknown)[0]}: no such field of the architecture")
-    return ModelConfig(**{k: v for k, v in values.items() if k in known})
+        raise ValueError(f"{sorted(unknown)[0]}: no such field of {cls.__name__}")
+    return {k: v for k, v in values.items() if k in known}
+
+
+def model_config_of(values: Mapping) -> ModelConfig:
+    """The architecture from a parsed config's model.config or a checkpoint's (0.1.0's `reference`
+    dropped). ValueError names a field that does not fit."""
+    return ModelConfig(**_fields_of(ModelConfig, values, LEGACY_MODEL_KEYS))
+
+
+def datamodule_args(section):
+    """The DataModule's arguments in a config's data section (a dict or a Namespace): LightningCLI's
+    subclass form, {class_path, init_args}, or the flat form of the YAML files."""
+    if isinstance(section, Mapping):
+        return section.get("init_args", section)
+    return section.init_args if "init_args" in section else section
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    data: PrepareConfig
+    loader: LoaderConfig
+    trainer: TrainerConfig
+    options: RunOptions
+
+    @classmethod
+    def from_dict(cls, config: Mapping) -> RunConfig:
+        """From a resolved config as a dict: config.yaml, a checkpoint's, or the parsed command line's."""
+        model, data = config["model"], dict(datamodule_args(config["data"]))
+        optimizer = _fields_of(OptimizerConfig, model.get("optimizer") or {})
+        if "betas" in optimizer:
+            optimizer["betas"] = tuple(optimizer["betas"])  # a list in YAML
+        loader_fields = {f.name for f in fields(LoaderConfig)}
+        trainer_fields = {f.name for f in fields(TrainerConfig)}
+        return cls(
+            model=model_config_of(model["config"]),
+            optimizer=OptimizerConfig(**optimizer),
+            data=PrepareConfig.from_data_config(data),
+            loader=LoaderConfig(**{k: v for k, v in data.items() if k in loader_fields}),
+            trainer=TrainerConfig(**{k: v for k, v in config["trainer"].items() if k in trainer_fields}),
+            options=RunOptions(**{f.name: config.get(f.name, f.default) for f in fields(RunOptions)}),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        """From a run's config.yaml."""
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping) -> RunConfig:
+        """From a checkpoint read whole or its header (llm/checkpoint.py)."""
+        return cls.from_dict(ckpt["llm_config"] if "llm_config" in ckpt else ckpt["config"])
+
+    @classmethod
+    def from_namespace(cls, cfg) -> RunConfig:
+        """From the parsed command line (a jsonargparse Namespace of the fit command)."""
+        return cls.from_dict(cfg.as_dict())
+
+    @property
+    def world_size(self) -> int | None:
+        return world_size_of(self.trainer.devices, self.trainer.num_nodes)
+
+
+def world_size_of(devices, num_nodes) -> int | None:
+    """Processes of the job, when the config says how many (devices may be "auto" or a list)."""
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and isinstance(num_nodes, int):
+        return devices * num_nodes
+    return None

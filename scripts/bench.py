@@ -133,7 +133,8 @@ def prepare_bench(quick: bool, tmp: Path) -> dict:
     an end-of-text token, empty ones skipped. Both must count the same tokens."""
     from tokenizers import Tokenizer
 
-    from llm.data.prepare import PrepareConfig, load_meta, prepare
+    from llm.config import PrepareConfig
+    from llm.data.prepare import load_meta, prepare
     from llm.data.sources import stdlib_files
     from llm.data.tokenizer import ordinary
 
@@ -227,7 +228,8 @@ def bench(
     """
     import datasets
 
-    from llm.data.prepare import PrepareConfig, prepare
+    from llm.config import PrepareConfig
+    from llm.data.prepare import prepare
     from llm.train.loggers import quiet_lightning
 
     quiet_lightning()

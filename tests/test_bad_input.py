@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers import RunsCode
 
-from llm.data.datamodule import datamodule_args
-from llm.data.prepare import PrepareConfig, prepared_dir
+from llm.config import PrepareConfig, datamodule_args
+from llm.data.prepare import prepared_dir
 from llm.redact import scrub, scrub_text
 from support import RUN_ENV, assert_refused, corpus_fit, llm_here, program_stderr, run_llm, snapshot, word_tokenizer
 

@@ -27,8 +27,7 @@ import torch
 from helpers import RunsCode
 
 from llm.checkpoint import load_for_inference
-from llm.data.datamodule import datamodule_args
-from llm.data.prepare import PrepareConfig, prepared_dir
+from llm.data.prepare import prepared_dir
 from llm.train.strategy import build_strategy
 from support import (
     CANONICAL_MODEL,
@@ -145,7 +144,7 @@ def test_sample_and_eval_read_a_sharded_checkpoint(runs):
     # the same numbers, computed here: the first 4 x 8 non-overlapping blocks of the validation split
     loaded = load_for_inference(ckpt)
     meta, T = loaded.data_meta, loaded.model.config.block_size
-    folder = prepared_dir(PrepareConfig.from_data_config(datamodule_args(loaded.config["data"])))
+    folder = prepared_dir(loaded.run_config.data)
     tokens = np.memmap(folder / "val.bin", dtype=meta["dtype"], mode="r")[: meta["splits"]["val"]["tokens"]]
     batch = torch.from_numpy(np.stack([tokens[i * T : i * T + T + 1] for i in range(32)]).astype(np.int64))
     with torch.no_grad():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from llm.checkpoint import load_for_inference
 from support import (
@@ -215,6 +216,22 @@ def test_checkpoint_holds_config_and_tokenizer_and_reproduces_the_logits(runs):
     trained = torch.load(run / "probe-rank0.pt", weights_only=True)  # taken in the training process, at its end
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(trained["idx"]), trained["logits"], rtol=0, atol=1e-6)
+
+
+def test_the_run_config_reads_the_same_from_config_yaml_and_from_a_checkpoint(runs):
+    from llm.config import RunConfig
+
+    run = runs("single")
+    from_yaml = RunConfig.from_yaml(run / "config.yaml")
+    from_checkpoint = RunConfig.from_checkpoint(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True))
+    assert from_yaml == from_checkpoint
+    assert (from_yaml.model.n_layer, from_yaml.loader.batch_size, from_yaml.trainer.max_steps) == (2, 4, STEPS)
+    assert from_yaml.options.run == str(run) and from_yaml.optimizer.betas == (0.9, 0.95)
+    assert from_yaml.data.vocab_size == 512 and from_yaml.world_size == 1
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["config"]["n_layers"] = 3  # a misspelt field is named, never dropped
+    with pytest.raises(ValueError, match="n_layers: no such field of ModelConfig"):
+        RunConfig.from_dict(config)
 
 
 def test_turning_the_runs_loggers_off_is_refused(tmp_path, fixture_text, data_cache):

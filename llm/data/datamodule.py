@@ -18,18 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from llm.data.prepare import PrepareConfig, load_meta, prepare, prepared_dir
+from llm.config import PrepareConfig
+from llm.data.prepare import load_meta, prepare, prepared_dir
 from llm.data.tokenizer import EOT
 
 MASK64 = (1 << 64) - 1
-
-
-def datamodule_args(section):
-    """The DataModule's arguments in a config's data section (a dict or a Namespace): LightningCLI's
-    subclass form, {class_path, init_args}, or the flat form of the YAML files and older checkpoints."""
-    if isinstance(section, dict):
-        return section.get("init_args", section)
-    return section.init_args if "init_args" in section else section
 
 
 def splitmix64(x: int) -> int:

@@ -21,53 +21,21 @@ import shutil
 import socket
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
+from llm.config import PrepareConfig
 from llm.data.lock import PreparationLock
 from llm.data.sources import Source, load_documents, quiet_datasets, resolve_source
-from llm.data.tokenizer import EOT, load_tokenizer, ordinary, train_bpe
+from llm.data.tokenizer import load_tokenizer, ordinary, train_bpe
 from llm.errors import ConfigError
 from llm.redact import scrub, scrub_name
 
 FORMAT_VERSION = 3  # 2: text quoting the end-of-text token is encoded as text; 3: shard checksums
 CHECKSUM_CHUNKS, CHECKSUM_CHUNK_BYTES = 64, 1 << 16  # the sampled checksum of caches prepared before sha256
 MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 100  # fewer documents: each one's tail goes to validation
-
-
-@dataclass
-class PrepareConfig:
-    """What to prepare. The DataModule's arguments of the same names fill it in."""
-
-    text: str | None = None
-    hf: str | None = None
-    hf_split: str = "train"
-    hf_streaming: bool = False
-    hf_max_documents: int | None = None
-    text_field: str = "text"
-    tokenizer: str | None = None
-    vocab_size: int = 8192
-    eot_token: str = EOT
-    val_fraction: float = 0.1
-    split: Literal["auto", "document", "tail"] = "auto"
-    cache_dir: str = "data"
-    num_proc: int | None = None
-
-    @classmethod
-    def from_data_config(cls, data: dict) -> PrepareConfig:
-        """The preparation fields of a data config (which holds the loader's fields too)."""
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
-    def check(self) -> None:
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction={self.val_fraction} must lie between 0 and 1, e.g. 0.1")
-        if self.tokenizer is None and not 256 < self.vocab_size <= 2**32:
-            raise ConfigError(
-                f"data.vocab_size={self.vocab_size}: a byte-level BPE needs more than 256 tokens, e.g. 8192"
-            )
 
 
 def cache_key(cfg: PrepareConfig, source: Source) -> str:

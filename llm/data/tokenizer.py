@@ -7,9 +7,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from llm.config import EOT  # separates documents, as in GPT-2
 from llm.errors import ConfigError
-
-EOT = "<|endoftext|>"  # separates documents, as in GPT-2
 
 
 def load_tokenizer(path: str | Path, eot_token: str = EOT) -> Tokenizer:

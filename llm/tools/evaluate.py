@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from llm.checkpoint import Loaded, load_for_inference, run_folder_of
-from llm.data.datamodule import TokenBlocks, datamodule_args
-from llm.data.prepare import PrepareConfig, load_meta, prepare
+from llm.data.datamodule import TokenBlocks
+from llm.data.prepare import load_meta, prepare
 from llm.data.sources import resolve_source
 from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
@@ -135,8 +135,8 @@ class Counts:
 
 
 def validation_blocks(loaded: Loaded, blocks: str, batch_size: int, ckpt: str):
-    cfg = PrepareConfig.from_data_config(datamodule_args(loaded.config["data"]))
-    folder = prepare(cfg, log=lambda *_: None)  # verifies a cached folder, prepares a missing one
+    run = loaded.run_config
+    folder = prepare(run.data, log=lambda *_: None)  # verifies a cached folder, prepares a missing one
     meta = load_meta(folder)
     info = meta["splits"]["val"]
     counts = Counts()
@@ -149,8 +149,7 @@ def validation_blocks(loaded: Loaded, blocks: str, batch_size: int, ckpt: str):
             f"one block of {T + 1}; evaluate a model with a smaller block_size, or prepare more text"
         )
     if blocks == "run":  # as the datamodule placed them: val_batches x batch x processes, spread evenly
-        data = datamodule_args(loaded.config["data"])
-        n = data["val_batches"] * data["batch_size"] * loaded.world_size
+        n = run.loader.val_batches * run.loader.batch_size * loaded.world_size
         dataset = TokenBlocks(path, dtype, info["tokens"], T, offsets="spread", length=n)
         what = f"the run's {n} validation blocks (those of its val/loss)"
         return what, _batched((dataset[i] for i in range(n)), batch_size), counts

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from llm.checkpoint import loaded_from, read_checkpoint
-from llm.data.datamodule import datamodule_args
+from llm.config import RunConfig
 from llm.data.tokenizer import EOT
 from llm.errors import ConfigError
 from llm.hf import family, hf_config, to_hf
@@ -60,15 +60,14 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False) -
 
 
 def model_card(ckpt: dict, c: ModelConfig, architecture: str, dtype: str) -> str:
-    cfg = ckpt["llm_config"]
+    run = RunConfig.from_checkpoint(ckpt)
     world = ckpt.get("world_size") or 1
-    batch = datamodule_args(cfg["data"])["batch_size"]
-    per_step = cfg["trainer"]["accumulate_grad_batches"] * batch * c.block_size * world
+    per_step = run.trainer.accumulate_grad_batches * run.loader.batch_size * c.block_size * world
     step = ckpt.get("global_step", 0)
-    summary = Path(cfg.get("run") or ".") / "summary.json"
+    summary = Path(run.options.run or ".") / "summary.json"
     val = json.loads(summary.read_text()).get("final_val_loss") if summary.is_file() else None
     shape = f"{c.n_layer} layers, {c.n_head} heads ({c.kv_heads} key/value), width {c.n_embd}, MLP {c.mlp_hidden}"
-    return f"""# {Path(cfg.get("run") or "model").name}
+    return f"""# {Path(run.options.run or "model").name}
 
 A decoder-only Transformer pretrained with this project's template, exported as `{architecture}`.
 

@@ -20,7 +20,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from llm import ranks
 from llm.checkpoint import weights_only_loads
-from llm.data.datamodule import TokenDataModule, datamodule_args
+from llm.config import RunConfig
+from llm.data.datamodule import TokenDataModule
 from llm.errors import ConfigError, OneLineErrors
 from llm.launch import agreement
 from llm.launch.collectives import DEFAULT_TIMEOUT, CollectiveTimeout
@@ -144,34 +145,38 @@ class LLMCLI(LightningCLI):
         callbacks = list(trainer_init.get("callbacks") or [])
         # the resolved config, once, without secrets: config.yaml, every checkpoint and W&B's run config
         whole = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_validation=True))
+        run = self.run_config = RunConfig.from_dict(whole[self.subcommand])  # what the parts below are built from
         resolved = scrub(whole[self.subcommand])
         if ranks.is_first_process():  # a resumed run rewrites it with its own config
             write_config_file(self.run_dir / "config.yaml", resolved)
-        model = preflight.model_config(cfg)
-        self.monitor = PerformanceMonitor(flops_per_token(model, model.block_size), cfg.peak_flops)
-        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.save_every or cfg.eval_every, cfg.keep_last)
+        model, options = run.model, run.options
+        self.monitor = PerformanceMonitor(flops_per_token(model, model.block_size), options.peak_flops)
+        every = options.save_every or options.eval_every
+        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", every, options.keep_last)
         self.run_info = RunInfo(resolved, self.data_folder, self.resume_from)
         callbacks += [  # the monitor first: the progress lines of a logging step show what it has just measured
             self.monitor,
-            NonFiniteSteps(cfg.max_skipped_steps),
-            CollectiveTimeout(cfg.collective_timeout),
+            NonFiniteSteps(options.max_skipped_steps),
+            CollectiveTimeout(options.collective_timeout),
             self.checkpoints,
             ValidateAtEnd(),
             LoggingStepOnResume(),
             self.run_info,
             progress_bar(),
         ]
-        loggers = make_loggers(self.run_dir, cfg.experiment, cfg.wandb_project, cfg.wandb_entity, run_tags(cfg))
+        loggers = make_loggers(
+            self.run_dir, options.experiment, options.wandb_project, options.wandb_entity, run_tags(cfg)
+        )
         loggers += preflight.extra_loggers(trainer_init.get("logger"))
         strategy = build_strategy(
-            cfg.deepspeed,
-            cfg.nvme_path,
-            datamodule_args(cfg.data).batch_size,
+            options.deepspeed,
+            options.nvme_path,
+            run.loader.batch_size,
             preflight.uses_gpu(cfg.trainer),
-            preflight.world_size(cfg.trainer),
-            cfg.collective_timeout,
+            run.world_size,
+            options.collective_timeout,
         )
-        if strategy == "auto" or (cfg.trainer.strategy not in ("auto", "ddp") and not cfg.deepspeed):
+        if strategy == "auto" or (cfg.trainer.strategy not in ("auto", "ddp") and not options.deepspeed):
             strategy = cfg.trainer.strategy
         return super().instantiate_trainer(logger=loggers, callbacks=callbacks, strategy=strategy, **kwargs)
 

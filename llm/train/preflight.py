@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 
 from llm import ranks
-from llm.config import model_config_of
-from llm.data.datamodule import datamodule_args
-from llm.data.prepare import PrepareConfig, load_meta, prepare, prepared_dir
+from llm.config import PrepareConfig, datamodule_args, model_config_of, world_size_of
+from llm.data.prepare import load_meta, prepare, prepared_dir
 from llm.data.sources import resolve_source
 from llm.data.tokenizer import tokenizer_vocab_size
 from llm.errors import ConfigError
@@ -121,13 +120,8 @@ def uses_gpu(trainer) -> bool:
 
 
 def world_size(trainer) -> int | None:
-    """Processes of the job, when the config says how many (devices may be "auto" or a list)."""
-    devices = trainer.devices
-    if isinstance(devices, str) and devices.isdigit():
-        devices = int(devices)
-    if isinstance(devices, int) and isinstance(trainer.num_nodes, int):
-        return devices * trainer.num_nodes
-    return None
+    """Processes of the job, when the trainer section says how many."""
+    return world_size_of(trainer.devices, trainer.num_nodes)
 
 
 def check_trainer(trainer) -> None:

@@ -3,16 +3,13 @@ exactly: another model, world size, batch, seed, data or optimizer."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from llm.checkpoint import is_complete, read_header, verify_checkpoint
-from llm.config import CHECKPOINT_FORMAT, model_config_of
-from llm.data.datamodule import datamodule_args
-from llm.data.prepare import PrepareConfig
+from llm.config import CHECKPOINT_FORMAT, OptimizerConfig, PrepareConfig, RunConfig
 from llm.errors import ConfigError
 from llm.redact import scrub
-from llm.train.preflight import prepare_config, world_size
 from llm.train.run_folder import say
 from llm.train.saving import step_checkpoints
 
@@ -53,41 +50,36 @@ def _is_run_config(path: Path) -> bool:
 
 def check_resume(cfg, path: str) -> None:
     """Refuse, in one line, to continue a checkpoint as a run it cannot continue exactly: another
-    model, world size, batch or seed; allow more (or fewer, not yet reached) steps with a warning."""
+    model, world size, batch, seed, data or optimizer settings; allow more (or fewer, not yet
+    reached) steps with a warning. The two configs are compared field by field (llm/config.py)."""
     header = read_header(path, field="resume")  # a file that is no checkpoint, or holds a payload: refused unread
     verify_checkpoint(path, field="resume")  # every other shard too, and each file against its checksums
-    then, step = header["config"], header["step"]
-    hint = "resume with the checkpoint's settings, or start a new RUN"
     if header["format"] < CHECKPOINT_FORMAT:
         raise ConfigError(
             f"resume={path}: written by llm 0.1.0, whose learning-rate schedule this version cannot continue; "
             "start a new RUN (INIT= from its make export starts from its weights)"
         )
-    model_then = asdict(model_config_of(then["model"]["config"]))
-    model_now = asdict(model_config_of(vars(cfg.model.config)))
-    for key in sorted(model_then.keys() | model_now.keys()):
-        if model_then.get(key) != model_now.get(key):
-            raise ConfigError(
-                f"model.config.{key}={model_now.get(key)}: the checkpoint {path} has {model_then.get(key)}; {hint}"
-            )
-    accumulate = "trainer.accumulate_grad_batches"
-    data_then, data_now = datamodule_args(then["data"]), datamodule_args(cfg.data)
+    then, now, step = RunConfig.from_checkpoint(header), RunConfig.from_namespace(cfg), header["step"]
+    hint = "resume with the checkpoint's settings, or start a new RUN"
+    for key, old in asdict(then.model).items():
+        new = getattr(now.model, key)
+        if old != new:
+            raise ConfigError(f"model.config.{key}={new}: the checkpoint {path} has {old}; {hint}")
     same = [
-        ("data.batch_size", data_then["batch_size"], data_now.batch_size),
-        (accumulate, then["trainer"]["accumulate_grad_batches"], cfg.trainer.accumulate_grad_batches),
-        ("seed_everything", then.get("seed_everything"), cfg.seed_everything),
-        ("data.seed", data_then["seed"], data_now.seed),
+        ("data.batch_size", then.loader.batch_size, now.loader.batch_size),
+        ("trainer.accumulate_grad_batches", then.trainer.accumulate_grad_batches, now.trainer.accumulate_grad_batches),
+        ("seed_everything", then.options.seed_everything, now.options.seed_everything),
+        ("data.seed", then.loader.seed, now.loader.seed),
     ]
-    world = world_size(cfg.trainer)
-    if header.get("world_size") and world:
-        same.append(("trainer.devices x trainer.num_nodes", header["world_size"], world))
+    if header.get("world_size") and now.world_size:
+        same.append(("trainer.devices x trainer.num_nodes", header["world_size"], now.world_size))
     for key, old, new in same:
         if old != new:
             raise ConfigError(f"{key}={new}: the checkpoint {path} was trained with {old}; {hint}")
-    check_resume_data(then, cfg, path)
-    check_resume_optimizer(then, cfg, path)
-    max_steps = cfg.trainer.max_steps
-    if max_steps == step and not (Path(cfg.run) / "summary.json").is_file():
+    check_resume_data(then.data, now.data, path)
+    check_resume_optimizer(then.optimizer, now.optimizer, path)
+    max_steps = now.trainer.max_steps
+    if max_steps == step and not (Path(now.options.run) / "summary.json").is_file():
         # stopped during its final validation, after the last step's checkpoint: finish that
         say(f"the checkpoint {path} is at the last step, {step}; its validation and summary.json are still to do")
         return
@@ -96,9 +88,9 @@ def check_resume(cfg, path: str) -> None:
             f"trainer.max_steps={max_steps}: the checkpoint {path} has already trained {step} steps; "
             "give more steps (MAX_STEPS=) to continue it"
         )
-    if max_steps != then["trainer"]["max_steps"]:
+    if max_steps != then.trainer.max_steps:
         say(
-            f"warning: trainer.max_steps {then['trainer']['max_steps']} -> {max_steps}: "
+            f"warning: trainer.max_steps {then.trainer.max_steps} -> {max_steps}: "
             f"continuing from step {step}, the learning rate now decays to its minimum at step {max_steps}"
         )
 
@@ -107,15 +99,12 @@ def check_resume(cfg, path: str) -> None:
 MAKE_VARIABLES = {"text": "TEXT", "hf": "HF", "tokenizer": "TOKENIZER"}
 
 
-def check_resume_data(then: dict, cfg, path: str) -> None:
+def check_resume_data(then: PrepareConfig, now: PrepareConfig, path: str) -> None:
     """The same data and tokenizer as the checkpoint's: a resume on other text, or on the same text
     cut by another tokenizer, would continue the step count and the W&B run of a different run.
     Where the cache lies (and how many processes prepare it) may change."""
-    from dataclasses import fields
-
-    data_then, data_now = PrepareConfig.from_data_config(datamodule_args(then["data"])), prepare_config(cfg)
     for name in (f.name for f in fields(PrepareConfig) if f.name not in ("cache_dir", "num_proc", "hf_streaming")):
-        old, new = getattr(data_then, name), getattr(data_now, name)
+        old, new = getattr(then, name), getattr(now, name)
         if old != new and old != scrub(new):  # the checkpoint's config was written scrubbed
             give = f"{MAKE_VARIABLES[name]}={old}" if name in MAKE_VARIABLES else f"ARGS=--data.{name}={old}"
             raise ConfigError(
@@ -124,23 +113,16 @@ def check_resume_data(then: dict, cfg, path: str) -> None:
             )
 
 
-def check_resume_optimizer(then: dict, cfg, path: str) -> None:
+def check_resume_optimizer(then: OptimizerConfig, now: OptimizerConfig, path: str) -> None:
     """The optimizer's settings as the checkpoint has them: its optimizer and schedule states hold
     the learning rate, warm-up, betas and decay they were built with, and a resume restores those, so
-    a change here would be recorded in config.yaml and then silently not happen."""
-    old_settings = then["model"].get("optimizer") or {}
-    new_settings = vars(cfg.model.optimizer)
-    for key in sorted(k for k in old_settings.keys() | new_settings.keys() if k != "fused" and not k.startswith("__")):
-        old, new = old_settings.get(key), new_settings.get(key)
-        if (list(old) if isinstance(old, list | tuple) else old) != (
-            list(new) if isinstance(new, list | tuple) else new
-        ):
+    a change here would be recorded in config.yaml and then silently not happen. Whether the kernel is
+    fused may change."""
+    for name in (f.name for f in fields(OptimizerConfig) if f.name != "fused"):
+        old, new = getattr(then, name), getattr(now, name)
+        if old != new:
             raise ConfigError(
-                f"model.optimizer.{key}={new}: the checkpoint {path} was trained with {old}, which its optimizer "
+                f"model.optimizer.{name}={new}: the checkpoint {path} was trained with {old}, which its optimizer "
                 "state keeps on resume; resume with it, or train its weights on in a new RUN (make export, "
                 "then INIT=<that folder>)"
             )
-
-
-def _plain(value):
-    return list(value) if isinstance(value, list | tuple) else value  # betas: a list in YAML, a tuple here
