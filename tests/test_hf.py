@@ -391,7 +391,7 @@ def test_eval_reads_a_text_longer_than_one_chunk_into_the_tokens_of_the_whole(ru
     streamed = list(stream.tokens_stream())  # what make eval --text feeds the model, read a MiB at a time
     whole = ordinary(loaded.tokenizer).encode(text.read_text()).ids + [loaded.eot_id]
     assert len(streamed) == len(whole) and streamed == whole
-    assert (stream.tokens, stream.bytes) == (len(whole), text.stat().st_size)
+    assert (stream.counts.tokens, stream.counts.bytes) == (len(whole), text.stat().st_size)
 
 
 def test_eval_of_a_text_quoting_end_of_text_reads_it_as_text(evaluated_run, tmp_path):

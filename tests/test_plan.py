@@ -144,3 +144,17 @@ def test_unknown_model_is_one_line():
     result = llm_here("plan", "--model=gpt5")
     lines = program_stderr(result.stderr)
     assert result.returncode == 2 and lines == [lines[0]] and "model=gpt5: no such preset" in lines[0]
+
+
+def test_the_presets_are_found_beside_the_package_else_in_the_working_folder(tmp_path, monkeypatch):
+    # a non-editable install has no configs/ beside the package: it finds the repository's from the
+    # folder it runs in, and elsewhere says so in one line
+    from llm import paths
+    from llm.errors import ConfigError
+
+    monkeypatch.setattr(paths, "BESIDE_PACKAGE", tmp_path / "site-packages")
+    monkeypatch.chdir(REPO)
+    assert paths.configs("model") == REPO / "configs" / "model"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"configs/model: not found beside the package .* run from the repository"):
+        paths.configs("model")

@@ -8,6 +8,7 @@ import json as jsonlib
 import math
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +88,9 @@ def evaluate(
     T = loaded.model.config.block_size
     if text or hf:
         stream = TextStream(loaded, text, hf, hf_split, text_field)
-        evaluated, batches = stream.describe(), stream.batches(T, batch_size)
+        evaluated, batches, counts = stream.describe(), stream.batches(T, batch_size), stream.counts
     else:
-        evaluated, batches, stream = validation_blocks(loaded, blocks, batch_size, ckpt)
+        evaluated, batches, counts = validation_blocks(loaded, blocks, batch_size, ckpt)
     loss_sum, count = 0.0, 0
     progress = _progress(evaluated)
     for i, batch in enumerate(batches):
@@ -114,9 +115,9 @@ def evaluate(
         "tokens_evaluated": count,
         "loss": loss,
         "ppl": math.exp(min(loss, 50.0)),
-        "bpb": bits_per_byte(loss, stream.tokens, stream.bytes),
-        "tokens": stream.tokens,
-        "bytes": stream.bytes,
+        "bpb": bits_per_byte(loss, counts.tokens, counts.bytes),
+        "tokens": counts.tokens,
+        "bytes": counts.bytes,
     }
     if json:
         print(jsonlib.dumps(result))
@@ -128,10 +129,13 @@ def evaluate(
     return result
 
 
+@dataclass
 class Counts:
-    """Token and byte counts of what was evaluated, for bits per byte (tokens include end-of-text)."""
+    """Token and byte counts of what was evaluated, for bits per byte (tokens include end-of-text);
+    a text stream's grow as it is read."""
 
-    tokens, bytes = 0, 0
+    tokens: int = 0
+    bytes: int = 0
 
 
 def validation_blocks(loaded: Loaded, blocks: str, batch_size: int, ckpt: str):
@@ -159,7 +163,7 @@ def validation_blocks(loaded: Loaded, blocks: str, batch_size: int, ckpt: str):
     return f"the whole validation split, {len(starts)} blocks", _batched(rows, batch_size), counts
 
 
-class TextStream(Counts):
+class TextStream:
     """Documents of local files or a Hub dataset, tokenized as training data is (end-of-text after
     each), cut into non-overlapping blocks of block_size + 1 tokens."""
 
@@ -167,6 +171,7 @@ class TextStream(Counts):
         self.source = resolve_source(text, hf)
         self.tokenizer, self.eot = ordinary(loaded.tokenizer), loaded.eot_id
         self.hf_split, self.text_field, self.documents = hf_split, text_field, 0
+        self.counts = Counts()
 
     def describe(self) -> str:
         if self.source.kind == "hf":
@@ -205,12 +210,12 @@ class TextStream(Counts):
         for piece in self.texts():
             if piece is None:
                 self.documents += 1
-                self.tokens += 1
+                self.counts.tokens += 1
                 yield self.eot
                 continue
             ids = self.tokenizer.encode(piece).ids
-            self.tokens += len(ids)
-            self.bytes += len(piece.encode("utf-8"))
+            self.counts.tokens += len(ids)
+            self.counts.bytes += len(piece.encode("utf-8"))
             yield from ids
 
     def batches(self, T: int, batch_size: int) -> Iterator[torch.Tensor]:

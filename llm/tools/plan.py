@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from llm.config import model_config_of
 from llm.errors import ConfigError
 from llm.model import ModelConfig, Transformer, count_params
 from llm.paths import configs
@@ -83,7 +84,10 @@ def load_model_config(model: str) -> ModelConfig:
     fields = yaml.safe_load(path.read_text())
     if fields.get("vocab_size") is None:
         fields["vocab_size"] = 50304  # a preset that follows its tokenizer: plan for GPT-2's
-    return ModelConfig(**fields)
+    try:
+        return model_config_of(fields)
+    except ValueError as exc:
+        raise ConfigError(f"model={model}: {exc}") from None
 
 
 def plan(
