@@ -124,7 +124,7 @@ help: ## this list: a target's `##` lines above it are its help
 	@echo "  GPUS=, GPU_MEM=, CPU_MEM=  GPUs per node, GiB per GPU, GiB of CPU memory per node, for make plan"
 	@echo "  TORCH=           the torch requirement installed first (default "$(call q,$(TORCH))")"
 	@echo "  CONSTRAINTS=     the pinned versions make install uses (default constraints.txt, what the tests passed with;"
-	@echo "                   empty: the newest pyproject.toml allows)"
+	@echo "                   empty: the newest pyproject.toml allows; give it with another TORCH=, whose own pins differ)"
 
 $(STAMP): pyproject.toml $(wildcard $(CONSTRAINTS))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
