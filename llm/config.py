@@ -115,7 +115,7 @@ class RunOptions:
     wandb_project: str | None = None
     wandb_entity: str | None = None
     wandb_log_model: bool = False
-    collective_timeout: float = 600.0
+    collective_timeout: float = 600.0  # seconds: long enough for the slowest checkpoint save others wait for
     peak_flops: float | None = None
     seed_everything: int | bool | None = None
 

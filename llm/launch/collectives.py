@@ -24,8 +24,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from llm import compat
+from llm.config import RunOptions
 
-DEFAULT_TIMEOUT = 600.0  # seconds; long enough for the slowest checkpoint save others wait for at a barrier
+DEFAULT_TIMEOUT = RunOptions.collective_timeout  # --collective_timeout's default (llm/config.py)
 # while the processes start and meet (imports, DeepSpeed's engine), before CollectiveTimeout applies the
 # run's own: a short collective_timeout that catches a hang fast must not fail a start on a busy node
 STARTUP_TIMEOUT = 300.0

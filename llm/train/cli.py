@@ -11,7 +11,9 @@ import contextlib
 import os
 import sys
 import time
+import typing
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -20,11 +22,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from llm import ranks
 from llm.checkpoint import weights_only_loads
-from llm.config import RunConfig
+from llm.config import RunConfig, RunOptions
 from llm.data.datamodule import TokenDataModule
 from llm.errors import ConfigError, OneLineErrors
 from llm.launch import agreement
-from llm.launch.collectives import DEFAULT_TIMEOUT, CollectiveTimeout
+from llm.launch.collectives import CollectiveTimeout
 from llm.model import count_params, flops_per_token
 from llm.redact import scrub
 from llm.train import preflight, resume, run_folder
@@ -43,28 +45,24 @@ class ArgumentParser(OneLineErrors, LightningArgumentParser):
     """LightningCLI's parser, answering a bad argument with one line."""
 
 
-# the run's own options, beside LightningCLI's model, data and trainer sections: (name, type, default, help)
-RUN_ARGUMENTS = [
-    ("experiment", str, "default", "experiment name: run folder prefix, W&B group"),
-    ("run", str | None, None, "run folder (RUN=); default runs/<experiment>-<time>"),
-    ("resume", str | None, None, "auto: continue from the newest complete checkpoint in --run, if any; or a path"),
-    ("eval_every", int, 100, "validate every this many optimizer steps"),
-    ("save_every", int | None, None, "checkpoint every this many optimizer steps; default: eval_every"),
-    ("keep_last", int, 2, "step checkpoints kept (the best one is kept as well)"),
-    ("max_skipped_steps", int, 5, "stop when more optimizer steps than this in a row had a non-finite gradient"),
-    ("deepspeed", str | None, None, "DeepSpeed preset in configs/deepspeed/ (DS=), or a .yaml or .json; none: DDP"),
-    ("nvme_path", str | None, None, "folder for ZeRO NVMe offload (NVME_PATH=)"),
-    ("wandb_project", str | None, None, "W&B project; default: WANDB_PROJECT, else llm"),
-    ("wandb_entity", str | None, None, "W&B entity (user or team); default: WANDB_ENTITY, else the API key's"),
-    ("wandb_log_model", bool, False, "put the final checkpoint's weights in the run's W&B model artifact too"),
-    (
-        "collective_timeout",
-        float,
-        DEFAULT_TIMEOUT,
-        "seconds a collective waits for the other processes before the run stops",
-    ),
-    ("peak_flops", float | None, None, "peak FLOP/s of one device for MFU; default: GPU datasheet, measured on CPU"),
-]
+# the run's own options, beside LightningCLI's model, data and trainer sections: their types and
+# defaults are RunOptions' (llm/config.py), their help is here
+RUN_OPTION_HELP = {
+    "experiment": "experiment name: run folder prefix, W&B group",
+    "run": "run folder (RUN=); default runs/<experiment>-<time>",
+    "resume": "auto: continue from the newest complete checkpoint in --run, if any; or a path",
+    "eval_every": "validate every this many optimizer steps",
+    "save_every": "checkpoint every this many optimizer steps; default: eval_every",
+    "keep_last": "step checkpoints kept (the best one is kept as well)",
+    "max_skipped_steps": "stop when more optimizer steps than this in a row had a non-finite gradient",
+    "deepspeed": "DeepSpeed preset in configs/deepspeed/ (DS=), or a .yaml or .json; none: DDP",
+    "nvme_path": "folder for ZeRO NVMe offload (NVME_PATH=)",
+    "wandb_project": "W&B project; default: WANDB_PROJECT, else llm",
+    "wandb_entity": "W&B entity (user or team); default: WANDB_ENTITY, else the API key's",
+    "wandb_log_model": "put the final checkpoint's weights in the run's W&B model artifact too",
+    "collective_timeout": "seconds a collective waits for the other processes before the run stops",
+    "peak_flops": "peak FLOP/s of one device for MFU; default: GPU datasheet, measured on CPU",
+}
 
 
 class LLMCLI(LightningCLI):
@@ -82,8 +80,11 @@ class LLMCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for name, kind, default, help in RUN_ARGUMENTS:
-            parser.add_argument(f"--{name}", type=kind, default=default, help=help)
+        types = typing.get_type_hints(RunOptions)
+        for option in fields(RunOptions):
+            if option.name in RUN_OPTION_HELP:  # seed_everything is LightningCLI's own
+                help = RUN_OPTION_HELP[option.name]
+                parser.add_argument(f"--{option.name}", type=types[option.name], default=option.default, help=help)
         # the data section may be written flat (the TokenDataModule's arguments): that class is the default
         parser.set_defaults({"data": {"class_path": f"{TokenDataModule.__module__}.{TokenDataModule.__name__}"}})
         parser.link_arguments("model.config.block_size", "data.init_args.block_size")
