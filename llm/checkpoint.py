@@ -1,12 +1,31 @@
-"""Checkpoints outside training: the plain Transformer, its tokenizer and the run's config, from
-the self-contained checkpoints training writes (see run.RunInfo), whether one file or a DeepSpeed
-ZeRO folder of shards; and the conversion of such a folder into one fp32 file."""
+"""A checkpoint and a run's folder of them: the one place that knows their layout.
+
+`Checkpoint` is one checkpoint training wrote (llm/train/saving.py): a file, or a DeepSpeed ZeRO
+folder of shards. It says whether it is complete, reads its header (config, step, world size)
+without its tensors, verifies every file against its checksums, reads it whole once (a ZeRO folder
+consolidated to fp32) and loads the plain Transformer, tokenizer and config for inference.
+`CheckpointFolder` is a run's checkpoints/: the step names, which are complete, `last` and `best`.
+
+    checkpoints/
+      step-000200.ckpt   one per save, never overwritten: a file, or a DeepSpeed folder of shards
+      step-000300.ckpt   the newest `keep_last` are kept, and the best one
+      last.ckpt          -> step-000300.ckpt   (symbolic links, swapped by an atomic rename)
+      best.ckpt          -> step-000200.ckpt
+      best.json          the best validation loss and its step
+
+A save is written under `<name>.partial` and renamed to its final name once every rank has
+written its part: a step name without the suffix is a complete checkpoint, unless the disk lost a
+file of it since (`Checkpoint.complete` looks).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
+import re
+import shutil
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -17,16 +36,20 @@ from tokenizers import Tokenizer
 
 from llm.config import RunConfig, model_config_of  # also registers the checkpoint's dataclasses for torch.load
 from llm.errors import ConfigError, exception_line
-from llm.model import ModelConfig, Transformer
+from llm.model import Transformer
 
-# what this project reads from rank 0's model-states file of a ZeRO checkpoint: what run.RunInfo
+# what this project reads from rank 0's model-states file of a ZeRO checkpoint: what train.callbacks.RunInfo
 # adds, and Lightning's step; the rest there is DeepSpeed's own (its partition, optimizer, ...)
 CLIENT_KEYS = ("llm_config", "llm_format", "tokenizer_json", "data_meta", "global_step", "world_size", "command")
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch reads it at every load
+STEP_NAME = re.compile(r"^step-(\d+)\.ckpt$")
+HINT = "give runs/<name>/checkpoints/last.ckpt (a file, or a DeepSpeed folder)"
 
 
 @dataclass
 class Loaded:
+    """What inference needs from a checkpoint: the model, its tokenizer and the run's config."""
+
     model: Transformer
     tokenizer: Tokenizer
     eot_id: int
@@ -35,36 +58,216 @@ class Loaded:
     step: int
     world_size: int = 1  # processes that trained it
 
+    @classmethod
+    def from_contents(cls, ckpt: dict, device: str = "cpu") -> Loaded:
+        """From a checkpoint read whole (Checkpoint.read)."""
+        config = ckpt["llm_config"]
+        model = Transformer(model_config_of(config["model"]["config"]))
+        model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
+        model.to(device).eval()
+        meta = ckpt["data_meta"]
+        step, world = ckpt.get("global_step", 0), ckpt.get("world_size") or 1
+        return cls(model, Tokenizer.from_str(ckpt["tokenizer_json"]), meta["eot_id"], config, meta, step, world)
+
     @property
     def run_config(self) -> RunConfig:
         return RunConfig.from_dict(self.config)
 
 
-def model_config_from(config: dict) -> ModelConfig:
-    return model_config_of(config["model"]["config"])
+@dataclass(frozen=True)
+class Header:
+    """What a checkpoint was trained with, read without its tensors."""
+
+    config: dict  # the run's resolved config, as config.yaml holds it
+    step: int
+    world_size: int | None
+    format: int  # CHECKPOINT_FORMAT of the version that wrote it (1: 0.1.0)
+
+    @property
+    def run_config(self) -> RunConfig:
+        return RunConfig.from_dict(self.config)
 
 
-def is_sharded(path: Path) -> bool:
-    return path.is_dir() and (path / "latest").is_file()
+class Checkpoint:
+    """One checkpoint: a file (torch.save's zip) or a DeepSpeed ZeRO folder of shards whose `latest`
+    names its tag. `field` is the setting that named it, for the one-line errors (ckpt, resume)."""
+
+    def __init__(self, path: str | Path, field: str = "ckpt"):
+        self.path, self.field = Path(path), field
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def sharded(self) -> bool:
+        return self.path.is_dir() and (self.path / "latest").is_file()
+
+    @property
+    def complete(self) -> bool:
+        """A whole file (torch.save writes a zip whose directory comes last), or a DeepSpeed folder
+        whose `latest` tag names a written step."""
+        if self.path.is_file():
+            return zipfile.is_zipfile(self.path)
+        if self.sharded:
+            return (self.path / self._tag()).is_dir()
+        return False
+
+    @property
+    def run_folder(self) -> Path | None:
+        """The run folder it lies in (runs/<name>/checkpoints/<ckpt>), or None. Where the checkpoint
+        is, not the `run` its config names: a checkpoint's paths are data, never followed."""
+        parent = self.path.resolve().parent
+        if parent.name == "checkpoints" and (parent.parent / "config.yaml").is_file():
+            return parent.parent
+        return None
+
+    def _tag(self) -> str:
+        return (self.path / "latest").read_text().strip()
+
+    def _check_exists(self) -> None:
+        if not str(self.path) or not self.path.exists():
+            raise ConfigError(f"{self.field}={self.path}: no such checkpoint; {HINT}")
+        if self.path.is_dir() and not self.sharded:
+            raise ConfigError(
+                f"{self.field}={self.path}: a folder that is no DeepSpeed checkpoint (no 'latest' file); {HINT}"
+            )
+
+    def client_state_file(self) -> Path:
+        """The file with this project's keys: the checkpoint itself, or rank 0's model-states file
+        of a ZeRO folder (DeepSpeed's and Lightning's state)."""
+        if not self.path.is_dir():
+            return self.path
+        tag = self._tag()
+        states = sorted((self.path / tag).glob("*model_states.pt"))  # rank 0's sorts first
+        if not states:
+            raise ConfigError(
+                f"{self.field}={self.path}: its tag folder {tag} holds no model states; the save did not finish"
+            )
+        return states[0]
+
+    def header(self) -> Header:
+        """Its config, step and world size, through the memory map: no tensor is read."""
+        self._check_exists()
+        ckpt = safe_load(self.client_state_file(), self.field, mmap=True)
+        return Header(ckpt["llm_config"], ckpt.get("global_step", 0), ckpt.get("world_size"), ckpt.get("llm_format", 1))
+
+    def verify(self, objects_read: bool = False) -> None:
+        """Every file against the CRC-32s its zip records, which torch.load does not check: a changed
+        byte would otherwise load, silently, as a changed weight. Reads it whole. `objects_read`: the
+        caller has already loaded the (one-file) checkpoint weights-only."""
+        path, field = self.path, self.field
+        files = sorted(p for p in path.rglob("*.pt") if p.is_file()) if path.is_dir() else [path]
+        if path.is_dir():
+            allow_deepspeed_types()
+        for file in files:
+            if not objects_read:
+                _refuse_payload(file, path, field)
+            try:
+                with zipfile.ZipFile(file) as archive:
+                    damaged = archive.testzip()
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise ConfigError(
+                    f"{field}={path}: {file.name} is not a readable checkpoint ({exception_line(exc)}); it may be "
+                    "truncated; give another one, e.g. runs/<name>/checkpoints/last.ckpt"
+                ) from None
+            if damaged:
+                raise ConfigError(
+                    f"{field}={path}: {damaged} in {file.name} does not match the checksum the save wrote; the file "
+                    "is damaged: give another checkpoint (an earlier step-<n>.ckpt)"
+                )
+
+    def read(self) -> dict:
+        """The whole checkpoint, verified, as one dict: a ZeRO folder is consolidated to fp32 in
+        memory by DeepSpeed's own zero_to_fp32. Read it once and hand the dict on."""
+        self._check_exists()
+        if not self.sharded:
+            ckpt = safe_load(self.path, self.field)  # refuses a payload unread
+            self.verify(objects_read=True)  # the zip's checksums: its objects were just read
+            return ckpt
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        self.verify()  # every shard: a payload refused unread, a damaged file named
+        client = safe_load(self.client_state_file(), self.field)
+        ckpt = {k: client[k] for k in CLIENT_KEYS if k in client}
+        with contextlib.redirect_stdout(sys.stderr), weights_only_loads():  # DeepSpeed reports progress on stdout
+            ckpt["state_dict"] = get_fp32_state_dict_from_zero_checkpoint(str(self.path), self._tag())
+        return ckpt
+
+    def load(self, device: str = "cpu") -> Loaded:
+        """The model, tokenizer and config, for inference."""
+        return Loaded.from_contents(self.read(), device)
 
 
-def is_complete(path: Path) -> bool:
-    """A whole checkpoint file (torch.save writes a zip whose directory comes last), or a DeepSpeed
-    checkpoint folder whose `latest` tag names a written step."""
-    if path.is_file():
-        return zipfile.is_zipfile(path)
-    if path.is_dir() and (path / "latest").is_file():
-        return (path / (path / "latest").read_text().strip()).is_dir()
-    return False
+class CheckpointFolder:
+    """A run's checkpoints/ folder (the layout at the top of this file)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last.ckpt"
+
+    def step_path(self, step: int) -> Path:
+        return self.path / f"step-{step:06d}.ckpt"
+
+    @staticmethod
+    def step_of(path: Path) -> int | None:
+        match = STEP_NAME.match(path.name)
+        return int(match.group(1)) if match else None
+
+    def steps(self) -> list[Path]:
+        """The step checkpoints, oldest first."""
+        found = [p for p in self.path.glob("step-*.ckpt") if self.step_of(p) is not None]
+        return sorted(found, key=self.step_of)
+
+    def newest_complete(self, field: str = "resume") -> Checkpoint | None:
+        """The complete checkpoint of the highest step: what RESUME=auto continues from."""
+        for path in reversed(self.steps()):
+            checkpoint = Checkpoint(path, field)
+            if checkpoint.complete:
+                return checkpoint
+        return None
+
+    def best(self) -> dict | None:
+        """The record of the best checkpoint: its step and validation loss (best.json). best.ckpt is
+        a link to the same step, for people and tools that open a path."""
+        path = self.path / "best.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def best_path(self) -> Path | None:
+        best = self.best()
+        return self.step_path(best["step"]) if best else None
+
+    def mark_last(self, path: Path) -> None:
+        _point(self.last, path.name)
+
+    def mark_best(self, path: Path, record: dict) -> None:
+        _point(self.path / "best.ckpt", path.name)
+        tmp = self.path / "best.json.new"
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, self.path / "best.json")
+
+    def prune(self, keep_last: int, keep: Path | None) -> None:
+        """Remove all but the newest `keep_last` step checkpoints, and `keep` (the best)."""
+        for path in self.steps()[:-keep_last]:
+            if keep is None or path.name != keep.name:
+                remove(path)
 
 
-def client_state_file(path: Path) -> Path:
-    """Rank 0's model-states file of a ZeRO checkpoint folder: DeepSpeed's and Lightning's state."""
-    tag = (path / "latest").read_text().strip()
-    states = sorted((path / tag).glob("*model_states.pt"))  # rank 0's sorts first
-    if not states:
-        raise ConfigError(f"ckpt={path}: its tag folder {tag} holds no model states; the save did not finish")
-    return states[0]
+def remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _point(link: Path, target: str) -> None:
+    """Make `link` a symbolic link to `target` (a name in the same folder), atomically."""
+    tmp = link.with_name(link.name + ".new")
+    remove(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
 
 
 @contextlib.contextmanager
@@ -125,102 +328,7 @@ def _refuse_payload(file: Path, path: Path, field: str) -> None:
             f"({exception_line(exc)}); use a checkpoint this project wrote"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError):
-        pass  # not a readable zip: verify_checkpoint says so, with the reason
-
-
-def verify_checkpoint(path: str | Path, field: str = "ckpt", objects_read: bool = False) -> None:
-    """Every file of a checkpoint against the CRC-32s its zip records, which torch.load does not
-    check: a changed byte would otherwise load, silently, as a changed weight. Reads it whole.
-    `objects_read`: the caller has already loaded the (one-file) checkpoint weights-only."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*.pt") if p.is_file()) if path.is_dir() else [path]
-    if path.is_dir():
-        allow_deepspeed_types()
-    for file in files:
-        if not objects_read:
-            _refuse_payload(file, path, field)
-        try:
-            with zipfile.ZipFile(file) as archive:
-                damaged = archive.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise ConfigError(
-                f"{field}={path}: {file.name} is not a readable checkpoint ({exception_line(exc)}); it may be "
-                "truncated; give another one, e.g. runs/<name>/checkpoints/last.ckpt"
-            ) from None
-        if damaged:
-            raise ConfigError(
-                f"{field}={path}: {damaged} in {file.name} does not match the checksum the save wrote; the file "
-                "is damaged: give another checkpoint (an earlier step-<n>.ckpt)"
-            )
-
-
-def read_header(path: str | Path, field: str = "ckpt") -> dict:
-    """What a checkpoint was trained with, without reading its tensors: its resolved config, step
-    and world size."""
-    path = Path(path)
-    if path.is_dir() and not is_sharded(path):
-        raise ConfigError(f"{field}={path}: a folder that is no DeepSpeed checkpoint (no 'latest' file)")
-    ckpt = safe_load(client_state_file(path) if path.is_dir() else path, field, mmap=True)
-    return {
-        "config": ckpt["llm_config"],
-        "step": ckpt.get("global_step", 0),
-        "world_size": ckpt.get("world_size"),
-        "format": ckpt.get("llm_format", 1),
-    }
-
-
-def _read_sharded(path: Path) -> dict:
-    """A ZeRO checkpoint folder, consolidated in memory by DeepSpeed's own zero_to_fp32."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    client = safe_load(client_state_file(path), "ckpt")
-    ckpt = {k: client[k] for k in CLIENT_KEYS if k in client}
-    tag = (path / "latest").read_text().strip()
-    allow_deepspeed_types()
-    with contextlib.redirect_stdout(sys.stderr), weights_only_loads():  # DeepSpeed reports progress on stdout
-        ckpt["state_dict"] = get_fp32_state_dict_from_zero_checkpoint(str(path), tag)
-    return ckpt
-
-
-def run_folder_of(path: str | Path) -> Path | None:
-    """The run folder a checkpoint lies in (runs/<name>/checkpoints/<ckpt>), or None. Where the
-    checkpoint is, not the `run` its config names: a checkpoint's paths are data, never followed."""
-    parent = Path(path).resolve().parent
-    if parent.name == "checkpoints" and (parent.parent / "config.yaml").is_file():
-        return parent.parent
-    return None
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    hint = "give runs/<name>/checkpoints/last.ckpt (a file, or a DeepSpeed folder)"
-    if not str(path) or not path.exists():
-        raise ConfigError(f"ckpt={path}: no such checkpoint; {hint}")
-    if path.is_dir() and not is_sharded(path):
-        raise ConfigError(f"ckpt={path}: a folder that is no DeepSpeed checkpoint (no 'latest' file); {hint}")
-    if path.is_dir():
-        verify_checkpoint(path)  # every shard: a payload refused unread, a damaged file named
-        return _read_sharded(path)
-    ckpt = safe_load(path, "ckpt")  # refuses a payload unread
-    verify_checkpoint(path, objects_read=True)  # the zip's checksums: its objects were just read
-    return ckpt
-
-
-def load_for_inference(path: str | Path, device: str = "cpu") -> Loaded:
-    return loaded_from(read_checkpoint(path), device)
-
-
-def loaded_from(ckpt: dict, device: str = "cpu") -> Loaded:
-    """The model, tokenizer and config of a checkpoint already read (read_checkpoint)."""
-    config = ckpt["llm_config"]
-    model = Transformer(model_config_from(config))
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    model.load_state_dict(state)
-    model.to(device).eval()
-    tokenizer = Tokenizer.from_str(ckpt["tokenizer_json"])
-    meta = ckpt["data_meta"]
-    step, world = ckpt.get("global_step", 0), ckpt.get("world_size") or 1
-    return Loaded(model, tokenizer, meta["eot_id"], config, meta, step, world)
+        pass  # not a readable zip: Checkpoint.verify says so, with the reason
 
 
 def export_fp32(ckpt: str, out: str) -> None:
@@ -233,16 +341,16 @@ def export_fp32(ckpt: str, out: str) -> None:
     """
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-    path, target = Path(ckpt), Path(out)
-    if not is_sharded(path):
+    checkpoint, target = Checkpoint(ckpt), Path(out)
+    if not checkpoint.sharded:
         raise ConfigError(f"ckpt={ckpt}: not a DeepSpeed checkpoint folder; a .ckpt file needs no conversion")
     if not out:
         raise ConfigError("out=: give the file to write, e.g. OUT=model-fp32.ckpt")
     if target.exists():
         raise ConfigError(f"out={out}: already exists; choose another name or remove it first")
-    safe_load(client_state_file(path), "ckpt")  # not a folder of this project's runs: one line
-    verify_checkpoint(path)  # every shard: a payload refused unread, a damaged file named
+    checkpoint.header()  # not a folder of this project's runs: one line
+    checkpoint.verify()  # every shard: a payload refused unread, a damaged file named
     target.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(sys.stderr), weights_only_loads():
-        convert_zero_checkpoint_to_fp32_state_dict(str(path), str(target))
+        convert_zero_checkpoint_to_fp32_state_dict(ckpt, str(target))
     print(f"wrote {target}")

@@ -81,14 +81,14 @@ def written_by_0_1_0(path: Path, monkeypatch) -> None:
 
 
 def test_a_checkpoint_of_0_1_0_is_read_by_the_tools_and_its_resume_refused_in_one_line(trained, runs, monkeypatch):
-    from llm.checkpoint import load_for_inference
+    from llm.checkpoint import Checkpoint
 
     run, cache = trained
     last = (run / "checkpoints" / "last.ckpt").resolve()
     with monkeypatch.context() as patch:
         written_by_0_1_0(last, patch)
     assert b"llm.module" in last.read_bytes() and b"llm_format" not in last.read_bytes()
-    assert load_for_inference(last).step == 12  # sample, eval and export read it
+    assert Checkpoint(last).load().step == 12  # sample, eval and export read it
     args = canonical_args(runs, run, cache, "--resume=auto", "--trainer.max_steps=14")
     line = assert_refused(unchanged(run, lambda: llm_here(*args)), f"resume={last}: written by llm 0.1.0")
     assert line.endswith("start a new RUN (INIT= from its make export starts from its weights)")

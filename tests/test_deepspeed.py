@@ -26,7 +26,7 @@ import pytest
 import torch
 from helpers import RunsCode
 
-from llm.checkpoint import load_for_inference
+from llm.checkpoint import Checkpoint
 from llm.data.prepare import prepared_dir
 from llm.train.strategy import build_strategy
 from support import (
@@ -120,12 +120,12 @@ def test_consolidated_checkpoint_gives_the_engines_logits(runs, preset, tmp_path
     result = run_llm("export-fp32", f"--ckpt={run}/checkpoints/last.ckpt", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     probe = probes(run, 2)[0]
-    model = load_for_inference(out).model
+    model = Checkpoint(out).load().model
     with torch.no_grad():
         logits = model(probe["idx"])
     assert (logits - probe["logits"]).abs().max().item() <= 1e-5
     # the folder itself loads the same, consolidated in memory
-    direct = load_for_inference(run / "checkpoints" / "last.ckpt").model
+    direct = Checkpoint(run / "checkpoints" / "last.ckpt").load().model
     with torch.no_grad():
         assert torch.equal(direct(probe["idx"]), logits)
     again = llm_here("export-fp32", f"--ckpt={run}/checkpoints/last.ckpt", f"--out={out}")
@@ -142,7 +142,7 @@ def test_sample_and_eval_read_a_sharded_checkpoint(runs):
     result = json.loads(evaluation.stdout.strip().splitlines()[-1])
     assert result["step"] == STEPS
     # the same numbers, computed here: the first 4 x 8 non-overlapping blocks of the validation split
-    loaded = load_for_inference(ckpt)
+    loaded = Checkpoint(ckpt).load()
     meta, T = loaded.data_meta, loaded.model.config.block_size
     folder = prepared_dir(loaded.run_config.data)
     tokens = np.memmap(folder / "val.bin", dtype=meta["dtype"], mode="r")[: meta["splits"]["val"]["tokens"]]

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from llm.checkpoint import read_checkpoint
+from llm.checkpoint import Checkpoint
 from llm.errors import ConfigError
 from llm.tools.plan import plan_main
 from llm.train import peaks, preflight
@@ -187,7 +187,7 @@ def test_compiled_training_matches_eager_and_keeps_checkpoint_keys(runs):
     summary = json.loads((compiled / "summary.json").read_text())
     assert summary["compile"] is True and summary["compile_seconds"] > 0
     assert json.loads((eager / "summary.json").read_text())["compile_seconds"] == 0
-    keys = {run: set(read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]) for run in (eager, compiled)}
+    keys = {run: set(Checkpoint(run / "checkpoints" / "last.ckpt").read()["state_dict"]) for run in (eager, compiled)}
     assert keys[compiled] == keys[eager] and not any("_orig_mod" in k for k in keys[compiled])
     ckpt = compiled / "checkpoints" / "last.ckpt"
     sample = llm_here("sample", f"--ckpt={ckpt}", "--prompt=def ", "--max_new_tokens=8")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import RunsCode
 
-from llm.checkpoint import load_for_inference
+from llm.checkpoint import Checkpoint
 from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
 from llm.hf import load_pretrained, to_hf
@@ -65,7 +65,7 @@ def test_transformers_loads_the_export_and_computes_the_same(exported, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt, out = exported(name)
-    ours = load_for_inference(ckpt)
+    ours = Checkpoint(ckpt).load()
     theirs = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(theirs).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[name]
     idx = torch.randint(0, ours.tokenizer.get_vocab_size(), (2, 48), generator=torch.Generator().manual_seed(0))
@@ -95,7 +95,7 @@ def test_transformers_loads_the_export_and_computes_the_same(exported, name):
 def test_import_gives_back_the_same_weights_and_trains_from_them(exported, name, tmp_path, runs):
     ckpt, out = exported(name)
     config, state = load_pretrained(out)
-    ours = load_for_inference(ckpt)
+    ours = Checkpoint(ckpt).load()
     # the same architecture: Llama's config.json spells out the MLP width this config derives
     assert replace(config, intermediate_size=None) == replace(ours.model.config, intermediate_size=None)
     assert config.mlp_hidden == ours.model.config.mlp_hidden
@@ -334,7 +334,7 @@ def test_eval_on_any_text_reports_bits_per_byte_from_its_counts(evaluated_run, t
     text = tmp_path / "notes.txt"
     text.write_text("def greet(name):\n    return f'hello {name}'\n" * 300 + "é ü\n")
     result = eval_json(f"--ckpt={evaluated_run}/checkpoints/last.ckpt", f"--text={text}", "--wandb=false")
-    ours = load_for_inference(evaluated_run / "checkpoints" / "last.ckpt")
+    ours = Checkpoint(evaluated_run / "checkpoints" / "last.ckpt").load()
     assert result["bytes"] == len(text.read_bytes())
     assert result["tokens"] == len(ours.tokenizer.encode(text.read_text()).ids) + 1  # and its end-of-text
     assert result["bpb"] == pytest.approx(result["loss"] * result["tokens"] / (result["bytes"] * math.log(2)))
@@ -354,7 +354,7 @@ def test_eval_on_a_dataset_through_the_hub_loading_path(evaluated_run, tmp_path)
     ckpt = f"--ckpt={evaluated_run}/checkpoints/last.ckpt"
     result = eval_json(ckpt, f"--hf={folder}", "--hf_split=train", "--wandb=false")
     assert result["evaluated"] == "hf=dataset (train)" and result["bytes"] == sum(len(r["text"]) for r in rows)
-    assert result["tokens"] == sum(len(load_for_inference(ckpt[7:]).tokenizer.encode(r["text"]).ids) + 1 for r in rows)
+    assert result["tokens"] == sum(len(Checkpoint(ckpt[7:]).load().tokenizer.encode(r["text"]).ids) + 1 for r in rows)
 
 
 def test_a_weight_the_map_does_not_know_is_refused_not_dropped():
@@ -386,7 +386,7 @@ def test_eval_reads_a_text_longer_than_one_chunk_into_the_tokens_of_the_whole(ru
     text = tmp_path / "long.txt"
     text.write_text(source)
     assert text.stat().st_size > 10 * 4096
-    loaded = load_for_inference(runs("single") / "checkpoints" / "last.ckpt")
+    loaded = Checkpoint(runs("single") / "checkpoints" / "last.ckpt").load()
     stream = TextStream(loaded, str(text), None, "validation", "text")
     streamed = list(stream.tokens_stream())  # what make eval --text feeds the model, read a MiB at a time
     whole = ordinary(loaded.tokenizer).encode(text.read_text()).ids + [loaded.eot_id]
@@ -398,7 +398,7 @@ def test_eval_of_a_text_quoting_end_of_text_reads_it_as_text(evaluated_run, tmp_
     text = tmp_path / "quoting.txt"
     text.write_text("tokenizer.encode('<|endoftext|>') marks the end of a document.\n" * 40)
     result = eval_json(f"--ckpt={evaluated_run}/checkpoints/last.ckpt", f"--text={text}", "--wandb=false")
-    loaded = load_for_inference(evaluated_run / "checkpoints" / "last.ckpt")
+    loaded = Checkpoint(evaluated_run / "checkpoints" / "last.ckpt").load()
     ids = ordinary(loaded.tokenizer).encode(text.read_text()).ids
     assert loaded.eot_id not in ids and result["tokens"] == len(ids) + 1  # one end-of-text: after the document
 
@@ -413,7 +413,7 @@ def test_sample_with_a_prompt_quoting_end_of_text_continues_that_text(runs):
     ckpt = runs("single") / "checkpoints" / "last.ckpt"
     prompt = "x = '<|endoftext|>'\n"
     printed = sample_text(ckpt, f"--prompt={prompt}", "--temperature=0", "--top_k=null", "--top_p=null")
-    loaded = load_for_inference(ckpt)
+    loaded = Checkpoint(ckpt).load()
     ids = ordinary(loaded.tokenizer).encode(prompt).ids  # as the data holds it: characters, not a boundary
     assert loaded.eot_id not in ids
     out = generate(loaded.model, torch.tensor([ids]), 24, temperature=0)[0, len(ids) :].tolist()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.checkpoint import read_checkpoint
+from llm.checkpoint import Checkpoint
 from llm.train.strategy import SHM, SHM_PREFIX
 from support import REPO, STEPS, llm_here, losses, program_stderr
 
@@ -235,7 +235,7 @@ def test_slurm_job_requeues_at_the_signal_and_resumes(tmp_path, experiment, code
         assert code == 0 and f"Submitted batch job {job_id}" in out, err[-3000:]
         saved = sorted((run / "checkpoints").glob("step-*.ckpt"))
         assert saved, "no checkpoint written at the signal"
-        resumed_at = read_checkpoint(saved[-1])["global_step"]
+        resumed_at = Checkpoint(saved[-1]).read()["global_step"]
 
         again = make(*submit, env={**env, "STUB_RESTART": "1"})  # the requeued job: same id
         code, out, err = finish(again)

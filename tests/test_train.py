@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from llm.checkpoint import load_for_inference
+from llm.checkpoint import Checkpoint
 from support import (
     REPO,
     RUN_ENV,
@@ -208,7 +208,7 @@ def test_learning_rate_warms_up_decays_to_its_minimum_and_follows_a_longer_resum
 
 def test_checkpoint_holds_config_and_tokenizer_and_reproduces_the_logits(runs):
     run = runs("single")
-    loaded = load_for_inference(run / "checkpoints" / "last.ckpt")
+    loaded = Checkpoint(run / "checkpoints" / "last.ckpt").load()
     assert loaded.config["model"]["config"]["n_layer"] == 2 and loaded.config["run"] == str(run)
     assert loaded.tokenizer.get_vocab_size() == 512
     text = "def f(x):\n    return x"

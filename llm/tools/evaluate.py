@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm.checkpoint import Loaded, load_for_inference, run_folder_of
+from llm.checkpoint import Checkpoint, Loaded
 from llm.data.datamodule import TokenBlocks
 from llm.data.prepare import load_meta, prepare
 from llm.data.sources import resolve_source
@@ -76,8 +76,9 @@ def evaluate(
     if (text or hf) and blocks == "run":
         raise ConfigError("blocks=run: the run's validation blocks exist only for its own data; drop TEXT=/HF=")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    loaded = load_for_inference(ckpt, device)
-    run_dir = run_folder_of(ckpt)
+    checkpoint = Checkpoint(ckpt)
+    loaded = checkpoint.load(device)
+    run_dir = checkpoint.run_folder
     if run_dir is None and not (text or hf):
         # the data paths inside a checkpoint are followed only with the user's say: the run folder it
         # lies in is that say; a checkpoint from elsewhere could name any file to read

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from llm.checkpoint import loaded_from, read_checkpoint
+from llm.checkpoint import Checkpoint, Loaded
 from llm.config import RunConfig
 from llm.data.tokenizer import EOT
 from llm.errors import ConfigError
@@ -38,8 +38,8 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False) -
         raise ConfigError(f"out={out}: is a file, and a transformers model is a folder; choose a folder")
     if target.exists() and any(target.iterdir()) and not force:
         raise ConfigError(f"out={out}: exists and is not empty; choose another folder, or FORCE=1 to write into it")
-    whole = read_checkpoint(ckpt)  # once: a ZeRO folder is consolidated to fp32 on reading
-    loaded = loaded_from(whole)
+    whole = Checkpoint(ckpt).read()  # once: a ZeRO folder is consolidated to fp32 on reading
+    loaded = Loaded.from_contents(whole)
     c = loaded.model.config
     family(c, field=f"ckpt={ckpt}")  # refuses before anything is written
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]

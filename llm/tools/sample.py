@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llm.checkpoint import load_for_inference
+from llm.checkpoint import Checkpoint
 from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
 from llm.model import KVCache, Transformer
@@ -104,7 +104,7 @@ def sample(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={device}: no GPU is visible here; use cpu or auto")
-    loaded = load_for_inference(ckpt, device)
+    loaded = Checkpoint(ckpt).load(device)
     # a prompt quoting <|endoftext|> is text, as it is in the training data (ordinary), not a document end
     ids = ordinary(loaded.tokenizer).encode(prompt, add_special_tokens=False).ids if prompt else [loaded.eot_id]
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)

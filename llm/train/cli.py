@@ -21,7 +21,7 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from llm import ranks
-from llm.checkpoint import weights_only_loads
+from llm.checkpoint import CheckpointFolder, weights_only_loads
 from llm.config import RunConfig, RunOptions
 from llm.data.datamodule import TokenDataModule
 from llm.errors import ConfigError, OneLineErrors
@@ -153,7 +153,7 @@ class LLMCLI(LightningCLI):
         model, options = run.model, run.options
         self.monitor = PerformanceMonitor(flops_per_token(model, model.block_size), options.peak_flops)
         every = options.save_every or options.eval_every
-        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", every, options.keep_last)
+        self.checkpoints = Checkpoints(CheckpointFolder(self.run_dir / "checkpoints"), every, options.keep_last)
         self.run_info = RunInfo(resolved, self.data_folder, self.resume_from)
         callbacks += [  # the monitor first: the progress lines of a logging step show what it has just measured
             self.monitor,

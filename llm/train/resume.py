@@ -6,12 +6,11 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from llm.checkpoint import is_complete, read_header, verify_checkpoint
+from llm.checkpoint import Checkpoint, CheckpointFolder
 from llm.config import CHECKPOINT_FORMAT, OptimizerConfig, PrepareConfig, RunConfig
 from llm.errors import ConfigError
 from llm.redact import scrub
 from llm.train.run_folder import say
-from llm.train.saving import step_checkpoints
 
 
 def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
@@ -21,17 +20,17 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
         return None
     if resume != "auto":
         return resume
-    folder = run_dir / "checkpoints"
-    for path in reversed(step_checkpoints(folder)):
-        if is_complete(path):
-            say(f"resuming from {path}")
-            return str(path)
+    folder = CheckpointFolder(run_dir / "checkpoints")
+    newest = folder.newest_complete()
+    if newest:
+        say(f"resuming from {newest}")
+        return str(newest)
     if (run_dir / "summary.json").is_file() or not _is_run_config(run_dir / "config.yaml"):
         raise ConfigError(
             f"resume=auto: {run_dir} holds no checkpoint to continue, and files of something else than a run "
             "that stopped before its first save; choose another RUN"
         )
-    say(f"resume=auto: no checkpoint in {folder} yet, starting from scratch")
+    say(f"resume=auto: no checkpoint in {folder.path} yet, starting from scratch")
     return None
 
 
@@ -52,14 +51,15 @@ def check_resume(cfg, path: str) -> None:
     """Refuse, in one line, to continue a checkpoint as a run it cannot continue exactly: another
     model, world size, batch, seed, data or optimizer settings; allow more (or fewer, not yet
     reached) steps with a warning. The two configs are compared field by field (llm/config.py)."""
-    header = read_header(path, field="resume")  # a file that is no checkpoint, or holds a payload: refused unread
-    verify_checkpoint(path, field="resume")  # every other shard too, and each file against its checksums
-    if header["format"] < CHECKPOINT_FORMAT:
+    checkpoint = Checkpoint(path, field="resume")
+    header = checkpoint.header()  # a file that is no checkpoint, or holds a payload: refused unread
+    checkpoint.verify()  # every other shard too, and each file against its checksums
+    if header.format < CHECKPOINT_FORMAT:
         raise ConfigError(
             f"resume={path}: written by llm 0.1.0, whose learning-rate schedule this version cannot continue; "
             "start a new RUN (INIT= from its make export starts from its weights)"
         )
-    then, now, step = RunConfig.from_checkpoint(header), RunConfig.from_namespace(cfg), header["step"]
+    then, now, step = header.run_config, RunConfig.from_namespace(cfg), header.step
     hint = "resume with the checkpoint's settings, or start a new RUN"
     for key, old in asdict(then.model).items():
         new = getattr(now.model, key)
@@ -71,8 +71,8 @@ def check_resume(cfg, path: str) -> None:
         ("seed_everything", then.options.seed_everything, now.options.seed_everything),
         ("data.seed", then.loader.seed, now.loader.seed),
     ]
-    if header.get("world_size") and now.world_size:
-        same.append(("trainer.devices x trainer.num_nodes", header["world_size"], now.world_size))
+    if header.world_size and now.world_size:
+        same.append(("trainer.devices x trainer.num_nodes", header.world_size, now.world_size))
     for key, old, new in same:
         if old != new:
             raise ConfigError(f"{key}={new}: the checkpoint {path} was trained with {old}; {hint}")

@@ -1,15 +1,9 @@
-"""How training writes checkpoints so that a kill at any moment leaves one to continue from.
-
-    checkpoints/
-      step-000200.ckpt   one per save, never overwritten: a file, or a DeepSpeed folder of shards
-      step-000300.ckpt   the newest `keep_last` are kept, and the best one
-      last.ckpt          -> step-000300.ckpt   (symbolic links, swapped by an atomic rename)
-      best.ckpt          -> step-000200.ckpt
-      best.json          the best validation loss and its step
+"""When and how training writes checkpoints, so that a kill at any moment leaves one to continue
+from. Their layout (step names, `last`, `best`) is llm/checkpoint.py's CheckpointFolder.
 
 A save is written under `<name>.partial` by every rank that holds a part of it, and renamed to its
 final name by rank 0 once all have finished: a name without the suffix is a complete checkpoint.
-RESUME=auto takes the one with the highest step (llm/train/run_folder.py). The previous checkpoints are removed
+RESUME=auto takes the one with the highest step (llm/train/resume.py). The previous checkpoints are removed
 only after the new one is complete.
 
 Saves happen every `save_every` optimizer steps, at the last step, when training ends early, and
@@ -20,12 +14,9 @@ job (`scontrol requeue`), which then resumes from that checkpoint. A second sign
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,48 +26,11 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from llm import ranks
+from llm.checkpoint import CheckpointFolder, remove
 from llm.errors import RunStopped
 
-STEP_NAME = re.compile(r"^step-(\d+)\.ckpt$")
 PARTIAL = ".partial"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:06d}.ckpt"
-
-
-def step_of(path: Path) -> int | None:
-    match = STEP_NAME.match(path.name)
-    return int(match.group(1)) if match else None
-
-
-def step_checkpoints(folder: Path) -> list[Path]:
-    """The step checkpoints in `folder`, oldest first: each complete when it got its name (it is
-    written under a `.partial` name and renamed), unless the disk lost it since (checkpoint.is_complete)."""
-    found = [p for p in folder.glob("step-*.ckpt") if step_of(p) is not None]
-    return sorted(found, key=step_of)
-
-
-def remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
-
-def point(link: Path, target: str) -> None:
-    """Make `link` a symbolic link to `target` (a name in the same folder), atomically."""
-    tmp = link.with_name(link.name + ".new")
-    remove(tmp)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-
-
-def write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".new")
-    tmp.write_text(json.dumps(value) + "\n")
-    os.replace(tmp, path)
 
 
 def sync_to_disk(path: Path) -> None:
@@ -120,8 +74,8 @@ class StopSignals:
 class Checkpoints(Checkpoint):
     """Step checkpoints, written atomically, with `last` and `best` links; stops on a signal."""
 
-    def __init__(self, folder: Path, save_every: int, keep_last: int):
-        self.folder, self.save_every, self.keep_last = Path(folder), save_every, keep_last
+    def __init__(self, folder: CheckpointFolder, save_every: int, keep_last: int):
+        self.folder, self.save_every, self.keep_last = folder, save_every, keep_last
         self.signals = StopSignals()
         self.last_saved: Path | None = None
         self._saved_step = -1
@@ -137,7 +91,7 @@ class Checkpoints(Checkpoint):
         # keeps it in memory. Deciding from the file at each validation made the ranks disagree when
         # rank 0 had already written this step's best: one waited at the barrier below, the other
         # trained on, and the job hung (until the collective timeout)
-        self._best = self.best()
+        self._best = self.folder.best()
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.signals.install()  # again: Lightning has added its SIGTERM handler since setup
@@ -168,8 +122,7 @@ class Checkpoints(Checkpoint):
             self._best = {"step": trainer.global_step, "val_loss": loss}
             path = self.save(trainer)  # already saved at this step, unless save_every skips it
             if trainer.is_global_zero:
-                point(self.folder / "best.ckpt", path.name)
-                write_json(self.folder / "best.json", self._best)
+                self.folder.mark_best(path, self._best)
                 self._prune()  # the best one before it was kept as best: now it is only an old one
             trainer.strategy.barrier("best checkpoint")
 
@@ -205,26 +158,16 @@ class Checkpoints(Checkpoint):
 
     # --- how -----------------------------------------------------------------------------------
 
-    def best(self) -> dict | None:
-        """The record of the best checkpoint: its step and validation loss (best.json). best.ckpt is
-        a link to the same step, for people and tools that open a path."""
-        path = self.folder / "best.json"
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def best_path(self) -> Path | None:
-        best = self.best()
-        return self.folder / step_name(best["step"]) if best else None
-
     def save(self, trainer) -> Path:
         """Write step-<global step>.ckpt (once per step) and make it the last checkpoint."""
         step = trainer.global_step
-        final = self.folder / step_name(step)
+        final = self.folder.step_path(step)
         if step == self._saved_step:
             return final
         partial = final.with_name(final.name + PARTIAL)
         if trainer.is_global_zero:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for stale in self.folder.glob(f"*{PARTIAL}"):  # left by a save that was killed
+            self.folder.path.mkdir(parents=True, exist_ok=True)
+            for stale in self.folder.path.glob(f"*{PARTIAL}"):  # left by a save that was killed
                 remove(stale)
         trainer.strategy.barrier("checkpoint start")
         try:
@@ -233,7 +176,7 @@ class Checkpoints(Checkpoint):
                 sync_to_disk(partial)
                 remove(final)  # an older save of this step, from a run resumed before it
                 os.replace(partial, final)
-                point(self.folder / "last.ckpt", final.name)
+                self.folder.mark_last(final)
                 self._prune()
                 for logger in trainer.loggers:  # metrics.csv up to here, so that a kill loses no row of it
                     logger.save()
@@ -243,7 +186,7 @@ class Checkpoints(Checkpoint):
             previous = self.last_saved or "none yet"
             raise RunStopped(
                 f"checkpoint {final}: {exc.strerror or exc} while saving; the previous checkpoint ({previous}) "
-                f"is intact; free space in {self.folder} and continue with RESUME=auto",
+                f"is intact; free space in {self.folder.path} and continue with RESUME=auto",
                 1,
             ) from exc
         trainer.strategy.barrier("checkpoint done")
@@ -251,11 +194,7 @@ class Checkpoints(Checkpoint):
         return final
 
     def _prune(self) -> None:
-        best = self._best
-        keep = {step_name(best["step"])} if best else set()
-        for path in step_checkpoints(self.folder)[: -self.keep_last]:
-            if path.name not in keep:
-                remove(path)
+        self.folder.prune(self.keep_last, keep=self.folder.step_path(self._best["step"]) if self._best else None)
 
 
 def resume_command(trainer) -> str:

@@ -46,7 +46,7 @@ def write_summary(
         "final_train_loss": metrics.get("train/loss"),  # None when this session trained no step
         "final_val_loss": metrics.get("val/loss"),
         "unigram_val_entropy": meta["unigram_val_entropy"],
-        "best_checkpoint": str(checkpoints.best_path()) if checkpoints.best_path() else None,
+        "best_checkpoint": str(best) if (best := checkpoints.folder.best_path()) else None,
         "last_checkpoint": str(checkpoints.last_saved) if checkpoints.last_saved else info.resumed_from,
         "params": count_params(model.config),
         "world_size": trainer.world_size,
