@@ -44,7 +44,23 @@ torch.serialization.add_safe_globals([ModelConfig, OptimizerConfig, (OptimizerCo
 
 @dataclass
 class PrepareConfig:
-    """What to prepare (llm/data/prepare.py). The DataModule's arguments of the same names fill it in."""
+    """What to prepare (llm/data/prepare.py): the data section's --data.<field> on the command line.
+
+    Args:
+        text: local text: a .txt, .jsonl or .parquet file, a folder or a glob (TEXT=); none: the embedded corpus
+        hf: a Hugging Face Hub dataset, name[:config] (HF=), or a local dataset folder
+        hf_split: the Hub split to read
+        hf_streaming: stream the Hub dataset instead of downloading it whole
+        hf_max_documents: read at most this many documents from the Hub dataset
+        text_field: the column that holds the text (.jsonl, .parquet and Hub datasets)
+        tokenizer: a tokenizer.json (TOKENIZER=); none: train a byte-level BPE on the train split
+        vocab_size: vocabulary of the trained BPE
+        eot_token: the token written after every document
+        val_fraction: share of the text held out for validation
+        split: "document" holds out whole documents, "tail" the end of each one; "auto" picks by document count
+        cache_dir: where prepared data is kept, one folder per distinct input
+        num_proc: processes for tokenization (default: all CPUs)
+    """
 
     text: str | None = None
     hf: str | None = None
@@ -76,7 +92,7 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """How the prepared tokens are cut and sampled (the DataModule's other arguments)."""
+    """How the prepared tokens are cut and sampled: the DataModule's own arguments."""
 
     block_size: int = 256
     batch_size: int = 16  # sequences per micro-batch per device

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from llm.config import PrepareConfig
+from llm.config import LoaderConfig, PrepareConfig
 from llm.data.prepare import load_meta, prepare, prepared_dir
-from llm.data.tokenizer import EOT
 
 MASK64 = (1 << 64) - 1
 
@@ -130,61 +129,26 @@ class StepDataLoader(DataLoader):
 class TokenDataModule(L.LightningDataModule):
     def __init__(
         self,
-        text: str | None = None,
-        hf: str | None = None,
-        hf_split: str = "train",
-        hf_streaming: bool = False,
-        hf_max_documents: int | None = None,
-        text_field: str = "text",
-        tokenizer: str | None = None,
-        vocab_size: int = 8192,
-        eot_token: str = EOT,
-        val_fraction: float = 0.1,
-        split: Literal["auto", "document", "tail"] = "auto",
-        cache_dir: str = "data",
-        num_proc: int | None = None,
-        block_size: int = 256,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        val_batches: int = 20,
-        seed: int = 1234,
+        block_size: int = LoaderConfig.block_size,
+        batch_size: int = LoaderConfig.batch_size,
+        num_workers: int = LoaderConfig.num_workers,
+        val_batches: int = LoaderConfig.val_batches,
+        seed: int = LoaderConfig.seed,
+        **prepare,
     ):
-        """Args:
-        text: local text: a .txt, .jsonl or .parquet file, a folder or a glob (TEXT=); none: the embedded corpus
-        hf: a Hugging Face Hub dataset, name[:config] (HF=), or a local dataset folder
-        hf_split: the Hub split to read
-        hf_streaming: stream the Hub dataset instead of downloading it whole
-        hf_max_documents: read at most this many documents from the Hub dataset
-        text_field: the column that holds the text (.jsonl, .parquet and Hub datasets)
-        tokenizer: a tokenizer.json (TOKENIZER=); none: train a byte-level BPE on the train split
-        vocab_size: vocabulary of the trained BPE
-        eot_token: the token written after every document
-        val_fraction: share of the text held out for validation
-        split: "document" holds out whole documents, "tail" the end of each one; "auto" picks by document count
-        cache_dir: where prepared data is kept, one folder per distinct input
-        num_proc: processes for tokenization (default: all CPUs)
-        block_size: tokens per training sequence (linked to model.config.block_size)
-        batch_size: sequences per micro-batch per device
-        num_workers: DataLoader worker processes
-        val_batches: micro-batches per validation run per device, the same blocks every time
-        seed: seed of the training sample positions
+        """The data: how it is loaded (LoaderConfig's fields) and what is prepared (PrepareConfig's).
+
+        Args:
+            block_size: tokens per training sequence (linked to model.config.block_size)
+            batch_size: sequences per micro-batch per device
+            num_workers: DataLoader worker processes
+            val_batches: micro-batches per validation run per device, the same blocks every time
+            seed: seed of the training sample positions
+            prepare: PrepareConfig's fields (text, hf, tokenizer, vocab_size, ...), each its own --data.<name>
         """
         super().__init__()
-        self.prepare_config = PrepareConfig(
-            text=text,
-            hf=hf,
-            hf_split=hf_split,
-            hf_streaming=hf_streaming,
-            hf_max_documents=hf_max_documents,
-            text_field=text_field,
-            tokenizer=tokenizer,
-            vocab_size=vocab_size,
-            eot_token=eot_token,
-            val_fraction=val_fraction,
-            split=split,
-            cache_dir=cache_dir,
-            num_proc=num_proc,
-        )
+        # jsonargparse follows `prepare` into PrepareConfig: its fields are the CLI's --data.<name>
+        self.prepare_config = PrepareConfig(**prepare)
         self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
         self.val_batches, self.seed = val_batches, seed
         self.folder: Path | None = None

@@ -145,7 +145,7 @@ class LLMCLI(LightningCLI):
         trainer_init = self.config_init.get(f"{self.subcommand}.trainer") or {}  # the YAML's, instantiated
         callbacks = list(trainer_init.get("callbacks") or [])
         # the resolved config, once, without secrets: config.yaml, every checkpoint and W&B's run config
-        whole = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_validation=True))
+        whole = yaml.safe_load(self.parser.dump(self.config, skip_unset=False, skip_validation=True))
         run = self.run_config = RunConfig.from_dict(whole[self.subcommand])  # what the parts below are built from
         resolved = scrub(whole[self.subcommand])
         if ranks.is_first_process():  # a resumed run rewrites it with its own config
