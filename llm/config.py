@@ -174,6 +174,7 @@ class RunConfig:
     loader: LoaderConfig
     trainer: TrainerConfig
     options: RunOptions
+    init: str | None = None  # the transformers folder whose weights training starts from (model.init, INIT=)
 
     @classmethod
     def from_dict(cls, config: Mapping) -> RunConfig:
@@ -191,6 +192,7 @@ class RunConfig:
             loader=LoaderConfig(**{k: v for k, v in data.items() if k in loader_fields}),
             trainer=TrainerConfig(**{k: v for k, v in config["trainer"].items() if k in trainer_fields}),
             options=RunOptions(**{f.name: config.get(f.name, f.default) for f in fields(RunOptions)}),
+            init=model.get("init"),
         )
 
     @classmethod

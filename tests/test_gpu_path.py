@@ -5,6 +5,7 @@ from a table keyed by device names that are mocked here."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,7 +17,9 @@ import torch
 import yaml
 
 from llm.checkpoint import Checkpoint
+from llm.config import LoaderConfig, OptimizerConfig, PrepareConfig, RunConfig, RunOptions, TrainerConfig
 from llm.errors import ConfigError
+from llm.model import ModelConfig
 from llm.tools.plan import plan_main
 from llm.train import peaks, preflight
 from llm.train.optim import plain_cuda_arch_list
@@ -81,10 +84,19 @@ def resolved(monkeypatch, on_gpu: bool, precision: str = "bf16-mixed", fused=Non
     return SimpleNamespace(trainer=trainer, model=model, deepspeed=None)
 
 
-def test_fused_adamw_with_fp16_and_clipping_is_refused_in_one_line(monkeypatch):
-    cfg = resolved(monkeypatch, on_gpu=True, precision="16-mixed", fused=True)
+def test_fused_adamw_with_fp16_and_clipping_is_refused_in_one_line():
+    run = RunConfig(
+        model=ModelConfig(),
+        optimizer=OptimizerConfig(fused=True),
+        data=PrepareConfig(),
+        loader=LoaderConfig(),
+        trainer=TrainerConfig(precision="16-mixed", gradient_clip_val=1.0),
+        options=RunOptions(),
+    )
     with pytest.raises(ConfigError, match="model.optimizer.fused=true.*16-mixed"):
-        preflight.resolve_speed_options(cfg)
+        preflight.check_fused(run)
+    preflight.check_fused(dataclasses.replace(run, trainer=TrainerConfig(precision="16-mixed")))  # no clipping: fine
+    preflight.check_fused(dataclasses.replace(run, options=RunOptions(deepspeed="zero2")))  # DeepSpeed clips itself
 
 
 @pytest.mark.parametrize(

@@ -102,7 +102,8 @@ class LLMCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self._config()
         if self.prepare_only:
-            preflight.resolve_and_check(cfg, "prepare")
+            self.run_config = preflight.resolve(cfg, "prepare")
+            preflight.check(self.run_config, "prepare")
             return
         # with an outside launcher every process is here at once: rank 0 decides the run folder and
         # whether the inputs only it checks are acceptable; the others take its word (llm/launch/agreement.py)
@@ -110,28 +111,29 @@ class LLMCLI(LightningCLI):
         try:
             if not self.agreement.leader:
                 cfg.run = self.agreement.wait("run")
-            preflight.resolve_and_check(cfg, self.subcommand)
-            self.agreement.publish("run", cfg.run)
-            self.resume_from = self.choose_resume(cfg)
-            self.data_folder = preflight.prepare_data(cfg)
+            run = self.run_config = preflight.resolve(cfg, self.subcommand)  # what the parts are built from
+            preflight.check(run, self.subcommand, cfg.trainer.logger)
+            self.agreement.publish("run", run.options.run)
+            self.resume_from = self.choose_resume(run)
+            self.data_folder = preflight.prepare_data(run)
             self.agreement.publish("ready", True)
             self.agreement.wait("ready")
         except ConfigError as exc:
             self.agreement.refuse(str(exc))
             raise
-        self.run_dir = run_folder.create(cfg)
+        self.run_dir = run_folder.create(run.options)
         cfg.trainer.default_root_dir = str(self.run_dir)
 
-    def choose_resume(self, cfg) -> str | None:
+    def choose_resume(self, run: RunConfig) -> str | None:
         """The checkpoint every rank continues from, chosen once by rank 0 and checked against the
         config before any expensive work; the others take it from rank 0."""
         if not self.agreement.leader:
             if self.agreement.store is None:  # started by Lightning's launcher, after rank 0 chose
                 return os.environ.get(run_folder.RESUME_ENV) or None
             return self.agreement.wait("resume")
-        path = resume.resume_checkpoint(cfg.resume, Path(cfg.run))
+        path = resume.resume_checkpoint(run.options.resume, Path(run.options.run))
         if path:
-            resume.check_resume(cfg, path)
+            resume.check_resume(run, path)
         os.environ[run_folder.RESUME_ENV] = path or ""
         self.agreement.publish("resume", path)
         return path
@@ -146,8 +148,7 @@ class LLMCLI(LightningCLI):
         callbacks = list(trainer_init.get("callbacks") or [])
         # the resolved config, once, without secrets: config.yaml, every checkpoint and W&B's run config
         whole = yaml.safe_load(self.parser.dump(self.config, skip_unset=False, skip_validation=True))
-        run = self.run_config = RunConfig.from_dict(whole[self.subcommand])  # what the parts below are built from
-        resolved = scrub(whole[self.subcommand])
+        run, resolved = self.run_config, scrub(whole[self.subcommand])
         if ranks.is_first_process():  # a resumed run rewrites it with its own config
             write_config_file(self.run_dir / "config.yaml", resolved)
         model, options = run.model, run.options
@@ -166,14 +167,14 @@ class LLMCLI(LightningCLI):
             progress_bar(),
         ]
         loggers = make_loggers(
-            self.run_dir, options.experiment, options.wandb_project, options.wandb_entity, run_tags(cfg)
+            self.run_dir, options.experiment, options.wandb_project, options.wandb_entity, run_tags(run, cfg)
         )
         loggers += preflight.extra_loggers(trainer_init.get("logger"))
         strategy = build_strategy(
             options.deepspeed,
             options.nvme_path,
             run.loader.batch_size,
-            preflight.uses_gpu(cfg.trainer),
+            preflight.uses_gpu(run.trainer),
             run.world_size,
             options.collective_timeout,
         )
@@ -246,14 +247,14 @@ def model_preset(cfg) -> str:
     return Path(str(path)).stem if path else "custom"
 
 
-def run_tags(cfg) -> list[str]:
+def run_tags(run: RunConfig, cfg) -> list[str]:
     """W&B tags: what a run list is filtered by."""
-    ds = Path(cfg.deepspeed).stem if cfg.deepspeed else "none"
+    ds = Path(run.options.deepspeed).stem if run.options.deepspeed else "none"
     return [
         f"model:{model_preset(cfg)}",
         f"ds:{ds}",
-        f"precision:{cfg.trainer.precision}",  # filled in by preflight.resolve_and_check
-        f"world:{preflight.world_size(cfg.trainer)}",
+        f"precision:{run.trainer.precision}",  # filled in by preflight.resolve
+        f"world:{run.world_size}",
     ]
 
 
@@ -262,7 +263,7 @@ def prepare_main() -> None:
     sys.argv = [sys.argv[0], *sys.argv[2:]]  # LightningCLI without subcommands parses what follows
     quiet_lightning()
     cli = LLMCLI(run=False, prepare_only=True)
-    preflight.prepare_data(cli.config)
+    preflight.prepare_data(cli.run_config)
 
 
 def fit_main() -> None:

@@ -11,25 +11,18 @@ from pathlib import Path
 import torch
 
 from llm import ranks
-from llm.config import PrepareConfig, datamodule_args, model_config_of, world_size_of
+from llm.config import PrepareConfig, RunConfig, TrainerConfig, datamodule_args
 from llm.data.prepare import load_meta, prepare, prepared_dir
 from llm.data.sources import resolve_source
 from llm.data.tokenizer import tokenizer_vocab_size
 from llm.errors import ConfigError
 from llm.hf import check_weights, from_hf_config, read_config
 from llm.launch.commands import available_devices
-from llm.model import ModelConfig, count_params
+from llm.model import count_params
 from llm.train import run_folder
 from llm.train.strategy import load_preset
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
-
-
-def model_config(cfg) -> ModelConfig:
-    try:
-        return model_config_of(vars(cfg.model.config))
-    except ValueError as exc:
-        raise ConfigError(f"model.config.{exc}") from exc
 
 
 def prepare_config(cfg) -> PrepareConfig:
@@ -40,25 +33,43 @@ def round_up(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-def resolve_and_check(cfg, command: str) -> None:
+def resolve(cfg, command: str) -> RunConfig:
     """Fill in what the parsed config leaves to the inputs and the hardware, so that config.yaml
-    says what runs (INIT='s architecture, the vocabulary size, the precision, compile and fused
-    AdamW, the run folder's name), and check every input against it; nothing else is changed."""
+    says what runs: INIT='s architecture, the vocabulary size, the precision, compile and fused
+    AdamW, the run folder's name. Returns the resolved config, which `check` then reads."""
     if command != "prepare" and cfg.model.init:
         take_architecture(cfg)
-    model = model_config(cfg)
-    data = prepare_config(cfg)
+    if cfg.model.config.vocab_size is None:
+        # a multiple of 64 makes the embedding and output matmuls faster; the extra rows are never used
+        cfg.model.config.vocab_size = round_up(data_vocab_size(prepare_config(cfg)))
+    if command != "prepare":
+        if cfg.trainer.precision is None:
+            cfg.trainer.precision = "bf16-mixed" if uses_gpu(cfg.trainer) else "32-true"
+        resolve_speed_options(cfg)
+        run_folder.decide(cfg)  # and refuse to reuse a run folder by accident
+    try:
+        return RunConfig.from_namespace(cfg)
+    except ValueError as exc:  # a ModelConfig that cannot be: a field named
+        raise ConfigError(f"model.config.{exc}") from exc
+
+
+def data_vocab_size(data: PrepareConfig) -> int:
+    """The tokens the data will have: the tokenizer's, or the BPE's to be trained."""
+    return tokenizer_vocab_size(data.tokenizer, data.eot_token) if data.tokenizer else data.vocab_size
+
+
+def check(run: RunConfig, command: str, logger=None) -> None:
+    """Every input of a resolved config checked, before anything expensive; nothing is changed.
+    `logger`: the config's trainer.logger, which is not part of the run's config."""
+    data, model = run.data, run.model
     data.check()
     resolve_source(data.text, data.hf)  # the input exists
-    vocab = tokenizer_vocab_size(data.tokenizer, data.eot_token) if data.tokenizer else data.vocab_size
-    if model.vocab_size is None:
-        # a multiple of 64 makes the embedding and output matmuls faster; the extra rows are never used
-        cfg.model.config.vocab_size = round_up(vocab)
-    elif model.vocab_size < vocab:
+    vocab = data_vocab_size(data)
+    if model.vocab_size < vocab:
         source = f"data.tokenizer={data.tokenizer}" if data.tokenizer else f"data.vocab_size={data.vocab_size}"
-        if cfg.model.init:
+        if run.init:
             raise ConfigError(
-                f"model.init={cfg.model.init}: its vocabulary of {model.vocab_size} is smaller than the tokenizer's "
+                f"model.init={run.init}: its vocabulary of {model.vocab_size} is smaller than the tokenizer's "
                 f"{vocab} tokens ({source}); train with the tokenizer it was trained with (TOKENIZER=)"
             )
         raise ConfigError(
@@ -67,24 +78,24 @@ def resolve_and_check(cfg, command: str) -> None:
         )
     if command == "prepare":
         return
-    check_trainer(cfg.trainer)
-    check_loggers(cfg.trainer)
-    if not cfg.collective_timeout > 0:
+    check_trainer(run.trainer)
+    check_loggers(logger)
+    options = run.options
+    if not options.collective_timeout > 0:
         raise ConfigError(
-            f"collective_timeout={cfg.collective_timeout}: must be a positive number of seconds, e.g. 600"
+            f"collective_timeout={options.collective_timeout}: must be a positive number of seconds, e.g. 600"
         )
-    check_ranges(cfg)
-    check_disk(cfg, model_config(cfg))
-    resolve_speed_options(cfg)
-    if cfg.deepspeed:
-        load_preset(cfg.deepspeed, cfg.nvme_path)  # an unknown preset, offload it cannot do, a bad NVMe path
-    run_folder.decide(cfg)
+    check_ranges(run)
+    check_disk(run)
+    check_fused(run)
+    if options.deepspeed:
+        load_preset(options.deepspeed, options.nvme_path)  # an unknown preset, offload it cannot do, a bad NVMe path
 
 
-def check_loggers(trainer) -> None:
+def check_loggers(logger) -> None:
     """trainer.logger in a YAML: loggers there are added to the run's own (metrics.csv and W&B,
     which the run folder, `make plot` and resuming rely on); turning logging off is refused."""
-    if trainer.logger is False:
+    if logger is False:
         raise ConfigError(
             "trainer.logger=false: a run always writes metrics.csv and a W&B run (offline without a key); "
             "remove it, and set WANDB_MODE=disabled to leave W&B out"
@@ -119,17 +130,10 @@ def uses_gpu(trainer) -> bool:
     return torch.cuda.is_available() and trainer.accelerator in ("auto", "gpu", "cuda")
 
 
-def world_size(trainer) -> int | None:
-    """Processes of the job, when the trainer section says how many."""
-    return world_size_of(trainer.devices, trainer.num_nodes)
-
-
-def check_trainer(trainer) -> None:
+def check_trainer(trainer: TrainerConfig) -> None:
     if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={trainer.accelerator}: no GPU is visible here; use auto or cpu")
     on_gpu = uses_gpu(trainer)
-    if trainer.precision is None:
-        trainer.precision = "bf16-mixed" if on_gpu else "32-true"
     precision = str(trainer.precision)
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={precision}: unknown; use one of {', '.join(PRECISIONS)}")
@@ -150,16 +154,16 @@ def check_trainer(trainer) -> None:
         )
 
 
-def check_ranges(cfg) -> None:
+def check_ranges(run: RunConfig) -> None:
     """Numbers outside what they can mean: each would fail later with a traceback (a division by
     zero, a DataLoader's own error) or, worse, train something else than asked without a word."""
-    data, o, trainer = datamodule_args(cfg.data), cfg.model.optimizer, cfg.trainer
+    data, o, trainer, r = run.loader, run.optimizer, run.trainer, run.options
     betas = list(o.betas)
     rules = [
-        ("eval_every", cfg.eval_every, cfg.eval_every >= 1, "a positive number of optimizer steps"),
-        ("save_every", cfg.save_every, cfg.save_every is None or cfg.save_every >= 1, "a positive number of steps"),
-        ("keep_last", cfg.keep_last, cfg.keep_last >= 1, "at least 1"),
-        ("max_skipped_steps", cfg.max_skipped_steps, cfg.max_skipped_steps >= 0, "0 or more"),
+        ("eval_every", r.eval_every, r.eval_every >= 1, "a positive number of optimizer steps"),
+        ("save_every", r.save_every, r.save_every is None or r.save_every >= 1, "a positive number of steps"),
+        ("keep_last", r.keep_last, r.keep_last >= 1, "at least 1"),
+        ("max_skipped_steps", r.max_skipped_steps, r.max_skipped_steps >= 0, "0 or more"),
         ("trainer.log_every_n_steps", trainer.log_every_n_steps, (trainer.log_every_n_steps or 0) >= 1, "1 or more"),
         (
             "trainer.accumulate_grad_batches",
@@ -187,55 +191,59 @@ CHECKPOINT_BYTES_PER_PARAM = 12
 SMALL_FILES = 64 << 20  # config.yaml, metrics.csv, W&B's files, room to spare
 
 
-def check_disk(cfg, model: ModelConfig) -> None:
+def check_disk(run: RunConfig) -> None:
     """Room for a checkpoint on the run folder's disk, before anything is written: a disk that fills
     at the start leaves an empty config.yaml and W&B's errors by the hundred; later, a failed save."""
     if not ranks.is_first_process():
         return
-    folder = run_folder.resolve_run_dir(cfg).absolute()
+    folder, keep_last = Path(run.options.run).absolute(), run.options.keep_last
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     free = shutil.disk_usage(existing).free
-    one = count_params(model) * CHECKPOINT_BYTES_PER_PARAM
+    one = count_params(run.model) * CHECKPOINT_BYTES_PER_PARAM
     gib = 1 << 30
     if free < one + SMALL_FILES:
         raise ConfigError(
             f"run={folder}: its disk has {free / gib:.1f} GiB free, and one checkpoint of this model takes about "
             f"{one / gib:.1f} GiB; free space there, or choose a RUN on a larger disk"
         )
-    if free < (cfg.keep_last + 2) * one:  # the kept ones, the best, and the one being written
+    if free < (keep_last + 2) * one:  # the kept ones, the best, and the one being written
         print(
             f"warning: run={folder}: {free / gib:.1f} GiB free, room for {int(free // one)} checkpoints of "
-            f"{one / gib:.1f} GiB; keep_last={cfg.keep_last} needs {cfg.keep_last + 2}: a later save may fail"
+            f"{one / gib:.1f} GiB; keep_last={keep_last} needs {keep_last + 2}: a later save may fail"
         )
 
 
 def resolve_speed_options(cfg) -> None:
     """Fill in what the config leaves to the hardware, so that config.yaml says what ran: compile
-    and torch's fused AdamW on a GPU. Not fused under fp16: its grad scaler would hand the fused
-    kernel scaled gradients to clip, which Lightning refuses."""
+    and torch's fused AdamW on a GPU. Not fused under fp16 (check_fused says why)."""
     on_gpu = uses_gpu(cfg.trainer)
-    fp16 = str(cfg.trainer.precision) == "16-mixed"
     if cfg.model.compile is None:
         cfg.model.compile = on_gpu
-    optimizer = cfg.model.optimizer
-    if optimizer.fused is None:
-        optimizer.fused = on_gpu and not fp16
-    elif optimizer.fused and fp16 and cfg.trainer.gradient_clip_val and not cfg.deepspeed:
+    if cfg.model.optimizer.fused is None:
+        cfg.model.optimizer.fused = on_gpu and str(cfg.trainer.precision) != "16-mixed"
+
+
+def check_fused(run: RunConfig) -> None:
+    """Under fp16 the grad scaler would hand torch's fused AdamW scaled gradients to clip, which
+    Lightning refuses (DeepSpeed clips itself)."""
+    trainer = run.trainer
+    fp16 = str(trainer.precision) == "16-mixed"
+    if run.optimizer.fused and fp16 and trainer.gradient_clip_val and not run.options.deepspeed:
         raise ConfigError(
             "model.optimizer.fused=true: torch's fused AdamW cannot have its gradients clipped under "
             "trainer.precision=16-mixed; use bf16-mixed, fused=false, or trainer.gradient_clip_val=0"
         )
 
 
-def prepare_data(cfg) -> Path:
+def prepare_data(run: RunConfig) -> Path:
     """Prepare (or find) the data before any process group exists; the first process on each node
     does the work, the others find it through the datamodule's prepare_data barrier."""
-    data = prepare_config(cfg)
+    data = run.data
     if not ranks.is_first_on_node():
         return prepared_dir(data)
     folder = prepare(data)
     meta = load_meta(folder)
-    block = cfg.model.config.block_size
+    block = run.model.block_size
     for split, info in meta["splits"].items():
         if info["tokens"] < block + 1:
             raise ConfigError(

@@ -47,7 +47,7 @@ def _is_run_config(path: Path) -> bool:
     return isinstance(config, dict) and {"model", "data", "trainer"} <= config.keys()
 
 
-def check_resume(cfg, path: str) -> None:
+def check_resume(now: RunConfig, path: str) -> None:
     """Refuse, in one line, to continue a checkpoint as a run it cannot continue exactly: another
     model, world size, batch, seed, data or optimizer settings; allow more (or fewer, not yet
     reached) steps with a warning. The two configs are compared field by field (llm/config.py)."""
@@ -59,7 +59,7 @@ def check_resume(cfg, path: str) -> None:
             f"resume={path}: written by llm 0.1.0, whose learning-rate schedule this version cannot continue; "
             "start a new RUN (INIT= from its make export starts from its weights)"
         )
-    then, now, step = header.run_config, RunConfig.from_namespace(cfg), header.step
+    then, step = header.run_config, header.step
     hint = "resume with the checkpoint's settings, or start a new RUN"
     for key, old in asdict(then.model).items():
         new = getattr(now.model, key)

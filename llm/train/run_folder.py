@@ -63,12 +63,12 @@ def holds_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(p.name != WRITER_LOCK for p in run_dir.iterdir())
 
 
-def create(cfg) -> Path:
+def create(options) -> Path:
     """Create the run folder (first process), become its one writer, and hand its name to the
     processes started later. Two trainings started into one folder at once both pass `decide`; the
     lock decides between them before either writes anything."""
     global _writer_lock
-    run_dir = Path(cfg.run)
+    run_dir = Path(options.run)
     os.environ[RUN_ENV] = str(run_dir)
     if not ranks.is_first_process():
         return run_dir
@@ -87,7 +87,7 @@ def create(cfg) -> Path:
     lock.write(f"{socket.gethostname()} {os.getpid()}")
     lock.flush()
     _writer_lock = lock
-    if cfg.resume is None and holds_run(run_dir):  # filled since `decide`, by a training that has ended
+    if options.resume is None and holds_run(run_dir):  # filled since `decide`, by a training that has ended
         raise ConfigError(f"run={run_dir}: already holds a run; continue it with RESUME=auto, or choose another RUN")
     return run_dir
 
