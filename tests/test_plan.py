@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import sys
 
 import pytest
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
@@ -146,15 +149,28 @@ def test_unknown_model_is_one_line():
     assert result.returncode == 2 and lines == [lines[0]] and "model=gpt5: no such preset" in lines[0]
 
 
-def test_the_presets_are_found_beside_the_package_else_in_the_working_folder(tmp_path, monkeypatch):
-    # a non-editable install has no configs/ beside the package: it finds the repository's from the
-    # folder it runs in, and elsewhere says so in one line
-    from llm import paths
-    from llm.errors import ConfigError
-
-    monkeypatch.setattr(paths, "BESIDE_PACKAGE", tmp_path / "site-packages")
-    monkeypatch.chdir(REPO)
-    assert paths.configs("model") == REPO / "configs" / "model"
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"configs/model: not found beside the package .* run from the repository"):
-        paths.configs("model")
+def test_a_non_editable_install_finds_the_presets_in_the_repository_folder_else_says_so(tmp_path):
+    # `pip install .` (not -e) puts the package alone in site-packages, without configs/: from the
+    # repository's folder it finds them there; from anywhere else it says so in one line
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "llm", source / "llm", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    site = tmp_path / "site-packages"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site)]
+    subprocess.run([*pip, str(source)], check=True, capture_output=True, cwd=source)
+    assert (site / "llm" / "paths.py").is_file() and not (site / "configs").exists()
+    # -P: the folder a command runs in is not put on the import path, so `llm` is the installed one
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    plan = [sys.executable, "-P", "-m", "llm", "plan", "--model=gpt2-124m", "--json=true"]
+    here = subprocess.run(plan, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert here.returncode == 0, here.stderr
+    assert json.loads(here.stdout)["params"] == count_params(load_model_config("gpt2-124m"))
+    where = subprocess.run([*plan[:2], "-c", "import llm; print(llm.__file__)"], cwd=REPO, env=env, capture_output=True)
+    assert where.stdout.decode().startswith(str(site))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    away = subprocess.run(plan, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    lines = program_stderr(away.stderr)
+    assert away.returncode != 0 and lines == [lines[0]], away.stderr
+    assert f"configs/model: not found beside the package ({site}) nor in {elsewhere}" in lines[0]
