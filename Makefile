@@ -37,6 +37,7 @@ RUN ?=
 RESUME ?=
 INIT ?=
 FORCE ?=
+QUANT ?=
 CKPT ?=
 PROMPT ?=
 OUT ?=
@@ -54,7 +55,7 @@ NAME ?=
 # `q`, so no shell reads it as code either.
 USER_VARIABLES := MODEL CONFIG TEXT HF TOKENIZER DS NVME_PATH DEVICES NNODES NODE_RANK MASTER_ADDR \
 	MASTER_PORT HOSTFILE PARTITION TIME ACCOUNT LAUNCH_TIMEOUT PRECISION MAX_STEPS RUN RESUME INIT FORCE \
-	CKPT PROMPT OUT GPUS GPU_MEM CPU_MEM ARGS PYTEST_ARGS STRESS_RUNS TEST_WORKERS NAME TORCH CONSTRAINTS PYTHON VENV
+	QUANT CKPT PROMPT OUT GPUS GPU_MEM CPU_MEM ARGS PYTEST_ARGS STRESS_RUNS TEST_WORKERS NAME TORCH CONSTRAINTS PYTHON VENV
 $(foreach v,$(USER_VARIABLES),$(if $(filter command environment,$(firstword $(origin $(v)))),\
 	$(eval override $(v) := $$(value $(v)))))
 q = '$(subst ','\'',$(1))'
@@ -121,6 +122,7 @@ help: ## this list: a target's `##` lines above it are its help
 	@echo "  ARGS=            further overrides, split as a shell splits words, e.g. ARGS=\"--model.config.n_layer=6\""
 	@echo "Every value is text: \$$, quotes, spaces and ; in it reach the program as typed, and nothing in it is run"
 	@echo "  CKPT=, PROMPT=   checkpoint (a file or a DeepSpeed folder) and prompt for make sample / eval / export / export-fp32"
+	@echo "  QUANT=           int8, int4 or fp8 (a GPU of compute capability 8.9+): make export quantized by torchao (Llama family)"
 	@echo "  GPUS=, GPU_MEM=, CPU_MEM=  GPUs per node, GiB per GPU, GiB of CPU memory per node, for make plan"
 	@echo "  TORCH=           the torch requirement installed first (default "$(call q,$(TORCH))")"
 	@echo "  CONSTRAINTS=     the pinned versions make install uses (default constraints.txt, what the tests passed with;"
@@ -164,13 +166,13 @@ slurm: $(STAMP)
 sample: $(STAMP)
 	$(LLM) sample --ckpt=$(call q,$(CKPT)) --prompt=$(call q,$(PROMPT))
 
-## loss, perplexity and bits per byte of CKPT= on its run's validation split, or TEXT= / HF=
+## loss, perplexity and bits per byte of CKPT= on its run's validation split, or TEXT= / HF= (CKPT= may be an exported folder)
 eval: $(STAMP)
 	$(LLM) eval --ckpt=$(call q,$(CKPT)) $(if $(TEXT),--text=$(call q,$(TEXT))) $(if $(HF),--hf=$(call q,$(HF)))
 
-## a Hugging Face transformers folder OUT= of CKPT= (GPT-2 or Llama family; FORCE=1, ARGS=--dtype=bf16)
+## a Hugging Face transformers folder OUT= of CKPT= (GPT-2 or Llama; QUANT=int8|int4|fp8 for Llama; FORCE=1)
 export: $(STAMP)
-	$(LLM) export --ckpt=$(call q,$(CKPT)) --out=$(call q,$(OUT)) $(if $(FORCE),--force=$(call q,$(patsubst 0,false,$(patsubst 1,true,$(FORCE)))))
+	$(LLM) export --ckpt=$(call q,$(CKPT)) --out=$(call q,$(OUT)) $(if $(FORCE),--force=$(call q,$(patsubst 0,false,$(patsubst 1,true,$(FORCE))))) $(if $(QUANT),--quant=$(call q,$(QUANT)))
 
 ## a DeepSpeed checkpoint folder CKPT= as one fp32 file OUT=
 export-fp32: $(STAMP)

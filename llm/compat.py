@@ -59,3 +59,12 @@ def set_logging_step(trainer, step: int) -> None:
     optimizer (`fit_loop.epoch_loop._batches_that_stepped`), which it restores off by one after some
     resumes (callbacks.LoggingStepOnResume)."""
     trainer.fit_loop.epoch_loop._batches_that_stepped = step
+
+
+def quiet_torchao() -> None:
+    """torchao 0.18 logs a warning for each of its GPU kernel libraries a CPU-only torch cannot load,
+    and torch 2.13 one for each enum torchao registers in the old way; neither concerns a user."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -188,6 +188,15 @@ CANONICAL_MODEL = [
     "--data.vocab_size=512",
 ]
 STEPS = 12
+# the canonical model as a Llama (rotary positions, RMSNorm, SwiGLU, grouped-query attention, untied)
+LLAMA = [
+    "--model.config.mlp=swiglu",
+    "--model.config.norm=rmsnorm",
+    "--model.config.position=rope",
+    "--model.config.bias=false",
+    "--model.config.n_kv_head=1",
+    "--model.config.tie_embeddings=false",
+]
 CANONICAL_CADENCE = [
     f"--trainer.max_steps={STEPS}",
     "--trainer.log_every_n_steps=1",

@@ -19,19 +19,11 @@ from llm.errors import ConfigError
 from llm.hf import load_pretrained, to_hf
 from llm.model import ModelConfig, Transformer
 from llm.tools.sample import generate
-from support import STEPS, assert_refused, llm_here, metrics_rows, run_llm, wandb_records
+from support import LLAMA, STEPS, assert_refused, llm_here, metrics_rows, run_llm, wandb_records
 
 # the module's fixtures (exports, an evaluated run) are made once: its tests stay on one test worker
 pytestmark = pytest.mark.xdist_group("hf")
 
-LLAMA = [
-    "--model.config.mlp=swiglu",
-    "--model.config.norm=rmsnorm",
-    "--model.config.position=rope",
-    "--model.config.bias=false",
-    "--model.config.n_kv_head=1",
-    "--model.config.tie_embeddings=false",
-]
 FAMILIES = {"gpt2": [], "llama": LLAMA}
 TRAINED = {"gpt2": STEPS, "llama": 2}  # optimizer steps of 4 x 64 tokens behind each export
 

@@ -4,9 +4,11 @@ tokenizer and read as a stream, so that a large file never sits in memory at onc
 
 from __future__ import annotations
 
+import contextlib
 import json as jsonlib
 import math
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +23,11 @@ from llm.data.prepare import load_meta, prepare
 from llm.data.sources import resolve_source
 from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
+from llm.hf import from_hf_config, read_config
 from llm.metrics import bits_per_byte
+from llm.model import ModelConfig
 from llm.redact import scrub
+from llm.tools.quantize import import_torchao
 from llm.wandb_settings import wandb_entity, wandb_mode, wandb_project
 
 TEXT_CHUNK_BYTES = 1 << 20  # a plain-text file is read, and tokenized, about a MiB of lines at a time
@@ -58,7 +63,8 @@ def evaluate(
 
     Args:
         ckpt: a checkpoint file or DeepSpeed folder (CKPT=); without text or hf, one in its run folder
-            (runs/<name>/checkpoints/), whose data it was trained on is evaluated
+            (runs/<name>/checkpoints/), whose data it was trained on is evaluated. Or a transformers
+            folder (make export's, quantized or not, or any GPT-2 or Llama) with text or hf
         text: local text to evaluate on: a .txt, .jsonl or .parquet file, a folder or a glob (TEXT=)
         hf: a Hugging Face dataset, name[:config] or a local dataset folder (HF=), streamed
         hf_split: the split of the hf dataset
@@ -76,9 +82,16 @@ def evaluate(
     if (text or hf) and blocks == "run":
         raise ConfigError("blocks=run: the run's validation blocks exist only for its own data; drop TEXT=/HF=")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    checkpoint = Checkpoint(ckpt)
-    loaded = checkpoint.load(device)
-    run_dir = checkpoint.run_folder
+    if (Path(ckpt) / "config.json").is_file():
+        if not (text or hf):
+            raise ConfigError(
+                f"ckpt={ckpt}: a transformers folder records no run's validation data; give TEXT= or HF= to "
+                "evaluate on (the same for the checkpoint it came from, to compare)"
+            )
+        loaded, run_dir = transformers_folder(Path(ckpt), device), None
+    else:
+        checkpoint = Checkpoint(ckpt)
+        loaded, run_dir = checkpoint.load(device), checkpoint.run_folder
     if run_dir is None and not (text or hf):
         # the data paths inside a checkpoint are followed only with the user's say: the run folder it
         # lies in is that say; a checkpoint from elsewhere could name any file to read
@@ -128,6 +141,34 @@ def evaluate(
     if wandb and run_dir is not None:
         add_to_wandb_run(loaded, result, run_dir)
     return result
+
+
+class Logits(torch.nn.Module):
+    """A transformers causal LM called as this project's Transformer is: tokens in, logits out."""
+
+    def __init__(self, model, config: ModelConfig):
+        super().__init__()
+        self.model, self.config = model, config
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx).logits
+
+
+def transformers_folder(folder: Path, device: str) -> Loaded:
+    """A GPT-2 or Llama transformers folder (quantized by torchao or not), for evaluation."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    config = read_config(folder, "ckpt")
+    architecture = from_hf_config(config, f"ckpt={folder}")  # GPT-2 or Llama, as a ModelConfig
+    if "quantization_config" in config:
+        import_torchao()
+    if not (folder / "tokenizer.json").is_file():
+        raise ConfigError(f"ckpt={folder}: no tokenizer.json; evaluate a folder make export wrote")
+    with contextlib.redirect_stdout(sys.stderr):  # transformers' loading bar is not the result
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+    eot = config.get("eos_token_id")
+    return Loaded(Logits(model, architecture), Tokenizer.from_file(str(folder / "tokenizer.json")), eot, {}, {}, 0)
 
 
 @dataclass

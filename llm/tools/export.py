@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -13,9 +16,11 @@ from llm.data.tokenizer import EOT
 from llm.errors import ConfigError
 from llm.hf import family, hf_config, to_hf
 from llm.model import ModelConfig, count_params
+from llm.tools import quantize
+from llm.tools.evaluate import validation_blocks
 
 
-def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False) -> None:
+def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False, quant: str | None = None) -> None:
     """A transformers folder from a checkpoint: config.json, model.safetensors, the tokenizer,
     generation_config.json and a model card (README.md). AutoModelForCausalLM and AutoTokenizer load
     it with no code of this project.
@@ -25,10 +30,9 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False) -
         out: the folder to write (OUT=); an existing folder must be empty unless force
         dtype: fp32 or bf16, the weights' type in model.safetensors
         force: write into an existing, non-empty folder (FORCE=1)
+        quant: int8, int4 or fp8 (QUANT=): the Transformer blocks' linear weights quantized by torchao,
+            measured against the unquantized export on the run's validation blocks (llm/tools/quantize.py)
     """
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig, PreTrainedTokenizerFast
-
     if dtype not in ("fp32", "bf16"):
         raise ConfigError(f"dtype={dtype}: use fp32 or bf16")
     if not out:
@@ -38,14 +42,45 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False) -
         raise ConfigError(f"out={out}: is a file, and a transformers model is a folder; choose a folder")
     if target.exists() and any(target.iterdir()) and not force:
         raise ConfigError(f"out={out}: exists and is not empty; choose another folder, or FORCE=1 to write into it")
-    whole = Checkpoint(ckpt).read()  # once: a ZeRO folder is consolidated to fp32 on reading
+    if quant is not None and quant not in quantize.QUANTS:
+        raise ConfigError(f"quant={quant}: unknown; use int8, int4 or fp8")
+    checkpoint = Checkpoint(ckpt)
+    whole = checkpoint.read()  # once: a ZeRO folder is consolidated to fp32 on reading
     loaded = Loaded.from_contents(whole)
     c = loaded.model.config
-    family(c, field=f"ckpt={ckpt}")  # refuses before anything is written
+    name = family(c, field=f"ckpt={ckpt}")  # refuses before anything is written
+    if quant is None:
+        architecture = write_folder(target, loaded, dtype, f"ckpt={ckpt}")
+        (target / "README.md").write_text(model_card(whole, c, architecture, dtype))
+        print(f"wrote {target} ({architecture}, {dtype})")
+        return
+    quantize.check(quant, name, f"ckpt={ckpt}")
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".unquantized-", dir=target) as folder:
+        plain = Path(folder)  # the unquantized export: what is quantized, and what it is measured against
+        architecture = write_folder(plain, loaded, dtype, f"ckpt={ckpt}")
+        quantize.quantize(plain, target, quant, c)
+        as_umask_allows(target / "model.safetensors")
+        for file in plain.iterdir():  # the tokenizer and generation settings, as the unquantized export has them
+            if file.name not in ("model.safetensors", "config.json"):
+                shutil.copy(file, target / file.name)
+        measured = measure(plain, target, quant, loaded, checkpoint)
+    (target / "README.md").write_text(model_card(whole, c, architecture, dtype, measured))
+    print(f"wrote {target} ({architecture}, {dtype}, {quant} by torchao)")
+    print(quantized_lines(measured))
+
+
+def write_folder(target: Path, loaded: Loaded, dtype: str, field: str) -> str:
+    """The weights, config, tokenizer and generation settings; the architecture's class name."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    c = loaded.model.config
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    tensors = {k: v.to(torch_dtype) for k, v in to_hf(loaded.model.state_dict(), c, f"ckpt={ckpt}").items()}
+    tensors = {k: v.to(torch_dtype) for k, v in to_hf(loaded.model.state_dict(), c, field).items()}
     target.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    as_umask_allows(target / "model.safetensors")
     config = hf_config(c, loaded.eot_id, {"fp32": "float32", "bf16": "bfloat16"}[dtype])
     config.save_pretrained(str(target))
     eot = loaded.data_meta.get("eot_token", EOT)
@@ -55,11 +90,45 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False) -
     GenerationConfig(
         bos_token_id=loaded.eot_id, eos_token_id=loaded.eot_id, pad_token_id=loaded.eot_id
     ).save_pretrained(str(target))
-    (target / "README.md").write_text(model_card(whole, c, config.architectures[0], dtype))
-    print(f"wrote {target} ({config.architectures[0]}, {dtype})")
+    return config.architectures[0]
 
 
-def model_card(ckpt: dict, c: ModelConfig, architecture: str, dtype: str) -> str:
+def as_umask_allows(path: Path) -> None:
+    """The weights file gets the permissions of the folder's other files (safetensors and
+    transformers write it private, through a temporary file)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
+def measure(plain: Path, target: Path, quant: str, loaded: Loaded, checkpoint: Checkpoint) -> dict:
+    """The quantized model against the unquantized one on the blocks its run validated on; only the
+    size when the checkpoint lies outside a run folder (its data paths are followed only inside one)."""
+    sizes = {"quant": quant, "bytes": file_bytes(target), "bytes_unquantized": file_bytes(plain)}
+    if checkpoint.run_folder is None:
+        return sizes
+    what, batches, counts = validation_blocks(loaded, "run", 4, str(checkpoint))
+    return {**quantize.compare(plain, target, batches, counts.tokens, counts.bytes, quant), "evaluated": what}
+
+
+def file_bytes(folder: Path) -> int:
+    return (folder / "model.safetensors").stat().st_size
+
+
+def quantized_lines(m: dict) -> str:
+    lines = [f"size: {m['bytes'] / 2**20:.2f} MiB, {m['bytes'] / m['bytes_unquantized']:.2f} of the unquantized"]
+    if "kl" in m:
+        lines += [
+            f"against the unquantized export on {m['evaluated']} ({m['tokens_compared']:,} tokens):",
+            f"  mean KL divergence {m['kl']:.3g} nats per token, top-1 agreement {m['top1_agreement']:.2%}",
+            f"  bits per byte {m['bpb_unquantized']:.4f} -> {m['bpb']:.4f}",
+        ]
+    else:
+        lines.append("not measured against the unquantized export: the checkpoint lies outside a run folder")
+    return "\n".join(lines)
+
+
+def model_card(ckpt: dict, c: ModelConfig, architecture: str, dtype: str, quantized: dict | None = None) -> str:
     run = RunConfig.from_checkpoint(ckpt)
     world = ckpt.get("world_size") or 1
     per_step = run.trainer.accumulate_grad_batches * run.loader.batch_size * c.block_size * world
@@ -67,6 +136,14 @@ def model_card(ckpt: dict, c: ModelConfig, architecture: str, dtype: str) -> str
     summary = Path(run.options.run or ".") / "summary.json"
     val = json.loads(summary.read_text()).get("final_val_loss") if summary.is_file() else None
     shape = f"{c.n_layer} layers, {c.n_head} heads ({c.kv_heads} key/value), width {c.n_embd}, MLP {c.mlp_hidden}"
+    weights = f"model.safetensors, {dtype}"
+    if quantized:
+        weights += (
+            f"; the blocks' linear weights {quantized['quant']} (torchao, loads where torchao is installed), "
+            f"the embedding and output layer {dtype}"
+        )
+    measured = "\n".join(f"    {line}" for line in quantized_lines(quantized).splitlines()) if quantized else ""
+    measured = f"\nQuantization, as measured at export:\n\n{measured}\n" if quantized else ""
     return f"""# {Path(run.options.run or "model").name}
 
 A decoder-only Transformer pretrained with this project's template, exported as `{architecture}`.
@@ -79,9 +156,9 @@ A decoder-only Transformer pretrained with this project's template, exported as 
 | parameters | {count_params(c):,} |
 | tokens trained | {step * per_step:,} ({step:,} optimizer steps of {per_step:,} tokens) |
 | final validation loss | {f"{val:.4f} nats per token" if val is not None else "not recorded"} |
-| weights | model.safetensors, {dtype} |
+| weights | {weights} |
 | trained with | `{ckpt.get("command") or "not recorded"}` |
-
+{measured}
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model, tokenizer = AutoModelForCausalLM.from_pretrained("."), AutoTokenizer.from_pretrained(".")
