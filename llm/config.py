@@ -175,6 +175,8 @@ class RunConfig:
     trainer: TrainerConfig
     options: RunOptions
     init: str | None = None  # the transformers folder whose weights training starts from (model.init, INIT=)
+    float8: str | None = None  # float8 training's recipe (model.float8)
+    float8_emulate: bool = False
 
     @classmethod
     def from_dict(cls, config: Mapping) -> RunConfig:
@@ -193,6 +195,8 @@ class RunConfig:
             trainer=TrainerConfig(**{k: v for k, v in config["trainer"].items() if k in trainer_fields}),
             options=RunOptions(**{f.name: config.get(f.name, f.default) for f in fields(RunOptions)}),
             init=model.get("init"),
+            float8=model.get("float8"),
+            float8_emulate=bool(model.get("float8_emulate")),
         )
 
     @classmethod

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from support import RUN_ENV, callbacks, llm_here, losses, run_llm
+from support import LLAMA, RUN_ENV, callbacks, llm_here, losses, run_llm
 
 pytestmark = pytest.mark.gpu
 
@@ -52,6 +52,26 @@ def test_zero_on_one_gpu_and_the_tools_on_its_checkpoint(tmp_path, runs, preset)
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     export = llm_here("export", f"--ckpt={ckpt}", f"--out={tmp_path / 'hf'}")
     assert export.returncode == 0 and (tmp_path / "hf" / "model.safetensors").is_file(), export.stderr[-2000:]
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_float8_training_compiled_and_the_quantized_fp8_export(tmp_path, runs, recipe):
+    import torch
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs compute capability 8.9 or newer")
+    run = tmp_path / "run"
+    # wide enough that torchao's filter (layers too small to gain are left alone) converts some
+    wide = ["--model.config.n_embd=2048", "--model.config.n_head=16"]
+    summary = train(runs, run, f"--model.float8={recipe}", "--model.compile=true", *wide)
+    assert summary["float8"].startswith(recipe) and summary["compile"] is True
+    assert int(summary["float8"].split(", ")[1].split()[0]) > 0  # "<recipe>, <n> layers"
+    curve = losses(run)
+    assert curve[max(curve)] < curve[0]
+    llama = runs("llama", *LLAMA, "--trainer.max_steps=2", probes=(), here=True)
+    out = tmp_path / "fp8"
+    export = llm_here("export", f"--ckpt={llama / 'checkpoints' / 'last.ckpt'}", f"--out={out}", "--quant=fp8")
+    assert export.returncode == 0 and "top-1 agreement" in export.stdout, export.stderr[-2000:]
 
 
 @pytest.mark.xfail(

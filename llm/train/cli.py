@@ -231,7 +231,9 @@ class LLMCLI(LightningCLI):
             f"tokens per step: {tokens_per_optimizer_step(self.trainer, datamodule):,} "
             f"({accumulate} x {datamodule.batch_size} x {datamodule.block_size} tokens x {world} processes); "
             f"strategy: {strategy_label(self.trainer.strategy)}; "
-            f"compile: {'on' if self.model.compile_model else 'off'}; run: {self.run_dir}"
+            f"compile: {'on' if self.model.compile_model else 'off'}; "
+            f"float8: {self.model.float8 or 'off'}{' (emulated)' if self.model.float8_emulate else ''}; "
+            f"run: {self.run_dir}"
         )
 
 

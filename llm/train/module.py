@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import lightning as L
 import torch
@@ -13,6 +14,7 @@ from llm.config import OptimizerConfig
 from llm.hf import load_pretrained
 from llm.metrics import bits_per_byte
 from llm.model import ModelConfig, Transformer
+from llm.train import float8
 from llm.train.guards import skip_update_if_nonfinite
 from llm.train.optim import make_optimizer, param_groups, warmup_cosine
 from llm.train.strategy import reinit_partitioned
@@ -26,6 +28,8 @@ class LanguageModel(L.LightningModule):
         activation_checkpointing: bool = False,
         compile: bool | None = None,
         init: str | None = None,
+        float8: Literal["tensorwise", "rowwise"] | None = None,
+        float8_emulate: bool = False,
     ):
         """Args:
         config: the Transformer's architecture (a preset from configs/model/, MODEL=)
@@ -33,12 +37,16 @@ class LanguageModel(L.LightningModule):
         activation_checkpointing: recompute each Transformer block in the backward pass (less memory, ~30% more compute)
         compile: torch.compile the Transformer and its loss (null: on with a GPU, off on CPU)
         init: a Hugging Face folder (GPT-2 or Llama family) to start from (INIT=); its architecture replaces config
+        float8: train the blocks' linear layers with float8 matmuls (torchao), tensorwise or rowwise scaled;
+            a GPU of compute capability 8.9+ (llm/train/float8.py)
+        float8_emulate: emulate the float8 matmuls in higher precision, on any device (slow; for tests)
         """
         super().__init__()
         self.save_hyperparameters()
         self.config, self.optim, self.activation_checkpointing = config, optimizer, activation_checkpointing
         self.compile_model = bool(compile)
-        self.init = init
+        self.init, self.float8, self.float8_emulate = init, float8, float8_emulate
+        self.float8_layers: list[str] = []  # the layers float8 converted, once built
         self.model: Transformer | None = None
         # set after each backward (configure_gradient_clipping): whether this step is skipped, a 0-dim bool
         # tensor on the device; None where DeepSpeed or fp16's grad scaler decide (guards.NonFiniteSteps reads it)
@@ -61,6 +69,8 @@ class LanguageModel(L.LightningModule):
             model.apply(init)
         if self.init:  # start from a transformers folder's weights (preflight took its architecture)
             model.load_state_dict(load_pretrained(self.init)[1])
+        if self.float8:  # before compile, which fuses float8's casts and scaling into the matmuls
+            self.float8_layers = float8.convert(model, self.float8, self.float8_emulate)
         if self.compile_model:
             # in place (nn.Module.compile): the parameter names, and so the checkpoints, stay those of
             # the plain model; compiled lazily, at the first step, after DeepSpeed has set up its hooks

@@ -19,7 +19,7 @@ from llm.errors import ConfigError
 from llm.hf import check_weights, from_hf_config, read_config
 from llm.launch.commands import available_devices
 from llm.model import count_params
-from llm.train import run_folder
+from llm.train import float8, run_folder
 from llm.train.strategy import load_preset
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
@@ -46,6 +46,8 @@ def resolve(cfg, command: str) -> RunConfig:
         if cfg.trainer.precision is None:
             cfg.trainer.precision = "bf16-mixed" if uses_gpu(cfg.trainer) else "32-true"
         resolve_speed_options(cfg)
+        if cfg.model.float8:  # float8's tensor subclasses under Lightning's inference_mode: validate under no_grad
+            cfg.trainer.inference_mode = False
         run_folder.decide(cfg)  # and refuse to reuse a run folder by accident
     try:
         return RunConfig.from_namespace(cfg)
@@ -88,6 +90,7 @@ def check(run: RunConfig, command: str, logger=None) -> None:
     check_ranges(run)
     check_disk(run)
     check_fused(run)
+    float8.check(run.float8, run.float8_emulate, uses_gpu(run.trainer))
     if options.deepspeed:
         load_preset(options.deepspeed, options.nvme_path)  # an unknown preset, offload it cannot do, a bad NVMe path
 

@@ -53,6 +53,9 @@ def write_summary(
         "strategy": strategy_label(trainer.strategy),
         "precision": str(trainer.precision),
         "compile": model.compile_model,
+        "float8": f"{model.float8}{' (emulated)' if model.float8_emulate else ''}, {len(model.float8_layers)} layers"
+        if model.float8
+        else None,
         "compile_seconds": round(monitor.compile_seconds, 2),  # included in wall_seconds, not in perf/ metrics
         "peak_flops": monitor.peak.flops,  # of one device: MFU's denominator
         "peak_flops_source": monitor.peak.source,
