@@ -149,6 +149,7 @@ def test_unknown_model_is_one_line():
     assert result.returncode == 2 and lines == [lines[0]] and "model=gpt5: no such preset" in lines[0]
 
 
+@pytest.mark.long  # an install and two runs of plan in fresh interpreters: about 20 s
 def test_a_non_editable_install_finds_the_presets_in_the_repository_folder_else_says_so(tmp_path):
     # `pip install .` (not -e) puts the package alone in site-packages, without configs/: from the
     # repository's folder it finds them there; from anywhere else it says so in one line

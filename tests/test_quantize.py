@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,14 @@ def test_eval_of_an_exported_folder_gives_its_checkpoints_loss_and_the_quantized
     assert losses["int8"] == pytest.approx(losses["plain"], abs=1e-3) and losses["int8"] != losses["plain"]
     answer = llm_here("eval", f"--ckpt={folders['int8']}")
     assert_refused(answer, "a transformers folder records no run's validation data; give TEXT= or HF=")
+
+
+def test_a_checkpoint_outside_its_run_folder_is_quantized_without_reading_its_data(llama, tmp_path):
+    # a checkpoint's data paths are followed only inside its run folder: elsewhere, sizes only
+    ckpt, _, _ = llama
+    moved = tmp_path / "moved.ckpt"
+    shutil.copy(ckpt, moved)
+    answer = llm_here("export", f"--ckpt={moved}", f"--out={tmp_path / 'out'}", "--quant=int8")
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    assert "not measured against the unquantized export: the checkpoint lies outside a run folder" in answer.stdout
+    assert "KL" not in (tmp_path / "out" / "README.md").read_text()

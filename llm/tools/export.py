@@ -55,6 +55,9 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False, q
         print(f"wrote {target} ({architecture}, {dtype})")
         return
     quantize.check(quant, name, f"ckpt={ckpt}")
+    # the blocks it is measured on, found before anything is written: data that is gone is one line.
+    # A checkpoint's data paths are followed only inside its run folder (as make eval does)
+    blocks = validation_blocks(loaded, "run", 4, ckpt) if checkpoint.run_folder else None
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".unquantized-", dir=target) as folder:
         plain = Path(folder)  # the unquantized export: what is quantized, and what it is measured against
@@ -64,7 +67,7 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False, q
         for file in plain.iterdir():  # the tokenizer and generation settings, as the unquantized export has them
             if file.name not in ("model.safetensors", "config.json"):
                 shutil.copy(file, target / file.name)
-        measured = measure(plain, target, quant, loaded, checkpoint)
+        measured = measure(plain, target, quant, blocks)
     (target / "README.md").write_text(model_card(whole, c, architecture, dtype, measured))
     print(f"wrote {target} ({architecture}, {dtype}, {quant} by torchao)")
     print(quantized_lines(measured))
@@ -101,13 +104,13 @@ def as_umask_allows(path: Path) -> None:
     path.chmod(0o666 & ~umask)
 
 
-def measure(plain: Path, target: Path, quant: str, loaded: Loaded, checkpoint: Checkpoint) -> dict:
-    """The quantized model against the unquantized one on the blocks its run validated on; only the
-    size when the checkpoint lies outside a run folder (its data paths are followed only inside one)."""
+def measure(plain: Path, target: Path, quant: str, blocks: tuple | None) -> dict:
+    """The quantized model against the unquantized one on the blocks its run validated on
+    (evaluate.validation_blocks); only the sizes without them."""
     sizes = {"quant": quant, "bytes": file_bytes(target), "bytes_unquantized": file_bytes(plain)}
-    if checkpoint.run_folder is None:
+    if blocks is None:
         return sizes
-    what, batches, counts = validation_blocks(loaded, "run", 4, str(checkpoint))
+    what, batches, counts = blocks
     return {**quantize.compare(plain, target, batches, counts.tokens, counts.bytes, quant), "evaluated": what}
 
 
