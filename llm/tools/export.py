@@ -111,7 +111,7 @@ def measure(plain: Path, target: Path, quant: str, blocks: tuple | None) -> dict
     if blocks is None:
         return sizes
     what, batches, counts = blocks
-    return {**quantize.compare(plain, target, batches, counts.tokens, counts.bytes, quant), "evaluated": what}
+    return {**sizes, **quantize.compare(plain, target, batches, counts.tokens, counts.bytes, quant), "evaluated": what}
 
 
 def file_bytes(folder: Path) -> int:

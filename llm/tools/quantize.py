@@ -20,7 +20,6 @@ The folder loads with AutoModelForCausalLM.from_pretrained wherever torchao is i
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -123,9 +122,6 @@ def compare(plain: Path, target: Path, batches, tokens: int, nbytes: int, quant:
         loss_quantized += F.nll_loss(q, y, reduction="sum").item()
         count += y.numel()
     return {
-        "quant": quant,
-        "bytes": os.path.getsize(target / "model.safetensors"),
-        "bytes_unquantized": os.path.getsize(plain / "model.safetensors"),
         "kl": kl / count,
         "top1_agreement": agree / count,
         "bpb_unquantized": bits_per_byte(loss_plain / count, tokens, nbytes),
