@@ -36,6 +36,7 @@ MAX_STEPS ?=
 RUN ?=
 RESUME ?=
 INIT ?=
+TEACHER ?=
 FORCE ?=
 QUANT ?=
 CKPT ?=
@@ -54,7 +55,7 @@ NAME ?=
 # typed (`$` and `$(shell ...)` in it are not Make's), and each reaches a command single-quoted by
 # `q`, so no shell reads it as code either.
 USER_VARIABLES := MODEL CONFIG TEXT HF TOKENIZER DS NVME_PATH DEVICES NNODES NODE_RANK MASTER_ADDR \
-	MASTER_PORT HOSTFILE PARTITION TIME ACCOUNT LAUNCH_TIMEOUT PRECISION MAX_STEPS RUN RESUME INIT FORCE \
+	MASTER_PORT HOSTFILE PARTITION TIME ACCOUNT LAUNCH_TIMEOUT PRECISION MAX_STEPS RUN RESUME INIT TEACHER FORCE \
 	QUANT CKPT PROMPT OUT GPUS GPU_MEM CPU_MEM ARGS PYTEST_ARGS STRESS_RUNS TEST_WORKERS NAME TORCH CONSTRAINTS PYTHON VENV
 $(foreach v,$(USER_VARIABLES),$(if $(filter command environment,$(firstword $(origin $(v)))),\
 	$(eval override $(v) := $$(value $(v)))))
@@ -90,7 +91,7 @@ DS_PRESETS := $(call presets,deepspeed)
 EXPERIMENTS := $(sort $(notdir $(basename $(wildcard configs/experiment/*.yaml))))
 
 .DEFAULT_GOAL := help
-.PHONY: help install prepare train train-multinode train-deepspeed slurm sample eval export export-fp32 plan bench plot tui wandb-dashboard \
+.PHONY: help install prepare train distill train-multinode train-deepspeed slurm sample eval export export-fp32 plan bench plot tui wandb-dashboard \
 	test test-fast test-long test-gpu test-bench stress lint format clean rename
 
 help: ## this list: a target's `##` lines above it are its help
@@ -116,6 +117,7 @@ help: ## this list: a target's `##` lines above it are its help
 	@echo "  MAX_STEPS=       optimizer steps"
 	@echo "  RUN=             run folder (default runs/<experiment>-<time>)"
 	@echo "  INIT=            a Hugging Face model folder (GPT-2 or Llama) to start training from; its architecture wins"
+	@echo "  TEACHER=         make distill's teacher: a checkpoint, or a transformers folder whose tokenizer the student takes"
 	@echo "  RESUME=          auto (the newest complete checkpoint in RUN=, which it needs) or a checkpoint path"
 	@echo "  CONFIG=          an experiment YAML, applied over configs/experiment/default.yaml (default: configs/experiment/<MODEL>.yaml"
 	@echo "                   if there is one); ARGS=--print_config shows the result"
@@ -144,6 +146,11 @@ prepare: $(STAMP)
 ## prepare if needed, then train; default: tiny model, embedded corpus, CPU, W&B offline
 train: $(STAMP)
 	$(LLM) fit $(CLI_ARGS)
+
+## train MODEL= (the student) from TEACHER= too (a checkpoint or a transformers folder): its CE plus
+## the KL to the teacher's next-token distributions (ARGS="--distill.alpha=0.5 --distill.temperature=2")
+distill: $(STAMP)
+	$(LLM) fit $(CLI_ARGS) --distill.teacher=$(call q,$(TEACHER))
 
 ## torchrun on this node, run once per node: NNODES= NODE_RANK= MASTER_ADDR= MASTER_PORT= DEVICES=
 train-multinode: $(STAMP)

@@ -38,10 +38,6 @@ class OptimizerConfig:
     fused: bool | None = None  # torch's fused AdamW kernel (one kernel for all parameters); None: on GPU only
 
 
-# the names a checkpoint's pickle holds: the present ones, and those of 0.1.0's flat package
-torch.serialization.add_safe_globals([ModelConfig, OptimizerConfig, (OptimizerConfig, "llm.module.OptimizerConfig")])
-
-
 @dataclass
 class PrepareConfig:
     """What to prepare (llm/data/prepare.py): the data section's --data.<field> on the command line.
@@ -99,6 +95,39 @@ class LoaderConfig:
     num_workers: int = 0
     val_batches: int = 20
     seed: int = 1234  # of the training sample positions
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (llm/train/distill.py): `--distill.<field>`.
+    The defaults are Hinton et al.'s soft targets (2015) at DistilBERT's temperature of 2 (2019).
+
+    Args:
+        teacher: a checkpoint of this project or a transformers folder (GPT-2 or Llama) to learn from
+            (TEACHER=); none: train on the data alone
+        alpha: weight of the teacher's term: loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher || student)
+        temperature: T, the softmax temperature both distributions are compared at
+        until: the fraction of max_steps trained with the teacher; after it, CE alone (alpha 0) and the
+            teacher is no longer run
+        chunk_tokens: tokens whose logits are computed at once; both models' float32 logits are never
+            held for a whole batch
+        init: teacher_layers: start the student from the teacher's embeddings, final norm and every
+            k-th block (their widths must match); none: the seed's initialisation
+    """
+
+    teacher: str | None = None
+    alpha: float = 0.5
+    temperature: float = 2.0
+    until: float = 1.0
+    chunk_tokens: int = 4096
+    init: Literal["teacher_layers"] | None = None
+
+
+# the names a checkpoint's pickle holds (the module's hyperparameters): the present ones, and those of
+# 0.1.0's flat package
+torch.serialization.add_safe_globals(
+    [ModelConfig, OptimizerConfig, DistillConfig, (OptimizerConfig, "llm.module.OptimizerConfig")]
+)
 
 
 @dataclass(frozen=True)
@@ -177,6 +206,7 @@ class RunConfig:
     init: str | None = None  # the transformers folder whose weights training starts from (model.init, INIT=)
     float8: str | None = None  # float8 training's recipe (model.float8)
     float8_emulate: bool = False
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @classmethod
     def from_dict(cls, config: Mapping) -> RunConfig:
@@ -197,6 +227,7 @@ class RunConfig:
             init=model.get("init"),
             float8=model.get("float8"),
             float8_emulate=bool(model.get("float8_emulate")),
+            distill=DistillConfig(**_fields_of(DistillConfig, config.get("distill") or {})),
         )
 
     @classmethod

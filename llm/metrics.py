@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SECTIONS = ("Loss", "Optimizer", "Throughput", "Memory")
+SECTIONS = ("Loss", "Optimizer", "Throughput", "Memory", "Distillation")
 STEP = "trainer/global_step"  # the optimizer step, as Lightning's W&B logger writes it beside each row
 TOKENS = "train/tokens"  # tokens trained so far, the whole job's: the other x-axis
 X_AXES = {"step": STEP, "tokens": TOKENS}
@@ -20,6 +20,7 @@ class Chart:
     title: str
     unit: str  # the y axis
     series: tuple[tuple[str, str], ...]  # (key, legend)
+    distill: bool = False  # logged by distillation runs only (make distill)
 
     @property
     def keys(self) -> list[str]:
@@ -51,6 +52,14 @@ CHARTS = (
     _memory("reserved", "Reserved"),
     _memory("peak", "Peak allocated"),
     _memory("host_rss", "Host RSS"),
+    Chart(
+        "Distillation",
+        "Loss terms",
+        "nats per token",
+        (("train/ce_loss", "CE on the data"), ("train/kd_loss", "T²·KL to the teacher")),
+        distill=True,
+    ),
+    Chart("Distillation", "KL to the teacher", "nats per token, T = 1", (("val/kd", "validation"),), distill=True),
 )
 
 
@@ -58,9 +67,9 @@ def charts(section: str) -> list[Chart]:
     return [c for c in CHARTS if c.section == section]
 
 
-def logged_keys() -> set[str]:
-    """The keys every training run logs."""
-    return {TOKENS} | {key for c in CHARTS for key in c.keys}
+def logged_keys(distill: bool = False) -> set[str]:
+    """The keys every training run logs, and with `distill` those a distillation run adds."""
+    return {TOKENS} | {key for c in CHARTS if distill or not c.distill for key in c.keys}
 
 
 def bits_per_byte(loss_nats, tokens: int, n_bytes: int):

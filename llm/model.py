@@ -242,10 +242,16 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T); with targets (B, T), the mean next-token
-        cross-entropy instead. With a cache, idx continues the cached sequence.
+        cross-entropy instead; with hidden=True, the final normalised hidden states (B, T, C) that
+        the output layer reads (distillation computes the logits from them in chunks). With a cache,
+        idx continues the cached sequence.
 
         The loss is computed here rather than by the caller so that torch.compile sees it with the
         output projection: compiled, the float32 logits of the whole batch (B·T·V·4 bytes: 3.3 GB
@@ -268,7 +274,10 @@ class Transformer(nn.Module):
                 x = block(x, rope, cache)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)
+        if hidden:
+            return x
+        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # softmax in fp32, also under bf16

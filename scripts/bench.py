@@ -37,6 +37,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as `python -m llm` sets it
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # lightning 2.6 on torch 2.13
 
+from bench_distill import compare_distill, distill_line  # noqa: E402
 from bench_paths import BenchPath, device, reference_block, trainer_block  # noqa: E402
 
 from llm.model import ModelConfig, count_params, flops_per_token  # noqa: E402
@@ -210,6 +211,7 @@ def bench(
     steps: int | None = None,
     warmup: int = 2,
     num_workers: int = 0,
+    distill: bool = True,
 ) -> dict:
     """Benchmark the trainer against its references, and data preparation against a plain loop.
 
@@ -225,6 +227,7 @@ def bench(
         steps: measured steps per block (default 10; 3 when quick)
         warmup: steps per block before measuring
         num_workers: DataLoader workers on both sides
+        distill: time the tiny model's step distilled from the 10m one against its plain step
     """
     import datasets
 
@@ -274,6 +277,7 @@ def bench(
             "environment": environment(),
             "training": [],
             "data_preparation": None,
+            "distillation": None,
         }
         for path in chosen:
             for name in models:
@@ -281,6 +285,16 @@ def bench(
                     print(f"bench: {path.name} {name} {precision} ...", file=sys.stderr, flush=True)
                     row = compare(path, name, precision, data, vocab, rounds, steps, warmup, tmp)
                     results["training"].append(row)
+        if distill:
+            print("bench: distillation ...", file=sys.stderr, flush=True)
+            student, batch = MODELS["tiny"]
+            teacher = MODELS["10m"][0]
+            configs = [
+                ModelConfig(**{**f, "vocab_size": vocab, "block_size": student["block_size"]})
+                for f in (student, teacher)
+            ]
+            precision = "bf16-mixed" if gpu else "32-true"
+            results["distillation"] = compare_distill(*configs, batch, data, precision, rounds, steps, warmup, tmp)
         print("bench: data preparation ...", file=sys.stderr, flush=True)
         results["data_preparation"] = prepare_bench(quick, tmp)
     eager = [r for r in results["training"] if r["path"] == "eager"]
@@ -347,6 +361,8 @@ def print_table(results: dict, out: str) -> None:
             f"{prep['prepare']['tokens_per_sec']:,.0f} tokens/s on {prep['num_proc']} processes, a plain "
             f"loop {prep['plain_loop']['tokens_per_sec']:,.0f} tokens/s ({prep['speedup']:.2f}x)"
         )
+    if results.get("distillation"):
+        console.print(distill_line(results["distillation"]))
     peaks = {r["peak_flops_source"]: r["peak_flops"] for r in results["training"]}
     for source, flops in peaks.items():
         console.print(f"MFU against {flops / 1e12:,.2f} TFLOP/s ({source})")

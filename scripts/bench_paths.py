@@ -84,7 +84,17 @@ def strategy_for(path: BenchPath, batch: int):
     return build_strategy(path.deepspeed, None, batch, device().type == "cuda", world_size=1)
 
 
-def trainer_block(path: BenchPath, config: ModelConfig, data_kwargs: dict, precision: str, steps: int, tmp: Path):
+def trainer_block(
+    path: BenchPath,
+    config: ModelConfig,
+    data_kwargs: dict,
+    precision: str,
+    steps: int,
+    tmp: Path,
+    teacher: ModelConfig | None = None,
+):
+    """A block of steps through the trainer; with `teacher`, distilled from a frozen model of that
+    architecture (its weights do not change the step's time)."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -117,6 +127,10 @@ def trainer_block(path: BenchPath, config: ModelConfig, data_kwargs: dict, preci
         use_distributed_sampler=False,
     )
     model = LanguageModel(config, optimizer_config(), compile=path.compile)
+    if teacher is not None:
+        from llm.model import Transformer
+
+        model.use_teacher(Transformer(teacher))
     with contextlib.redirect_stdout(io.StringIO()):  # the monitor's line about the peak, once per block
         trainer.fit(model, datamodule=TokenDataModule(**data_kwargs))
     return clock

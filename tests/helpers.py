@@ -217,3 +217,29 @@ class SlowRank(Callback):
             self.times += 1
             with open(f"{trainer.default_root_dir}/slow-rank{self.rank}.txt", "w") as f:
                 f.write(str(self.times))
+
+
+class TeacherProbe(Callback):
+    """A distillation run's teacher, as the trainer holds it: <run>/teacher-probe.pt has the
+    student's weights at the start (before any step), the teacher's at the end, whether it was in
+    eval mode and frozen, and how many of its tensors the optimizer holds."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import torch
+
+        teacher = pl_module.teacher
+        optimizer = trainer.optimizers[0]
+        base = getattr(optimizer, "optimizer", optimizer)
+        held = {id(p) for group in base.param_groups for p in group["params"]}
+        probe = {
+            "student_start": self.start,
+            "teacher_end": {k: v.detach().cpu().float().clone() for k, v in teacher.state_dict().items()},
+            "teacher_training": teacher.training,
+            "teacher_requires_grad": any(p.requires_grad for p in teacher.parameters()),
+            "teacher_in_optimizer": sum(id(p) in held for p in teacher.parameters()),
+            "teacher_dtype": str(teacher.lm_head.weight.dtype),
+        }
+        torch.save(probe, f"{trainer.default_root_dir}/teacher-probe-rank{trainer.global_rank}.pt")

@@ -20,6 +20,7 @@ HOSTILE = {
     "GPUS": "1 $$(touch {marker})",
     "RUN": "runs/a b'$(touch {marker})'",
     "TEXT": "data/$$HOME/{{x}}.txt",
+    "TEACHER": "runs/t '$(touch {marker})'/best.ckpt",
 }
 
 
@@ -54,7 +55,7 @@ def argv_of(tmp_path):
 def test_a_variable_reaches_the_program_as_typed_and_runs_nothing(argv_of, tmp_path, name):
     marker = tmp_path / "ran"
     value = HOSTILE[name].format(marker=marker)
-    target = {"PROMPT": "sample", "CKPT": "sample", "GPUS": "plan"}.get(name, "train")
+    target = {"PROMPT": "sample", "CKPT": "sample", "GPUS": "plan", "TEACHER": "distill"}.get(name, "train")
     argv = argv_of(target, **{name: value})
     assert not marker.exists(), f"{name}={value!r} ran a command"
     option = {
@@ -64,6 +65,7 @@ def test_a_variable_reaches_the_program_as_typed_and_runs_nothing(argv_of, tmp_p
         "GPUS": "--gpus=",
         "RUN": "--run=",
         "TEXT": "--data.text=",
+        "TEACHER": "--distill.teacher=",
     }[name]
     expected = f"configs/model/{value}.yaml" if name == "MODEL" else value
     assert f"{option}{expected}" in argv

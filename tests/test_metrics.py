@@ -138,9 +138,11 @@ def test_dashboard_panels_show_keys_a_real_run_logged(runs):
     logged = {k for item in history(wandb_records(wandb_run)) for k in item}
     for x in X_AXES:
         workspace = build_workspace("a-team", "llm-tests", x)  # built offline; nothing is sent
-        keys = panel_keys(workspace)
+        # distillation's panels show keys a distillation run logs (tests/test_distill.py checks them)
+        keys = panel_keys(workspace) - (logged_keys(distill=True) - logged_keys())
         assert keys <= logged, sorted(keys - logged)
-        assert {s.name for s in workspace.sections} == {"Loss", "Optimizer", "Throughput", "Memory"}
+        sections = {s.name for s in workspace.sections}
+        assert sections == {"Loss", "Optimizer", "Throughput", "Memory", "Distillation"}
         assert workspace.settings.x_axis == X_AXES[x] and {p.x for s in workspace.sections for p in s.panels} == {
             X_AXES[x]
         }
@@ -260,7 +262,8 @@ def test_plot_draws_every_logged_series_with_its_values(runs, tmp_path, monkeypa
     plot(str(run))
     sections = {ax.get_title(): ax for figure in figures[:-1] for ax in figure.axes}  # the last is the overview
     rows = csv_rows(run)
-    for chart in CHARTS:
+    assert not any(chart.title in sections for chart in CHARTS if chart.distill)  # not a distillation run
+    for chart in (c for c in CHARTS if not c.distill):
         drawn = {line.get_label(): line for line in sections[chart.title].get_lines()}
         for key, legend in chart.series:
             # x is steps done (metrics.csv counts from 0); 12 steps logged each, validation after 4, 8, 12
@@ -324,3 +327,7 @@ def test_make_bench_quick_writes_json(tmp_path, gpt2_tokenizer):  # bench's data
     prep = bench["data_preparation"]  # both sides tokenized the same 120 documents
     assert prep["files"] == 120 and prep["prepare"]["tokens"] == prep["plain_loop"]["tokens"] > 100_000
     assert "each path through the trainer and through its reference" in result.stdout
+    d = bench["distillation"]  # the tiny model's step with the 10m teacher, against without
+    assert d["distilled_step_seconds"] > d["plain_step_seconds"] > 0 and d["teacher_params"] > d["student_params"]
+    assert d["measured_ratio"] == pytest.approx(d["distilled_step_seconds"] / d["plain_step_seconds"])
+    assert d["predicted_ratio"] > 1 and "distillation (32-true)" in result.stdout

@@ -59,9 +59,11 @@ def plot(run: str, x: str = "step") -> list[str]:
     out = folder / "plots"
     out.mkdir(exist_ok=True)
     written, contents = [], []
-    width = max(len(charts(s)) for s in SECTIONS)
-    overview, grid = plt.subplots(len(SECTIONS), width, figsize=(4.2 * width, 3.2 * len(SECTIONS)), squeeze=False)
-    for section, row in zip(SECTIONS, grid, strict=True):
+    # a section of charts only some runs log (distillation's) is drawn for the runs that logged them
+    sections = [s for s in SECTIONS if any(not c.distill or series(rows, c.keys[0])[0] for c in charts(s))]
+    width = max(len(charts(s)) for s in sections)
+    overview, grid = plt.subplots(len(sections), width, figsize=(4.2 * width, 3.2 * len(sections)), squeeze=False)
+    for section, row in zip(sections, grid, strict=True):
         items = charts(section)
         figure, axes = plt.subplots(1, len(items), figsize=(4.5 * len(items), 3.6), squeeze=False)
         for chart, ax, overview_ax in zip(items, axes[0], row, strict=False):

@@ -22,14 +22,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from llm import ranks
 from llm.checkpoint import CheckpointFolder, weights_only_loads
-from llm.config import RunConfig, RunOptions
+from llm.config import DistillConfig, RunConfig, RunOptions
 from llm.data.datamodule import TokenDataModule
 from llm.errors import ConfigError, OneLineErrors
 from llm.launch import agreement
 from llm.launch.collectives import CollectiveTimeout
 from llm.model import count_params, flops_per_token
 from llm.redact import scrub
-from llm.train import preflight, resume, run_folder
+from llm.train import distill, preflight, resume, run_folder
 from llm.train.callbacks import LoggingStepOnResume, RunInfo, ValidateAtEnd
 from llm.train.guards import NonFiniteSteps
 from llm.train.loggers import RunWandbLogger, make_loggers, quiet_lightning
@@ -85,6 +85,9 @@ class LLMCLI(LightningCLI):
             if option.name in RUN_OPTION_HELP:  # seed_everything is LightningCLI's own
                 help = RUN_OPTION_HELP[option.name]
                 parser.add_argument(f"--{option.name}", type=types[option.name], default=option.default, help=help)
+        # distillation's own section (make distill TEACHER=), which the model receives
+        parser.add_argument("--distill", type=DistillConfig, default=DistillConfig(), help="knowledge distillation")
+        parser.link_arguments("distill", "model.distill")
         # the data section may be written flat (the TokenDataModule's arguments): that class is the default
         parser.set_defaults({"data": {"class_path": f"{TokenDataModule.__module__}.{TokenDataModule.__name__}"}})
         parser.link_arguments("model.config.block_size", "data.init_args.block_size")
@@ -152,7 +155,10 @@ class LLMCLI(LightningCLI):
         if ranks.is_first_process():  # a resumed run rewrites it with its own config
             write_config_file(self.run_dir / "config.yaml", resolved)
         model, options = run.model, run.options
-        self.monitor = PerformanceMonitor(flops_per_token(model, model.block_size), options.peak_flops)
+        flops = flops_per_token(model, model.block_size)
+        if run.distill.teacher:  # and the teacher's forward pass, a third of its training FLOPs
+            flops += flops_per_token(distill.teacher_config(run.distill.teacher), model.block_size) // 3
+        self.monitor = PerformanceMonitor(flops, options.peak_flops)
         every = options.save_every or options.eval_every
         self.checkpoints = Checkpoints(CheckpointFolder(self.run_dir / "checkpoints"), every, options.keep_last)
         self.run_info = RunInfo(resolved, self.data_folder, self.resume_from)
@@ -235,6 +241,14 @@ class LLMCLI(LightningCLI):
             f"float8: {self.model.float8 or 'off'}{' (emulated)' if self.model.float8_emulate else ''}; "
             f"run: {self.run_dir}"
         )
+        d = self.model.distill
+        if d.teacher:
+            teacher = distill.teacher_config(d.teacher)
+            print(
+                f"distilling from {d.teacher}: {count_params(teacher):,} parameters, {teacher.n_layer} layers, "
+                f"{teacher.n_embd} wide; alpha {d.alpha}, temperature {d.temperature}, until {d.until:g} of the steps"
+                + ("; student blocks from the teacher's" if d.init else "")
+            )
 
 
 def write_config_file(path: Path, resolved: dict) -> None:

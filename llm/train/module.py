@@ -10,10 +10,11 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from llm import compat
-from llm.config import OptimizerConfig
+from llm.config import DistillConfig, OptimizerConfig
 from llm.hf import load_pretrained
 from llm.metrics import bits_per_byte
 from llm.model import ModelConfig, Transformer
+from llm.train import distill as kd
 from llm.train import float8
 from llm.train.guards import skip_update_if_nonfinite
 from llm.train.optim import make_optimizer, param_groups, warmup_cosine
@@ -30,6 +31,7 @@ class LanguageModel(L.LightningModule):
         init: str | None = None,
         float8: Literal["tensorwise", "rowwise"] | None = None,
         float8_emulate: bool = False,
+        distill: DistillConfig | None = None,
     ):
         """Args:
         config: the Transformer's architecture (a preset from configs/model/, MODEL=)
@@ -40,6 +42,7 @@ class LanguageModel(L.LightningModule):
         float8: train the blocks' linear layers with float8 matmuls (torchao), tensorwise or rowwise scaled;
             a GPU of compute capability 8.9+ (llm/train/float8.py)
         float8_emulate: emulate the float8 matmuls in higher precision, on any device (slow; for tests)
+        distill: the top-level --distill section, linked here (llm/train/distill.py)
         """
         super().__init__()
         self.save_hyperparameters()
@@ -47,6 +50,10 @@ class LanguageModel(L.LightningModule):
         self.compile_model = bool(compile)
         self.init, self.float8, self.float8_emulate = init, float8, float8_emulate
         self.float8_layers: list[str] = []  # the layers float8 converted, once built
+        self.distill = distill or DistillConfig()
+        # the frozen teacher, in a tuple so that nn.Module does not register it: no optimizer,
+        # checkpoint, DDP or DeepSpeed wrapper sees it (llm/train/distill.py)
+        self._teacher: tuple[Transformer, ...] = ()
         self.model: Transformer | None = None
         # set after each backward (configure_gradient_clipping): whether this step is skipped, a 0-dim bool
         # tensor on the device; None where DeepSpeed or fp16's grad scaler decide (guards.NonFiniteSteps reads it)
@@ -69,6 +76,10 @@ class LanguageModel(L.LightningModule):
             model.apply(init)
         if self.init:  # start from a transformers folder's weights (preflight took its architecture)
             model.load_state_dict(load_pretrained(self.init)[1])
+        if self.distill.teacher and not self._teacher:
+            self._teacher = (kd.load_teacher(self.distill.teacher),)
+            if self.distill.init == "teacher_layers":  # a resumed run's checkpoint then replaces them
+                kd.init_from_teacher(model, self._teacher[0])
         if self.float8:  # before compile, which fuses float8's casts and scaling into the matmuls
             self.float8_layers = float8.convert(model, self.float8, self.float8_emulate)
         if self.compile_model:
@@ -79,23 +90,68 @@ class LanguageModel(L.LightningModule):
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(batch[:, :-1], targets=batch[:, 1:])  # (B, T) inputs and their next tokens
 
+    @property
+    def teacher(self) -> Transformer | None:
+        """The frozen teacher of a distillation run, or None."""
+        return self._teacher[0] if self._teacher else None
+
+    def use_teacher(self, teacher: Transformer) -> None:
+        """Distil from this model rather than from distill.teacher's path (make bench builds one)."""
+        self._teacher = (teacher.requires_grad_(False).eval(),)
+
+    def teacher_ready(self) -> Transformer:
+        """The frozen teacher, on this module's device and in the training precision (moved once)."""
+        (teacher,) = self._teacher
+        dtype = kd.precision_dtype(str(self.trainer.precision))
+        head = teacher.lm_head.weight
+        if head.device != self.device or head.dtype != dtype:
+            teacher.to(device=self.device, dtype=dtype)
+        return teacher
+
+    def _distill_losses(self, batch: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's CE and its KD term against the teacher, from both models' hidden states."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        teacher = self.teacher_ready()
+        with torch.no_grad():
+            teacher_hidden = teacher(inputs, hidden=True)
+        hidden = self.model(inputs, hidden=True)
+        heads = (self.model.lm_head.weight, teacher.lm_head.weight)
+        return kd.losses(hidden, teacher_hidden, targets, *heads, temperature, self.distill.chunk_tokens)
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        alpha = kd.alpha_at(self.distill, self.trainer.global_step, self.trainer.max_steps) if self._teacher else 0.0
+        if alpha:
+            ce, kd_loss = self._distill_losses(batch, self.distill.temperature)
+            loss = (1 - alpha) * ce + alpha * kd_loss
+            self.log_dict({"train/ce_loss": ce, "train/kd_loss": kd_loss})
+        else:  # no teacher, or past distill.until: the data alone, and the teacher is not run
+            loss = self._loss(batch)
+            if self._teacher:
+                self.log("train/ce_loss", loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss
 
     def on_validation_epoch_start(self) -> None:
         self._val_losses: list[torch.Tensor] = []
+        self._val_kd: list[torch.Tensor] = []
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self._val_losses.append(self._loss(batch).detach())
+        if self._teacher:  # the KL to the teacher at temperature 1: how far the two distributions are
+            loss, kl = self._distill_losses(batch, 1.0)
+            self._val_kd.append(kl.detach())
+        else:
+            loss = self._loss(batch)
+        self._val_losses.append(loss.detach())
 
     def on_validation_epoch_end(self) -> None:
         # every rank evaluates the same number of blocks, so the mean of rank means is the global mean;
         # logged with sync_dist so that Lightning knows every rank holds that same value
-        loss = self.trainer.strategy.reduce(torch.stack(self._val_losses).mean(), reduce_op="mean")
+        reduce = self.trainer.strategy.reduce
+        loss = reduce(torch.stack(self._val_losses).mean(), reduce_op="mean")
         metrics = {"val/loss": loss, "val/ppl": torch.exp(loss.clamp(max=50.0))}
+        if self._val_kd:
+            metrics["val/kd"] = reduce(torch.stack(self._val_kd).mean(), reduce_op="mean")
         val = self.trainer.datamodule.meta["splits"]["val"] if self.trainer.datamodule else None
         if val:
             metrics["val/bpb"] = bits_per_byte(loss, val["tokens"], val["bytes"])

@@ -19,7 +19,7 @@ from llm.errors import ConfigError
 from llm.hf import check_weights, from_hf_config, read_config
 from llm.launch.commands import available_devices
 from llm.model import count_params
-from llm.train import float8, run_folder
+from llm.train import distill, float8, run_folder
 from llm.train.strategy import load_preset
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
@@ -39,6 +39,8 @@ def resolve(cfg, command: str) -> RunConfig:
     AdamW, the run folder's name. Returns the resolved config, which `check` then reads."""
     if command != "prepare" and cfg.model.init:
         take_architecture(cfg)
+    if command != "prepare":
+        distill.resolve(cfg)  # a transformers-folder teacher brings its tokenizer
     if cfg.model.config.vocab_size is None:
         # a multiple of 64 makes the embedding and output matmuls faster; the extra rows are never used
         cfg.model.config.vocab_size = round_up(data_vocab_size(prepare_config(cfg)))
@@ -91,6 +93,7 @@ def check(run: RunConfig, command: str, logger=None) -> None:
     check_disk(run)
     check_fused(run)
     float8.check(run.float8, run.float8_emulate, uses_gpu(run.trainer))
+    distill.check(run)
     if options.deepspeed:
         load_preset(options.deepspeed, options.nvme_path)  # an unknown preset, offload it cannot do, a bad NVMe path
 
