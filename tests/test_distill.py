@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from llm.checkpoint import Checkpoint
 from llm.config import DistillConfig
@@ -189,6 +190,22 @@ def two_process_run(runs, teacher: str, strategy: str):
     return runs(
         f"distill_{strategy}", *DISTILLED, f"--distill.teacher={teacher}", "--trainer.devices=2", *ds, probes=()
     )
+
+
+@pytest.mark.long
+def test_a_transformers_folder_teaches_with_its_own_tokenizer(runs, teacher, tmp_path):
+    """The teacher exported (make export), then distilled from as a transformers folder: the
+    student's data is cut with the folder's tokenizer.json, and its KL to the teacher is measured."""
+    folder = tmp_path / "teacher-hf"
+    assert llm_here("export", f"--ckpt={teacher}", f"--out={folder}").returncode == 0
+    student = tmp_path / "student"
+    args = runs.args(student, *DISTILLED, f"--distill.teacher={folder}", "--trainer.max_steps=4", probes=())
+    result = llm_here(*args, env={"WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((student / "config.yaml").read_text())
+    assert config["data"]["init_args"]["tokenizer"] == str(folder / "tokenizer.json")
+    assert config["distill"]["teacher"] == str(folder)
+    assert len(column(student, "val/kd")) == 1 and len(column(student, "train/kd_loss")) == 4
 
 
 def assert_same_values(expected_run, run, keys: tuple[str, ...], count: int) -> None:
