@@ -153,6 +153,7 @@ class RunOptions:
     resume: str | None = None
     eval_every: int = 100
     save_every: int | None = None
+    save_every_minutes: float | None = None
     keep_last: int = 2
     max_skipped_steps: int = 5
     deepspeed: str | None = None
@@ -163,6 +164,7 @@ class RunOptions:
     collective_timeout: float = 600.0  # seconds: long enough for the slowest checkpoint save others wait for
     peak_flops: float | None = None
     seed_everything: int | bool | None = None
+    tokens_per_step: int | None = None
 
 
 # what a checkpoint's `llm_format` says its layout is; absent: 0.1.0's, whose learning-rate schedule

@@ -48,6 +48,7 @@ CHARTS = (
     Chart("Throughput", "Model FLOPs utilisation", "MFU", (("perf/mfu", "MFU"),)),
     Chart("Throughput", "Step time", "seconds per optimizer step", (("perf/step_time", "step time"),)),
     Chart("Throughput", "Data wait", "fraction of the step", (("perf/data_wait_frac", "waiting for data"),)),
+    Chart("Throughput", "Checkpoint saves", "seconds per save", (("perf/save_seconds", "save"),)),
     _memory("allocated", "Allocated"),
     _memory("reserved", "Reserved"),
     _memory("peak", "Peak allocated"),

@@ -243,3 +243,15 @@ class TeacherProbe(Callback):
             "teacher_dtype": str(teacher.lm_head.weight.dtype),
         }
         torch.save(probe, f"{trainer.default_root_dir}/teacher-probe-rank{trainer.global_rank}.pt")
+
+
+class StepSleep(Callback):
+    """Each optimizer step takes `seconds` longer, as a larger model's would."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args) -> None:
+        import time
+
+        time.sleep(self.seconds)

@@ -44,9 +44,12 @@ def unchanged(folder: Path, command):
     "override, fragments",
     [
         ("--model.config.n_layer=3", ["model.config.n_layer=3: the checkpoint", "has 2"]),
-        ("--data.batch_size=8", ["data.batch_size=8: the checkpoint", "was trained with 4"]),
+        (
+            "--data.batch_size=8",
+            ["tokens per step 512 (1 x 8 x 64 tokens x 1 processes): the checkpoint", "256 (1 x 4 x 64", "=256"],
+        ),
         ("--seed_everything=7", ["seed_everything=7: the checkpoint", "was trained with 1337"]),
-        ("--trainer.devices=2", ["trainer.devices x trainer.num_nodes=2", "was trained with 1"]),
+        ("--trainer.devices=2", ["tokens per step 512 (1 x 4 x 64 tokens x 2 processes)", "was trained with 256"]),
         ("--trainer.max_steps=12", ["trainer.max_steps=12: the checkpoint", "has already trained 12 steps"]),
         # the optimizer and schedule states keep these: a change would be recorded and not happen
         ("--model.optimizer.lr=0.0001", ["model.optimizer.lr=0.0001: the checkpoint", "INIT="]),
@@ -60,6 +63,18 @@ def test_resume_that_cannot_continue_exactly_is_refused(trained, runs, override,
     run, cache = trained
     args = canonical_args(runs, run, cache, "--resume=auto", override)
     assert_refused(unchanged(run, lambda: llm_here(*args)), *fragments)
+
+
+@pytest.mark.slow
+def test_a_deepspeed_checkpoint_continues_only_on_the_split_it_was_written_for(tmp_path, runs):
+    """The same tokens per step on one process of 8 sequences: fine for a full-state checkpoint
+    (tests/test_train.py), refused for a ZeRO one, whose optimizer is partitioned over two."""
+    run = tmp_path / "run"
+    shutil.copytree(runs("zero2"), run, symlinks=True)
+    ckpt = run / "checkpoints" / "step-000010.ckpt"
+    args = runs.args(run, "--deepspeed=zero2", "--data.batch_size=8", f"--resume={ckpt}", probes=())
+    result = unchanged(run, lambda: llm_here(*args))
+    assert_refused(result, "trainer.devices x trainer.num_nodes=1: the checkpoint", "is DeepSpeed's, partitioned for 2")
 
 
 def written_by_0_1_0(path: Path, monkeypatch) -> None:

@@ -65,10 +65,25 @@ def test_n_embd_not_divisible_by_n_head(existing):
         ("--model.optimizer.betas=[2,2]", "model.optimizer.betas=[2.0, 2.0]: out of range; use two in [0, 1)"),
         ("--model.config.dropout=2", "model.config.dropout=2.0 is a probability"),
         ("--model.config.block_size=0", "model.config.block_size=0 must be a positive number"),
+        ("--tokens_per_step=0", "tokens_per_step=0: out of range; use a positive number of tokens"),
+        # micro-batches of 8 x 64 tokens on 1 process: 512 tokens
+        (
+            "--tokens_per_step=1000",
+            "tokens_per_step=1000: not a whole number of micro-batches of 8 x 64 tokens x 1 processes (512 tokens); "
+            "use tokens_per_step=512 or 1,024",
+        ),
+        ("--tokens_per_step=384", "use tokens_per_step=512, or data.batch_size=6"),
     ],
 )
 def test_a_number_out_of_its_range_is_one_line(existing, option, answer):
     assert_refused(fit_into(existing, option), answer)
+
+
+def test_tokens_per_step_counts_every_process(existing):
+    result = fit_into(existing, "--trainer.devices=2", "--tokens_per_step=1536")
+    assert_refused(
+        result, "8 x 64 tokens x 2 processes (1,024 tokens); use tokens_per_step=1,024 or 2,048, or data.batch_size=6"
+    )
 
 
 def test_tokenizer_larger_than_the_model_vocabulary(existing, tmp_path):

@@ -114,6 +114,24 @@ def test_kill_9_at_a_random_step_resumes_exactly(tmp_path, runs):
     assert len(wandb_ids) == 1, f"the resumed run started another W&B run: {wandb_ids}"
 
 
+@pytest.mark.long  # a fault run of its own
+def test_saves_by_time_leave_a_checkpoint_no_older_than_the_interval_and_a_step(tmp_path, runs):
+    """Saves every 0.3 s of steps that take 0.2 s or more (and no step-count saves before the end):
+    after any step, the newest complete checkpoint is at most two steps old, whatever the machine's
+    speed (a slower step only makes the saves more frequent in steps)."""
+    run = tmp_path / "run"
+    sleep = json.dumps({"class_path": "tests.helpers.StepSleep", "init_args": {"seconds": 0.2}})
+    timed = ("--save_every=1000", "--save_every_minutes=0.005")
+    process = start(runs.args(run, callbacks(sleep), *timed, probes=()))
+    signal_at(process, 10, kill_job)
+    assert process.returncode == -signal.SIGKILL
+    assert newest_checkpoint(run) >= 8
+    rows = metrics_rows(run)  # written at each save: the rows up to the newest checkpoint
+    saved = sorted(step + 1 for step, row in rows.items() if "perf/save_seconds" in row)
+    assert len(saved) >= 3 and all(float(rows[s - 1]["perf/save_seconds"]) > 0 for s in saved)
+    assert all(b - a <= 2 for a, b in zip(saved, saved[1:], strict=False)), saved
+
+
 def breaks_save(step: int, how: str = "kill") -> str:
     return json.dumps({"class_path": "tests.helpers.BreakSave", "init_args": {"step": step, "how": how}})
 

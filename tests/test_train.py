@@ -26,6 +26,7 @@ from support import (
     corpus_fit,
     llm_here,
     losses,
+    run_llm,
     trained_steps,
     wandb_records,
 )
@@ -46,6 +47,9 @@ SUMMARY_KEYS = {
     "params",
     "world_size",
     "strategy",
+    "tokens_per_step",
+    "accumulate_grad_batches",
+    "save_seconds_max",
 }
 
 
@@ -73,6 +77,8 @@ def test_make_train_runs_the_default_job_and_leaves_the_run_folder(tmp_path, dat
     assert Path(summary["last_checkpoint"]).name == "step-000004.ckpt" and Path(summary["best_checkpoint"]).is_file()
     assert (run / "checkpoints" / "last.ckpt").resolve() == Path(summary["last_checkpoint"]).resolve()
     assert summary["unigram_val_entropy"] > 4  # the embedded corpus, an 8192-token BPE
+    saves = [float(r["perf/save_seconds"]) for r in metrics(run) if r.get("perf/save_seconds")]
+    assert len(saves) == 2 and summary["save_seconds_max"] == pytest.approx(max(saves), abs=1e-3)  # steps 2 and 4
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run"
     rows = metrics(run)
     assert [int(r["step"]) for r in rows if r.get("val/loss")] == [1, 3]  # every 2 steps and after the last
@@ -292,7 +298,8 @@ def test_a_forks_datamodule_logger_and_callback_come_from_its_config(tmp_path, f
     assert not_one.returncode == 2 and "does not correspond to a subclass of TokenDataModule" in not_one.stderr
 
 
-ACCUMULATE = ("--data.batch_size=2", "--trainer.accumulate_grad_batches=2", "--data.val_batches=4")
+# the canonical 4 x 64 tokens per step, in micro-batches of 2: the accumulation of 2 is derived
+ACCUMULATE = ("--data.batch_size=2", "--tokens_per_step=256", "--data.val_batches=4")
 
 
 @pytest.fixture(scope="module")
@@ -322,6 +329,9 @@ def test_gradient_accumulation_of_two_half_batches_trains_as_the_whole_batch(run
         torch.testing.assert_close(weights[1][name], value, rtol=0, atol=3e-5, msg=name)
     summary = json.loads((accumulated / "summary.json").read_text())
     assert summary["tokens"] == STEPS * 2 * 2 * 64  # steps x accumulation x micro-batch x block
+    assert summary["tokens_per_step"] == 256 and summary["accumulate_grad_batches"] == 2
+    config = yaml.safe_load((accumulated / "config.yaml").read_text())
+    assert config["trainer"]["accumulate_grad_batches"] == 2 and config["tokens_per_step"] == 256
 
 
 @pytest.mark.slow
@@ -338,3 +348,44 @@ def test_resuming_a_run_with_accumulation_is_exact(tmp_path, runs, accumulated):
     for step in range(STEPS):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
     assert batches(run) == batches(accumulated), "a micro-batch was repeated or skipped"
+
+
+# --- the same tokens per step on another number of processes ---------------------------------------
+
+
+def continued_from_step_10(tmp_path, runs, reference: Path, *new_shape: str, process=llm_here):
+    """`reference` (complete, 12 steps) continued from its step-10 checkpoint in a copy of its folder,
+    split as `new_shape` says; the copy's folder."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run, symlinks=True)
+    resume = f"--resume={run / 'checkpoints' / 'step-000010.ckpt'}"
+    result = process(*runs.args(run, *new_shape, resume, probes=()), env=QUIET)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert trained_steps(result.stdout) == [11, 12] and "the same samples per step" in result.stdout
+    return run
+
+
+def assert_same_model(reference: Path, run: Path) -> None:
+    """The validation after step 12 (the same blocks) and the final weights."""
+    (step,) = [s for s in column(reference, "val/loss") if s == STEPS - 1]
+    assert column(run, "val/loss")[step] == pytest.approx(column(reference, "val/loss")[step], abs=1e-5)
+    weights = [
+        torch.load(r / "checkpoints" / "step-000012.ckpt", weights_only=True)["state_dict"] for r in (reference, run)
+    ]
+    for name, value in weights[0].items():  # two steps of gradients summed in another order
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.long
+def test_a_two_process_run_continues_on_one_process_that_accumulates_twice(tmp_path, runs):
+    ddp = runs("ddp")  # 2 processes x 4 sequences, validating 2 x 4 x 2 blocks
+    run = continued_from_step_10(tmp_path, runs, ddp, "--tokens_per_step=512", "--data.val_batches=4")
+    assert_same_model(ddp, run)
+
+
+@pytest.mark.long
+def test_a_one_process_run_continues_on_two_processes_that_accumulate_half_as_much(tmp_path, runs, accumulated):
+    # 1 process x 2 sequences x 2 accumulated (8 validation blocks) -> 2 processes x 2 sequences
+    two = ("--data.batch_size=2", "--tokens_per_step=256", "--data.val_batches=2", "--trainer.devices=2")
+    run = continued_from_step_10(tmp_path, runs, accumulated, *two, process=run_llm)
+    assert_same_model(accumulated, run)

@@ -53,6 +53,7 @@ RUN_OPTION_HELP = {
     "resume": "auto: continue from the newest complete checkpoint in --run, if any; or a path",
     "eval_every": "validate every this many optimizer steps",
     "save_every": "checkpoint every this many optimizer steps; default: eval_every",
+    "save_every_minutes": "checkpoint as well once this many minutes have passed since the last save",
     "keep_last": "step checkpoints kept (the best one is kept as well)",
     "max_skipped_steps": "stop when more optimizer steps than this in a row had a non-finite gradient",
     "deepspeed": "DeepSpeed preset in configs/deepspeed/ (DS=), or a .yaml or .json; none: DDP",
@@ -62,6 +63,8 @@ RUN_OPTION_HELP = {
     "wandb_log_model": "put the final checkpoint's weights in the run's W&B model artifact too",
     "collective_timeout": "seconds a collective waits for the other processes before the run stops",
     "peak_flops": "peak FLOP/s of one device for MFU; default: GPU datasheet, measured on CPU",
+    "tokens_per_step": "tokens per optimizer step, all processes: the accumulation is derived from it for the "
+    "world size the run gets (default: set trainer.accumulate_grad_batches by hand)",
 }
 
 
@@ -160,7 +163,8 @@ class LLMCLI(LightningCLI):
             flops += flops_per_token(distill.teacher_config(run.distill.teacher), model.block_size) // 3
         self.monitor = PerformanceMonitor(flops, options.peak_flops)
         every = options.save_every or options.eval_every
-        self.checkpoints = Checkpoints(CheckpointFolder(self.run_dir / "checkpoints"), every, options.keep_last)
+        folder = CheckpointFolder(self.run_dir / "checkpoints")
+        self.checkpoints = Checkpoints(folder, every, options.keep_last, options.save_every_minutes)
         self.run_info = RunInfo(resolved, self.data_folder, self.resume_from)
         callbacks += [  # the monitor first: the progress lines of a logging step show what it has just measured
             self.monitor,
@@ -235,7 +239,8 @@ class LLMCLI(LightningCLI):
         print(f"model: {count_params(c):,} parameters, {c.n_layer} layers, {c.n_embd} wide, vocab {c.vocab_size}")
         print(
             f"tokens per step: {tokens_per_optimizer_step(self.trainer, datamodule):,} "
-            f"({accumulate} x {datamodule.batch_size} x {datamodule.block_size} tokens x {world} processes); "
+            f"({accumulate} x {datamodule.batch_size} x {datamodule.block_size} tokens x {world} processes"
+            f"{', the accumulation derived from tokens_per_step' if self.run_config.options.tokens_per_step else ''}); "
             f"strategy: {strategy_label(self.trainer.strategy)}; "
             f"compile: {'on' if self.model.compile_model else 'off'}; "
             f"float8: {self.model.float8 or 'off'}{' (emulated)' if self.model.float8_emulate else ''}; "

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from llm import ranks
-from llm.config import PrepareConfig, RunConfig, TrainerConfig, datamodule_args
+from llm.config import PrepareConfig, RunConfig, TrainerConfig, datamodule_args, world_size_of
 from llm.data.prepare import load_meta, prepare, prepared_dir
 from llm.data.sources import resolve_source
 from llm.data.tokenizer import tokenizer_vocab_size
@@ -48,6 +48,8 @@ def resolve(cfg, command: str) -> RunConfig:
         if cfg.trainer.precision is None:
             cfg.trainer.precision = "bf16-mixed" if uses_gpu(cfg.trainer) else "32-true"
         resolve_speed_options(cfg)
+        if cfg.tokens_per_step is not None:
+            derive_accumulation(cfg)
         if cfg.model.float8:  # float8's tensor subclasses under Lightning's inference_mode: validate under no_grad
             cfg.trainer.inference_mode = False
         run_folder.decide(cfg)  # and refuse to reuse a run folder by accident
@@ -55,6 +57,37 @@ def resolve(cfg, command: str) -> RunConfig:
         return RunConfig.from_namespace(cfg)
     except ValueError as exc:  # a ModelConfig that cannot be: a field named
         raise ConfigError(f"model.config.{exc}") from exc
+
+
+def derive_accumulation(cfg) -> None:
+    """--tokens_per_step: the run's invariant. The accumulation is what makes the world size's
+    micro-batches add up to it, so that a run on 8 GPUs and one on 6 (or a resume on either) take
+    the same optimizer steps; refused in one line, with the nearest settings, where none does."""
+    tokens, batch, block = cfg.tokens_per_step, datamodule_args(cfg.data).batch_size, cfg.model.config.block_size
+    world = world_size_of(cfg.trainer.devices, cfg.trainer.num_nodes)
+    if world is None:  # devices: auto, as Lightning counts them
+        world = available_devices(uses_gpu(cfg.trainer))[0] * (cfg.trainer.num_nodes or 1)
+    if batch < 1 or block < 1:
+        return  # check_ranges names the field
+    if tokens < 1:
+        raise ConfigError(f"tokens_per_step={tokens}: out of range; use a positive number of tokens, e.g. 524288")
+    micro = batch * block * world
+    if tokens % micro:
+        below, above = tokens // micro * micro, (tokens // micro + 1) * micro
+        fits = [b for b in range(batch - 1, 0, -1) if tokens % (b * block * world) == 0]
+        nearest = f"tokens_per_step={below:,} or {above:,}" if below else f"tokens_per_step={above:,}"
+        raise ConfigError(
+            f"tokens_per_step={tokens}: not a whole number of micro-batches of {batch} x {block} tokens x {world} "
+            f"processes ({micro:,} tokens); use {nearest}" + (f", or data.batch_size={fits[0]}" if fits else "")
+        )
+    given, derived = cfg.trainer.accumulate_grad_batches, tokens // micro
+    if given not in (None, 1, derived):
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches={given}: tokens_per_step={tokens:,} derives {derived} for {world} "
+            "processes; give one of the two (tokens_per_step=null to set the accumulation by hand)"
+        )
+    cfg.trainer.accumulate_grad_batches = derived
+    cfg.trainer.val_check_interval = cfg.eval_every * cfg.trainer.accumulate_grad_batches
 
 
 def data_vocab_size(data: PrepareConfig) -> int:
@@ -168,6 +201,12 @@ def check_ranges(run: RunConfig) -> None:
     rules = [
         ("eval_every", r.eval_every, r.eval_every >= 1, "a positive number of optimizer steps"),
         ("save_every", r.save_every, r.save_every is None or r.save_every >= 1, "a positive number of steps"),
+        (
+            "save_every_minutes",
+            r.save_every_minutes,
+            r.save_every_minutes is None or r.save_every_minutes > 0,
+            "a positive number of minutes, e.g. 30",
+        ),
         ("keep_last", r.keep_last, r.keep_last >= 1, "at least 1"),
         ("max_skipped_steps", r.max_skipped_steps, r.max_skipped_steps >= 0, "0 or more"),
         ("trainer.log_every_n_steps", trainer.log_every_n_steps, (trainer.log_every_n_steps or 0) >= 1, "1 or more"),

@@ -1,8 +1,10 @@
 """Which checkpoint a run continues from, and the refusal, in one line, of one it cannot continue
-exactly: another model, world size, batch, seed, data or optimizer."""
+exactly: another model, tokens per step, seed, data or optimizer (a full-state checkpoint may
+continue on another number of processes that keeps its tokens per step)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -49,7 +51,7 @@ def _is_run_config(path: Path) -> bool:
 
 def check_resume(now: RunConfig, path: str) -> None:
     """Refuse, in one line, to continue a checkpoint as a run it cannot continue exactly: another
-    model, world size, batch, seed, data or optimizer settings; allow more (or fewer, not yet
+    model, tokens per step, seed, data or optimizer settings; allow more (or fewer, not yet
     reached) steps with a warning. The two configs are compared field by field (llm/config.py)."""
     checkpoint = Checkpoint(path, field="resume")
     header = checkpoint.header()  # a file that is no checkpoint, or holds a payload: refused unread
@@ -65,14 +67,11 @@ def check_resume(now: RunConfig, path: str) -> None:
         new = getattr(now.model, key)
         if old != new:
             raise ConfigError(f"model.config.{key}={new}: the checkpoint {path} has {old}; {hint}")
+    check_resume_step_shape(then, now, header.world_size, checkpoint)
     same = [
-        ("data.batch_size", then.loader.batch_size, now.loader.batch_size),
-        ("trainer.accumulate_grad_batches", then.trainer.accumulate_grad_batches, now.trainer.accumulate_grad_batches),
         ("seed_everything", then.options.seed_everything, now.options.seed_everything),
         ("data.seed", then.loader.seed, now.loader.seed),
     ]
-    if header.world_size and now.world_size:
-        same.append(("trainer.devices x trainer.num_nodes", header.world_size, now.world_size))
     for key, old, new in same:
         if old != new:
             raise ConfigError(f"{key}={new}: the checkpoint {path} was trained with {old}; {hint}")
@@ -93,6 +92,38 @@ def check_resume(now: RunConfig, path: str) -> None:
             f"warning: trainer.max_steps {then.trainer.max_steps} -> {max_steps}: "
             f"continuing from step {step}, the learning rate now decays to its minimum at step {max_steps}"
         )
+
+
+def check_resume_step_shape(then: RunConfig, now: RunConfig, world: int | None, checkpoint: Checkpoint) -> None:
+    """The same tokens per optimizer step, however they are split: sample i of the run is drawn
+    from i alone and a step's samples are the next micro-batch x accumulation x processes of them
+    (llm/data/datamodule.py), so a full-state checkpoint continues exactly on another number of
+    processes whose accumulation keeps the product. A DeepSpeed checkpoint is partitioned over the
+    processes that wrote it, and continues on that split only."""
+    world_now = now.world_size or world
+    if not world or not world_now:
+        return
+    shape = [then.trainer.accumulate_grad_batches, then.loader.batch_size, world]
+    shape_now = [now.trainer.accumulate_grad_batches, now.loader.batch_size, world_now]
+    if shape == shape_now:
+        return
+    block, path = now.model.block_size, checkpoint.path
+
+    def tokens(a: int, b: int, w: int) -> str:
+        return f"{a * b * block * w:,} ({a} x {b} x {block} tokens x {w} processes)"
+
+    if math.prod(shape) != math.prod(shape_now):
+        raise ConfigError(
+            f"tokens per step {tokens(*shape_now)}: the checkpoint {path} was trained with {tokens(*shape)}; "
+            f"keep its tokens per step (--tokens_per_step={math.prod(shape) * block} derives the accumulation)"
+        )
+    if checkpoint.sharded:
+        raise ConfigError(
+            f"trainer.devices x trainer.num_nodes={world_now}: the checkpoint {path} is DeepSpeed's, partitioned for "
+            f"{world} processes of {then.loader.batch_size} x {then.trainer.accumulate_grad_batches}; continue it "
+            "with those (DeepSpeed's universal checkpoints, which re-partition one, are not supported yet)"
+        )
+    say(f"continuing {path} as {tokens(*shape_now)}; it was trained as {tokens(*shape)}: the same samples per step")
 
 
 # how Make names a data setting, for the command that continues a run on its own data

@@ -6,7 +6,8 @@ final name by rank 0 once all have finished: a name without the suffix is a comp
 RESUME=auto takes the one with the highest step (llm/train/resume.py). The previous checkpoints are removed
 only after the new one is complete.
 
-Saves happen every `save_every` optimizer steps, at the last step, when training ends early, and
+Saves happen every `save_every` optimizer steps, once `save_every_minutes` have passed since the
+last one (the ranks agree: the slowest clock decides), at the last step, when training ends early, and
 when the job is asked to stop: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 (SLURM's warning before a time
 limit) saves at the next step boundary and stops with status 128 + the signal; under SLURM, SIGUSR1 also requeues the
 job (`scontrol requeue`), which then resumes from that checkpoint. A second signal exits at once.
@@ -20,6 +21,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -74,8 +76,11 @@ class StopSignals:
 class Checkpoints(Checkpoint):
     """Step checkpoints, written atomically, with `last` and `best` links; stops on a signal."""
 
-    def __init__(self, folder: CheckpointFolder, save_every: int, keep_last: int):
+    def __init__(self, folder: CheckpointFolder, save_every: int, keep_last: int, every_minutes: float | None = None):
         self.folder, self.save_every, self.keep_last = folder, save_every, keep_last
+        self.every_seconds = every_minutes * 60 if every_minutes else None
+        self.save_seconds: list[float] = []  # how long each save of this session took (perf/save_seconds)
+        self._last_save = time.monotonic()
         self.signals = StopSignals()
         self.last_saved: Path | None = None
         self._saved_step = -1
@@ -96,14 +101,15 @@ class Checkpoints(Checkpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         self.signals.install()  # again: Lightning has added its SIGTERM handler since setup
         self._step_seen = trainer.global_step
+        self._last_save = time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         step = trainer.global_step
         if step == self._step_seen:  # a micro-batch that accumulated; no optimizer step yet
             return
         self._step_seen = step
-        received = self._stop_requested(trainer)
-        if step % self.save_every == 0 or step >= trainer.max_steps or received:
+        received, due = self._requested(trainer)
+        if step % self.save_every == 0 or step >= trainer.max_steps or received or due:
             self.save(trainer)
         if received and step < trainer.max_steps:
             self._stop_pending = received  # at the next batch: this step's metrics reach the logs first
@@ -133,13 +139,16 @@ class Checkpoints(Checkpoint):
     def on_exception(self, trainer, pl_module, exception) -> None:
         self.signals.restore()
 
-    def _stop_requested(self, trainer) -> int:
-        """The signal any rank received (0: none), the same answer on every rank."""
+    def _requested(self, trainer) -> tuple[int, bool]:
+        """The signal any rank received (0: none), and whether a save is due by time on any rank:
+        the same answers on every rank, from one reduction."""
         strategy = trainer.strategy
+        due = self.every_seconds is not None and time.monotonic() - self._last_save >= self.every_seconds
         if trainer.world_size == 1:
-            return self.signals.received or 0
-        mine = torch.tensor(self.signals.received or 0, device=strategy.root_device)
-        return int(strategy.reduce(mine, reduce_op="max"))
+            return self.signals.received or 0, due
+        mine = torch.tensor([self.signals.received or 0, int(due)], device=strategy.root_device)
+        received, due = strategy.reduce(mine, reduce_op="max").tolist()
+        return int(received), bool(due)
 
     def _stop(self, trainer, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -164,6 +173,7 @@ class Checkpoints(Checkpoint):
         final = self.folder.step_path(step)
         if step == self._saved_step:
             return final
+        started = time.perf_counter()
         partial = final.with_name(final.name + PARTIAL)
         if trainer.is_global_zero:
             self.folder.path.mkdir(parents=True, exist_ok=True)
@@ -191,6 +201,11 @@ class Checkpoints(Checkpoint):
             ) from exc
         trainer.strategy.barrier("checkpoint done")
         self._saved_step, self.last_saved = step, final
+        seconds = time.perf_counter() - started
+        self.save_seconds.append(seconds)
+        self._last_save = time.monotonic()
+        for logger in trainer.loggers:  # in the row of the step it saved (metrics.csv counts from 0)
+            logger.log_metrics({"perf/save_seconds": seconds}, step=max(step - 1, 0))
         return final
 
     def _prune(self) -> None:

@@ -41,6 +41,8 @@ def write_summary(
     summary = {
         "steps": trainer.global_step,
         "tokens": trainer.global_step * tokens_per_step,
+        "tokens_per_step": tokens_per_step,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
         "wall_seconds": round(seconds, 2),
         "tokens_per_second": round(session_tokens / info.train_seconds, 1) if info.train_seconds else 0.0,
         "final_train_loss": metrics.get("train/loss"),  # None when this session trained no step
@@ -56,7 +58,11 @@ def write_summary(
         "float8": f"{model.float8}{' (emulated)' if model.float8_emulate else ''}, {len(model.float8_layers)} layers"
         if model.float8
         else None,
-        "compile_seconds": round(monitor.compile_seconds, 2),  # included in wall_seconds, not in perf/ metrics
+        "compile_seconds": round(monitor.compile_seconds, 2),
+        # the longest save of this session: what SLURM's signal lead time (--signal) must exceed
+        "save_seconds_max": round(
+            max(checkpoints.save_seconds, default=0.0), 3
+        ),  # included in wall_seconds, not in perf/ metrics
         "peak_flops": monitor.peak.flops,  # of one device: MFU's denominator
         "peak_flops_source": monitor.peak.source,
         "data": scrub_text(str(datamodule.folder)),
