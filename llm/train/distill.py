@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 from llm.checkpoint import Checkpoint, safe_load
-from llm.config import DistillConfig, RunConfig
+from llm.config import DistillConfig, RunConfig, datamodule_args
 from llm.data.prepare import prepared_dir
 from llm.errors import ConfigError
 from llm.hf import from_hf_config, load_pretrained, read_config
@@ -171,7 +171,7 @@ def resolve(cfg) -> None:
     """A transformers-folder teacher brings its tokenizer: the student's data is cut by it unless
     TOKENIZER= says otherwise (which check() then compares)."""
     teacher = cfg.distill.teacher
-    data = cfg.data.init_args if "init_args" in cfg.data else cfg.data
+    data = datamodule_args(cfg.data)
     if teacher and data.tokenizer is None and is_folder(teacher) and (Path(teacher) / "tokenizer.json").is_file():
         data.tokenizer = str(Path(teacher) / "tokenizer.json")
 
@@ -226,9 +226,10 @@ def check_tokenizer(run: RunConfig, teacher: str) -> None:
                 "student must use the teacher's tokenizer (drop TOKENIZER= for a transformers folder)"
             )
         return
-    if not is_folder(teacher) and Checkpoint(teacher, FIELD).header().run_config.data == data:
+    teacher_data = None if is_folder(teacher) else Checkpoint(teacher, FIELD).header().run_config.data
+    if teacher_data == data:
         return  # the teacher's own data: the same prepared folder, the same BPE
-    found = None if is_folder(teacher) else prepared_dir(Checkpoint(teacher, FIELD).header().run_config.data)
+    found = prepared_dir(teacher_data) if teacher_data else None
     hint = (
         f"TOKENIZER={found / 'tokenizer.json'}"
         if found and (found / "tokenizer.json").is_file()
