@@ -31,6 +31,7 @@ PARTITION ?=
 TIME ?=
 ACCOUNT ?=
 LAUNCH_TIMEOUT ?= 300
+MAX_RESTARTS ?=
 PRECISION ?=
 MAX_STEPS ?=
 RUN ?=
@@ -55,7 +56,7 @@ NAME ?=
 # typed (`$` and `$(shell ...)` in it are not Make's), and each reaches a command single-quoted by
 # `q`, so no shell reads it as code either.
 USER_VARIABLES := MODEL CONFIG TEXT HF TOKENIZER DS NVME_PATH DEVICES NNODES NODE_RANK MASTER_ADDR \
-	MASTER_PORT HOSTFILE PARTITION TIME ACCOUNT LAUNCH_TIMEOUT PRECISION MAX_STEPS RUN RESUME INIT TEACHER FORCE \
+	MASTER_PORT HOSTFILE PARTITION TIME ACCOUNT LAUNCH_TIMEOUT MAX_RESTARTS PRECISION MAX_STEPS RUN RESUME INIT TEACHER FORCE \
 	QUANT CKPT PROMPT OUT GPUS GPU_MEM CPU_MEM ARGS PYTEST_ARGS STRESS_RUNS TEST_WORKERS NAME TORCH CONSTRAINTS PYTHON VENV
 $(foreach v,$(USER_VARIABLES),$(if $(filter command environment,$(firstword $(origin $(v)))),\
 	$(eval override $(v) := $$(value $(v)))))
@@ -104,15 +105,17 @@ help: ## this list: a target's `##` lines above it are its help
 	@echo "                   one with an experiment of its name brings it too ($(subst $(eval) ,$(comma) ,$(filter-out default,$(EXPERIMENTS))), tuned for GPUs)"
 	@echo "  TEXT=            local text: a .txt, .jsonl or .parquet file, a folder or a glob (default: the embedded corpus)"
 	@echo "  HF=              a Hugging Face Hub dataset, name[:config]"
-	@echo "  DS=              DeepSpeed preset in configs/deepspeed/: $(DS_PRESETS) (empty: DDP)"
+	@echo "  DS=              DeepSpeed preset in configs/deepspeed/: $(DS_PRESETS) (empty: DDP);"
+	@echo "                   auto: the fastest that fits one device's memory (ARGS=--memory_gib= to give it), as make plan ranks them"
 	@echo "  NVME_PATH=       folder on a fast local disk for DS=zero3_nvme"
 	@echo "  TOKENIZER=       a tokenizer.json (default: train a byte-level BPE on the data)"
 	@echo "  DEVICES=         processes per node (default 1)"
-	@echo "  NNODES=          nodes (default 1)"
+	@echo "  NNODES=          nodes (default 1); MIN:MAX for an elastic make train-multinode, which needs RUN="
 	@echo "  NODE_RANK=, MASTER_ADDR=, MASTER_PORT=  this node, node 0's address, its port (and the next) for multi-node (0, 127.0.0.1, 29500)"
 	@echo "  HOSTFILE=        DeepSpeed hostfile for make train-deepspeed"
 	@echo "  PARTITION=, TIME=, ACCOUNT=  sbatch's --partition, --time, --account for make slurm"
 	@echo "  LAUNCH_TIMEOUT=  seconds a node waits for node 0 before it gives up (default 300)"
+	@echo "  MAX_RESTARTS=    restarts of an elastic job after a node fails or leaves (default 3)"
 	@echo "  PRECISION=       32-true, bf16-mixed or 16-mixed (default: 32-true on CPU, bf16-mixed on GPU)"
 	@echo "  MAX_STEPS=       optimizer steps"
 	@echo "  RUN=             run folder (default runs/<experiment>-<time>)"
@@ -153,8 +156,10 @@ distill: $(STAMP)
 	$(LLM) fit $(CLI_ARGS) --distill.teacher=$(call q,$(TEACHER))
 
 ## torchrun on this node, run once per node: NNODES= NODE_RANK= MASTER_ADDR= MASTER_PORT= DEVICES=
+## NNODES=MIN:MAX: elastic (c10d rendezvous at MASTER_ADDR:MASTER_PORT, RUN= needed, NODE_RANK unused)
 train-multinode: $(STAMP)
 	$(LLM) torchrun --nnodes=$(call q,$(or $(NNODES),1)) --node_rank=$(call q,$(NODE_RANK)) \
+		$(if $(MAX_RESTARTS),--max_restarts=$(call q,$(MAX_RESTARTS))) \
 		--master_addr=$(call q,$(MASTER_ADDR)) --master_port=$(call q,$(MASTER_PORT)) \
 		--devices=$(call q,$(or $(DEVICES),1)) --timeout=$(call q,$(LAUNCH_TIMEOUT)) -- $(CLI_ARGS)
 

@@ -61,6 +61,18 @@ def set_logging_step(trainer, step: int) -> None:
     trainer.fit_loop.epoch_loop._batches_that_stepped = step
 
 
+def shift_batch_progress(checkpoint: dict, micro_batches: int) -> None:
+    """Move the training loop's restored count of micro-batches (Lightning 2.6's
+    `loops.fit_loop["epoch_loop.batch_progress"]` in a checkpoint) by `micro_batches`. Lightning
+    validates when that count reaches a multiple of val_check_interval (eval_every x the
+    accumulation), so a run resumed with another accumulation must count as if it had always had it
+    (callbacks.RunInfo), or it validates and checkpoints at other steps than it would have."""
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    for part in ("total", "current"):
+        for key in progress[part]:
+            progress[part][key] += micro_batches
+
+
 def quiet_torchao() -> None:
     """torchao 0.18 logs a warning for each of its GPU kernel libraries a CPU-only torch cannot load,
     and torch 2.13 one for each enum torchao registers in the old way; neither concerns a user."""

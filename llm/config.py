@@ -165,6 +165,7 @@ class RunOptions:
     peak_flops: float | None = None
     seed_everything: int | bool | None = None
     tokens_per_step: int | None = None
+    memory_gib: float | None = None
 
 
 # what a checkpoint's `llm_format` says its layout is; absent: 0.1.0's, whose learning-rate schedule

@@ -1,6 +1,8 @@
 """Callbacks that tests pass to the real entry point with --trainer.callbacks, and the objects that
 act when pickled or unpickled."""
 
+from pathlib import Path
+
 from lightning.pytorch.callbacks import Callback
 
 
@@ -44,6 +46,25 @@ class EngineProbe(Callback):
         probe = {"params_held": held, "params_total": total, "optimizer_state": state, "logits": logits, "idx": idx}
         probe["decayed"] = decayed
         torch.save(probe, f"{trainer.default_root_dir}/probe-rank{trainer.global_rank}.pt")
+
+
+class EngineBuilds(Callback):
+    """Counts the DeepSpeed engines this process builds (deepspeed.initialize calls, each let through
+    to DeepSpeed) and writes the count into <run>/engine-builds-rank<r>.txt at the end of training."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        import deepspeed
+
+        self.builds, initialize = 0, deepspeed.initialize
+
+        def counted(*args, **kwargs):
+            self.builds += 1
+            return initialize(*args, **kwargs)
+
+        deepspeed.initialize = counted  # Lightning's strategy calls it after the callbacks' setup
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        Path(trainer.default_root_dir, f"engine-builds-rank{trainer.global_rank}.txt").write_text(str(self.builds))
 
 
 class ClipProbe(Callback):

@@ -92,6 +92,40 @@ def test_the_step_lightning_logs_under_is_the_one_set(tmp_path):
     assert steps == [0, 1, 100, 101]
 
 
+def test_a_shifted_batch_count_moves_the_validations_of_a_resumed_run(tmp_path):
+    # callbacks.RunInfo shifts it when a run resumes with another accumulation: 4 steps of 1
+    # micro-batch, validating every 4 micro-batches, continue with 2 per step, every 8 (every 4 steps)
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class Validated(BoringModel):
+        steps: list[int] = []
+
+        def on_validation_epoch_end(self) -> None:
+            if not self.trainer.sanity_checking:
+                self.steps.append(self.trainer.global_step)
+
+    class Shift(L.Callback):
+        def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+            compat.shift_batch_progress(checkpoint, checkpoint["global_step"] * (2 - 1))
+
+    def trainer(max_steps, accumulate, callbacks=()):
+        return L.Trainer(
+            max_steps=max_steps, accumulate_grad_batches=accumulate, val_check_interval=4 * accumulate,
+            limit_val_batches=1, num_sanity_val_steps=0, callbacks=list(callbacks), logger=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+            accelerator="cpu", devices=1,
+        )  # fmt: skip
+
+    first = trainer(4, 1)
+    first.fit(Validated())
+    first.save_checkpoint(tmp_path / "step-4.ckpt")
+    for callbacks, expected in (((), [6]), ((Shift(),), [8])):  # unshifted: at step 6, 2 steps early
+        Validated.steps = []
+        trainer(8, 2, callbacks).fit(Validated(), ckpt_path=tmp_path / "step-4.ckpt")
+        assert Validated.steps == expected
+
+
 def test_the_private_lightning_methods_the_strategy_and_progress_bar_override_still_exist():
     # train/strategy.py's CPUDeepSpeedStrategy and train/progress.py's RichBar override these (Lightning
     # 2.6); a rename would leave the overrides unused and ZeRO on CPU or the bar's cadence broken

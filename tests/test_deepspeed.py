@@ -28,6 +28,7 @@ from helpers import RunsCode
 
 from llm.checkpoint import Checkpoint
 from llm.data.prepare import prepared_dir
+from llm.train.autosize import CPU_OVERHEAD_BYTES
 from llm.train.strategy import build_strategy
 from support import (
     CANONICAL_MODEL,
@@ -186,6 +187,51 @@ def test_activation_checkpointing_under_zero3_recomputes_and_changes_no_loss(run
         assert recomputed[step] == pytest.approx(plain[step], abs=1e-5), f"step {step}"
     for rank in (0, 1):  # each of the 2 blocks ran twice per batch: forward, and again in backward
         assert json.loads((run / f"block-forwards-rank{rank}.json").read_text()) == [4] * STEPS
+
+
+# --- DS=auto and data.batch_size=auto: sized from the planner, with a memory limit given ---------------
+
+# one sequence of the canonical model's activations in fp32, by hand: Korthikanti's 34·s·h·L bytes at
+# 16 bits, twice that at 32, and the logits' 10·s·V, for s=64, h=128, L=2, V=512
+SEQUENCE_BYTES = 34 * 64 * 128 * 2 * 2 + 10 * 64 * 512
+GiB = 2**30
+
+
+def memory_limit(states_bytes: float, sequences: float) -> str:
+    """--memory_gib for a limit of `states_bytes` of model states and `sequences` sequences' activations."""
+    return f"--memory_gib={(CPU_OVERHEAD_BYTES + states_bytes + sequences * SEQUENCE_BYTES) / GiB!r}"
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_ds_auto_takes_the_fastest_preset_that_fits_and_trains_as_that_preset(runs):
+    psi = summary(runs("zero1"))["params"]
+    # 2 processes, micro-batch 4: DDP holds 16Ψ, ZeRO-1 4Ψ + 12Ψ/2 (the ZeRO paper); a limit halfway
+    ddp, zero1 = 16 * psi + 4 * SEQUENCE_BYTES, 10 * psi + 4 * SEQUENCE_BYTES
+    run = runs("zero1", "--deepspeed=auto", memory_limit((ddp + zero1) / 2 - 4 * SEQUENCE_BYTES, 4))
+    assert "deepspeed=auto: zero1, the fastest preset that fits" in (run / "stdout.txt").read_text()
+    assert "deepspeed: zero1" in (run / "config.yaml").read_text()  # the preset used, not "auto"
+    assert summary(run)["strategy"] == "deepspeed zero1"
+    expected, got = losses(runs("zero1")), losses(run)
+    assert sorted(got) == list(range(STEPS)) and got == expected
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_batch_size_auto_takes_the_largest_micro_batch_that_fits_and_divides_the_step(runs):
+    psi = summary(runs("zero2"))["params"]
+    # 512 tokens a step are 4 sequences per process: micro-batches 1, 2 or 4. Room for 3.5 under ZeRO-2
+    # (2Ψ + 14Ψ/2): 3 would fit but makes no whole step, 4 does not fit, so 2, accumulated twice
+    limit = memory_limit(9 * psi, 3.5)
+    step = "--tokens_per_step=512"
+    run = runs("zero2", "--data.batch_size=auto", step, limit, probes=("EngineBuilds",))
+    assert "data.batch_size=auto: 2, the largest micro-batch that fits" in (run / "stdout.txt").read_text()
+    assert summary(run)["accumulate_grad_batches"] == 2 and summary(run)["tokens_per_step"] == 512
+    # the engine built once, with the chosen micro-batch: nothing was tried and thrown away
+    assert [(run / f"engine-builds-rank{r}.txt").read_text() for r in (0, 1)] == ["1", "1"]
+    by_hand = runs("zero2", "--data.batch_size=2", step, probes=())
+    expected, got = losses(by_hand), losses(run)
+    assert sorted(got) == list(range(STEPS)) and got == expected
 
 
 @pytest.mark.parametrize("preset", PRESETS)

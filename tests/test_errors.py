@@ -79,6 +79,28 @@ def test_a_number_out_of_its_range_is_one_line(existing, option, answer):
     assert_refused(fit_into(existing, option), answer)
 
 
+@pytest.mark.parametrize(
+    "options, answer",
+    [
+        (["--data.batch_size=auto"], "data.batch_size=auto: needs tokens_per_step, so that the optimizer step stays"),
+        (
+            ["--data.batch_size=auto", "--tokens_per_step=100"],
+            "tokens_per_step=100: not a whole number of sequences of 64 tokens x 1 processes (64 tokens); "
+            "use tokens_per_step=64",
+        ),
+        (["--deepspeed=auto", "--memory_gib=-1"], "memory_gib=-1.0: out of range; use the GiB of one device"),
+        # 1 GiB of it is what a CPU process holds before its model: nothing fits in 0.5
+        (
+            ["--deepspeed=auto", "--memory_gib=0.5"],
+            "deepspeed=auto: nothing fits 0.50 GiB per device (--memory_gib) at a micro-batch of 8; even "
+            "zero3_offload needs 1.0",
+        ),
+    ],
+)
+def test_sizing_to_memory_refuses_what_cannot_be(existing, options, answer):
+    assert_refused(fit_into(existing, *options), answer)
+
+
 def test_tokens_per_step_counts_every_process(existing):
     result = fit_into(existing, "--trainer.devices=2", "--tokens_per_step=1536")
     assert_refused(

@@ -50,6 +50,9 @@ SUMMARY_KEYS = {
     "tokens_per_step",
     "accumulate_grad_batches",
     "save_seconds_max",
+    "memory_planned_gib",
+    "memory_measured_gib",
+    "memory_baseline_gib",
 }
 
 
@@ -77,6 +80,11 @@ def test_make_train_runs_the_default_job_and_leaves_the_run_folder(tmp_path, dat
     assert Path(summary["last_checkpoint"]).name == "step-000004.ckpt" and Path(summary["best_checkpoint"]).is_file()
     assert (run / "checkpoints" / "last.ckpt").resolve() == Path(summary["last_checkpoint"]).resolve()
     assert summary["unigram_val_entropy"] > 4  # the embedded corpus, an 8192-token BPE
+    # memory per device without what the process held before the model: the planner's figure is at
+    # least the 16 bytes of each parameter's states, and the peak measured saw them too
+    states = 16 * summary["params"] / 2**30
+    assert summary["memory_planned_gib"] > states and summary["memory_measured_gib"] > states
+    assert summary["memory_baseline_gib"] > 0.1  # the interpreter, torch and Lightning
     saves = [float(r["perf/save_seconds"]) for r in metrics(run) if r.get("perf/save_seconds")]
     assert len(saves) == 2 and summary["save_seconds_max"] == pytest.approx(max(saves), abs=1e-3)  # steps 2 and 4
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run"

@@ -130,7 +130,7 @@ class TokenDataModule(L.LightningDataModule):
     def __init__(
         self,
         block_size: int = LoaderConfig.block_size,
-        batch_size: int = LoaderConfig.batch_size,
+        batch_size: int | Literal["auto"] = LoaderConfig.batch_size,
         num_workers: int = LoaderConfig.num_workers,
         val_batches: int = LoaderConfig.val_batches,
         seed: int = LoaderConfig.seed,
@@ -140,7 +140,8 @@ class TokenDataModule(L.LightningDataModule):
 
         Args:
             block_size: tokens per training sequence (linked to model.config.block_size)
-            batch_size: sequences per micro-batch per device
+            batch_size: sequences per micro-batch per device; auto: the largest that fits the device's memory
+                and divides tokens_per_step (llm/train/autosize.py)
             num_workers: DataLoader worker processes
             val_batches: micro-batches per validation run per device, the same blocks every time
             seed: seed of the training sample positions

@@ -40,6 +40,15 @@ def world_size_from_launcher() -> int:
     return 1
 
 
+def nodes_from_torchrun() -> int | None:
+    """Nodes in this round of a torchrun job (WORLD_SIZE / LOCAL_WORLD_SIZE); None outside torchrun.
+    An elastic job's count changes from one restart to the next, so it is read, not configured
+    (Lightning refuses devices x num_nodes that differs from WORLD_SIZE)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "LOCAL_WORLD_SIZE" not in os.environ:
+        return None
+    return max(int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ["LOCAL_WORLD_SIZE"]), 1)
+
+
 def rendezvous() -> tuple[str, int]:
     """The address and port of rank 0's process group, as Lightning will read them."""
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:

@@ -16,6 +16,7 @@ Options of the launcher come first; the training options (those of `make train`)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import re
@@ -47,6 +48,18 @@ def check_count(name: str, value: int, field: str) -> int:
     if value < 1:
         raise ConfigError(f"{field}={value}: {name} must be at least 1")
     return value
+
+
+def parse_nnodes(value: str) -> tuple[int, int]:
+    """NNODES=N, or MIN:MAX for an elastic job: (fewest, most) nodes."""
+    parts = value.split(":")
+    if len(parts) > 2 or not all(re.fullmatch(r"-?\d+", p) for p in parts):
+        raise ConfigError(f"NNODES={value}: give a number of nodes, or MIN:MAX for an elastic job, e.g. 1:4")
+    low, high = int(parts[0]), int(parts[-1])
+    check_count("nodes", low, "NNODES")
+    if high < low:
+        raise ConfigError(f"NNODES={value}: the most nodes is below the fewest; give MIN:MAX, e.g. {low}:{low + 1}")
+    return low, high
 
 
 def available_devices(on_gpu: bool) -> tuple[int, str]:
@@ -117,9 +130,10 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def training_command(fit_args: list[str], devices: int, nnodes: int) -> tuple[list[str], dict]:
+def training_command(fit_args: list[str], devices: int, nnodes: int | None) -> tuple[list[str], dict]:
     """The training options for every process, and the environment that carries the rest. The run
-    folder travels in the environment: torchrun's own parser would take `--run` for its `--run-path`."""
+    folder travels in the environment: torchrun's own parser would take `--run` for its `--run-path`.
+    `nnodes` None: each process reads the nodes of its round from torchrun's environment (elastic)."""
     env = {}
     args, rest = [], list(fit_args)
     while rest:
@@ -130,7 +144,8 @@ def training_command(fit_args: list[str], devices: int, nnodes: int) -> tuple[li
             env["LLM_RUN_DIR"] = arg.split("=", 1)[1]
         else:
             args.append(arg)
-    return ["fit", *args, f"--trainer.devices={devices}", f"--trainer.num_nodes={nnodes}"], env
+    nodes = [f"--trainer.num_nodes={nnodes}"] if nnodes else []
+    return ["fit", *args, f"--trainer.devices={devices}", *nodes], env
 
 
 def hand_over(command: list[str], env: dict, timeout: float) -> None:
@@ -157,13 +172,17 @@ def torchrun_main() -> None:
     """`make train-multinode`: torchrun on this node, one of NNODES."""
     own, fit_args = split_args(sys.argv[2:])
     parser = _parser("torchrun")
-    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--nnodes", default="1")
+    parser.add_argument("--max_restarts", type=int, default=3)
     parser.add_argument("--node_rank", type=int, default=0)
     parser.add_argument("--master_addr", default="127.0.0.1")
     parser.add_argument("--master_port", type=int, default=29500)
     parser.add_argument("--devices", type=int, default=1)
     a = parser.parse_args(own)
-    nnodes = check_count("nodes", a.nnodes, "NNODES")
+    low, high = parse_nnodes(a.nnodes)
+    if low != high:
+        return elastic_torchrun(a, low, high, fit_args)
+    nnodes = low
     if not 0 <= a.node_rank < nnodes:
         raise ConfigError(
             f"NODE_RANK={a.node_rank}: must be below NNODES={nnodes} (node ranks run from 0 to {nnodes - 1})"
@@ -183,6 +202,39 @@ def torchrun_main() -> None:
     command = [f"--nnodes={nnodes}", f"--node_rank={a.node_rank}", f"--nproc_per_node={devices}"]
     command += [f"--master_addr={a.master_addr}", f"--master_port={port}", "-m", "llm", *args]
     run_torchrun(command, env, a.timeout)
+
+
+def elastic_torchrun(a, low: int, high: int, fit_args: list[str]) -> None:
+    """NNODES=MIN:MAX: torchrun's c10d rendezvous at MASTER_ADDR:MASTER_PORT, which the nodes join
+    and leave; when one fails the others stop their processes, meet again (after waiting
+    last_call_timeout, 30 s, for more) and restart, each process continuing from the run's newest
+    checkpoint with the nodes it now has (the accumulation derived again from tokens_per_step)."""
+    devices, port = check_devices(a.devices), check_port(a.master_port)
+    if a.max_restarts < 0:
+        raise ConfigError(f"MAX_RESTARTS={a.max_restarts}: must be 0 or more")
+    args, env = training_command(fit_args, devices, None)
+    run = env.get("LLM_RUN_DIR")
+    if not run:
+        raise ConfigError(
+            f"NNODES={a.nnodes}: an elastic job restarts into the same run folder on every node; give RUN=runs/<name>"
+        )
+    resume = [arg.split("=", 1)[1] for arg in args if arg.startswith("--resume=")]
+    if resume and resume[-1] != "auto":
+        raise ConfigError(
+            f"RESUME={resume[-1]}: an elastic job continues from its newest checkpoint after each restart; "
+            "leave RESUME empty or auto"
+        )
+    check_host(a.master_addr)
+    print(
+        f"torchrun: elastic, {low} to {high} nodes x {devices} processes; rendezvous {a.master_addr}:{port}; "
+        f"up to {a.max_restarts} restarts, each from the newest checkpoint in {run}",
+        flush=True,
+    )
+    job = "llm-" + hashlib.sha1(run.encode()).hexdigest()[:12]  # the same on every node: the same RUN=
+    command = [f"--nnodes={low}:{high}", f"--nproc_per_node={devices}", f"--max-restarts={a.max_restarts}"]
+    command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={a.master_addr}:{port}", f"--rdzv-id={job}"]
+    command += [f"--rdzv-conf=join_timeout={max(int(a.timeout), 1)}", "-m", "llm", *args]
+    run_torchrun(command + ([] if resume else ["--resume=auto"]), env, a.timeout)
 
 
 class _DropRefusals(logging.Filter):

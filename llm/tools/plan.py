@@ -1,79 +1,19 @@
-"""Memory per GPU and per node for each ZeRO stage and offload, and the fastest preset that fits.
-
-Model states (parameters, gradients, Adam moments) with mixed precision and Ψ parameters on N
-data-parallel GPUs, per GPU, as in the ZeRO paper (Rajbhandari et al. 2020, section 5):
-    stage 0 (DDP) 16Ψ   stage 1  4Ψ + 12Ψ/N   stage 2  2Ψ + 14Ψ/N   stage 3  16Ψ/N
-Rows with offload use DeepSpeed's own estimators (estimate_zero2/3_model_states_mem_needs), which
-also give the CPU memory per node those rows need.
-
-Activations per GPU, bf16, for a micro batch of b sequences of s tokens, h wide, L layers, V
-vocabulary (Korthikanti et al. 2022, eq. 1, with the attention matrix never stored, as
-scaled_dot_product_attention's fused kernels do):
-    without activation checkpointing  34·s·b·h·L
-    with it                           2·s·b·h·L + 34·s·b·h   (block inputs, plus one block recomputed)
-    plus the logits and their fp32 copy and gradient: 10·s·b·V
-"""
+"""make plan: the memory of a run per ZeRO stage and offload, as a table, and the fastest preset that
+fits. The formulas are llm/train/planner.py's (DS=auto and --data.batch_size=auto apply the same)."""
 
 from __future__ import annotations
 
 import json as jsonlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
 import yaml
 
 from llm.config import model_config_of
 from llm.errors import ConfigError
-from llm.model import ModelConfig, Transformer, count_params
+from llm.model import ModelConfig, count_params
 from llm.paths import configs
-from llm.train.strategy import preset_names
-
-GiB = 2**30
-OVERHEAD_BYTES = 2 * GiB  # CUDA context, NCCL buffers, allocator fragmentation: a floor that always goes
-OFFLOAD_COST = {None: 0, "cpu": 1, "nvme": 2}  # offload moves work onto PCIe and the CPU, NVMe onto the disk
-
-
-def plan_rows() -> list[tuple[str, int, str | None, bool]]:
-    """(preset, stage, offload device, parameters offloaded too) for plain DDP and every preset in
-    configs/deepspeed/, read from the preset itself; fastest first."""
-    rows = [("ddp", 0, None, False)]
-    for name in preset_names():
-        zero = (yaml.safe_load((configs("deepspeed") / f"{name}.yaml").read_text()) or {}).get("zero_optimization", {})
-        devices = [(zero.get(k) or {}).get("device") for k in ("offload_optimizer", "offload_param")]
-        optim, params = (d if d not in (None, "none") else None for d in devices)
-        rows.append((name, zero.get("stage", 0), params or optim, params is not None))
-    return sorted(rows, key=lambda r: (OFFLOAD_COST[r[2]], r[1]))
-
-
-@dataclass
-class Row:
-    preset: str
-    stage: int
-    offload: str
-    model_states_gib: float  # per GPU
-    activations_gib: float  # per GPU
-    total_gib: float  # per GPU, with OVERHEAD_BYTES
-    cpu_per_node_gib: float  # for offload rows; the data loader and the rest come on top
-    nvme_per_node_gib: float
-    fits: bool
-
-
-def zero_paper_bytes(stage: int, psi: int, n: int) -> float:
-    """Model-state bytes per GPU with mixed-precision Adam (ZeRO paper)."""
-    return {0: 16 * psi, 1: 4 * psi + 12 * psi / n, 2: 2 * psi + 14 * psi / n, 3: 16 * psi / n}[stage]
-
-
-def activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, checkpointing: bool) -> float:
-    sbh = seq_len * micro_batch * config.n_embd
-    blocks = 2 * sbh * config.n_layer + 34 * sbh if checkpointing else 34 * sbh * config.n_layer
-    return blocks + 10 * seq_len * micro_batch * config.vocab_size
-
-
-def largest_layer_params(config: ModelConfig) -> int:
-    with torch.device("meta"):
-        model = Transformer(config)
-    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+from llm.train.planner import OVERHEAD_BYTES, GiB, Row, plan, recommend
 
 
 def load_model_config(model: str) -> ModelConfig:
@@ -88,52 +28,6 @@ def load_model_config(model: str) -> ModelConfig:
         return model_config_of(fields)
     except ValueError as exc:
         raise ConfigError(f"model={model}: {exc}") from None
-
-
-def plan(
-    config: ModelConfig,
-    gpus: int,
-    nnodes: int,
-    gpu_mem: float,
-    cpu_mem: float | None = None,
-    micro_batch: int = 8,
-    seq_len: int | None = None,
-    checkpointing: bool = False,
-) -> list[Row]:
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-    psi = count_params(config)
-    n = gpus * nnodes
-    seq_len = seq_len or config.block_size
-    activations = activation_bytes(config, micro_batch, seq_len, checkpointing)
-    largest = largest_layer_params(config)
-    rows = []
-    for preset, stage, device, params_offloaded in plan_rows():
-        cpu, nvme = 0.0, 0.0
-        if device is None:
-            states = zero_paper_bytes(stage, psi, n)
-        elif stage < 3:
-            cpu, states = estimate_zero2_model_states_mem_needs(psi, gpus, nnodes, cpu_offload=True)
-        else:
-            cpu, states, _ = estimate_zero3_model_states_mem_needs(
-                psi, largest, gpus, nnodes, cpu_offload=True, cpu_offload_params=params_offloaded
-            )
-        if device == "nvme":  # the same states, on disk; the CPU keeps only staging buffers
-            cpu, nvme = 0.0, cpu
-        offload = f"optim{'+params' if params_offloaded else ''}→{device}" if device else None
-        total = states + activations + OVERHEAD_BYTES
-        fits = total <= gpu_mem * GiB and (cpu_mem is None or cpu <= cpu_mem * GiB)
-        rows.append(
-            Row(
-                preset, stage, offload or "-", states / GiB, activations / GiB, total / GiB, cpu / GiB, nvme / GiB, fits
-            )
-        )
-    return rows
-
-
-def recommend(rows: list[Row]) -> Row | None:
-    return next((row for row in rows if row.fits), None)
 
 
 def plan_main(
@@ -166,7 +60,16 @@ def plan_main(
     if gpu_mem <= 0:
         raise ConfigError(f"gpu_mem={gpu_mem}: give the GiB of memory of one GPU, e.g. 80")
     config = load_model_config(model)
-    rows = plan(config, gpus, nnodes, gpu_mem, cpu_mem, micro_batch, seq_len, activation_checkpointing)
+    rows = plan(
+        config,
+        gpus,
+        nnodes,
+        gpu_mem,
+        cpu_mem,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        checkpointing=activation_checkpointing,
+    )
     best = recommend(rows)
     result = {
         "model": model,
@@ -219,7 +122,7 @@ def print_table(result: dict, rows: list[Row], best: Row | None) -> None:
     console.print(table)
     console.print(
         f"GiB per GPU: model states (params, grads, Adam) + activations + {r['overhead_gib']:g} GiB of CUDA "
-        "context and buffers. The formulas: python -c 'import llm.tools.plan; help(llm.tools.plan)'"
+        "context and buffers. The formulas: python -c 'import llm.train.planner; help(llm.train.planner)'"
     )
     if best is None:
         console.print(

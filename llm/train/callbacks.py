@@ -71,6 +71,12 @@ class RunInfo(Callback):
         states = checkpoint.get("rng_states") or []
         if len(states) == trainer.world_size:
             set_rng_states(states[trainer.global_rank])
+        # resumed with another accumulation (another world size, the same tokens per step): the
+        # micro-batches counted so far as if the run had always accumulated this many
+        then = (checkpoint.get("llm_config") or {}).get("trainer", {}).get("accumulate_grad_batches")
+        now = trainer.accumulate_grad_batches
+        if then and then != now and "loops" in checkpoint:
+            compat.shift_batch_progress(checkpoint, checkpoint["global_step"] * (now - then))
 
 
 def rng_states() -> dict:

@@ -56,7 +56,8 @@ RUN_OPTION_HELP = {
     "save_every_minutes": "checkpoint as well once this many minutes have passed since the last save",
     "keep_last": "step checkpoints kept (the best one is kept as well)",
     "max_skipped_steps": "stop when more optimizer steps than this in a row had a non-finite gradient",
-    "deepspeed": "DeepSpeed preset in configs/deepspeed/ (DS=), or a .yaml or .json; none: DDP",
+    "deepspeed": "DeepSpeed preset in configs/deepspeed/ (DS=), or a .yaml or .json; none: DDP; "
+    "auto: the fastest that fits the device's memory, as make plan ranks them",
     "nvme_path": "folder for ZeRO NVMe offload (NVME_PATH=)",
     "wandb_project": "W&B project; default: WANDB_PROJECT, else llm",
     "wandb_entity": "W&B entity (user or team); default: WANDB_ENTITY, else the API key's",
@@ -65,6 +66,8 @@ RUN_OPTION_HELP = {
     "peak_flops": "peak FLOP/s of one device for MFU; default: GPU datasheet, measured on CPU",
     "tokens_per_step": "tokens per optimizer step, all processes: the accumulation is derived from it for the "
     "world size the run gets (default: set trainer.accumulate_grad_batches by hand)",
+    "memory_gib": "GiB of memory of one device that deepspeed=auto and data.batch_size=auto plan for "
+    "(default: the GPU's; on a CPU the host's, shared by its processes)",
 }
 
 
@@ -115,10 +118,12 @@ class LLMCLI(LightningCLI):
         # whether the inputs only it checks are acceptable; the others take its word (llm/launch/agreement.py)
         self.agreement = agreement.Agreement.start()
         try:
+            sizes = None
             if not self.agreement.leader:
-                cfg.run = self.agreement.wait("run")
-            run = self.run_config = preflight.resolve(cfg, self.subcommand)  # what the parts are built from
+                cfg.run, sizes = self.agreement.wait("run"), self.agreement.wait("sizes")
+            run = self.run_config = preflight.resolve(cfg, self.subcommand, sizes)  # what the parts are built from
             preflight.check(run, self.subcommand, cfg.trainer.logger)
+            self.agreement.publish("sizes", {"deepspeed": run.options.deepspeed, "batch_size": run.loader.batch_size})
             self.agreement.publish("run", run.options.run)
             self.resume_from = self.choose_resume(run)
             self.data_folder = preflight.prepare_data(run)

@@ -72,7 +72,7 @@ def memory_bytes(device: torch.device) -> tuple[float, float, float, float]:
     On a GPU: torch's CUDA allocator (tensors in use, memory held from the driver, peak in use).
     On a CPU the device memory is host memory: allocated and reserved are what glibc's malloc has
     handed out and holds from the OS (mallinfo2; without glibc, both are the resident set), peak is
-    the resident set's high-water mark."""
+    the resident set's high-water mark. Peaks count from the fit's setup (reset_peak_memory)."""
     rss = psutil.Process().memory_info().rss
     if device.type == "cuda":
         return (
@@ -86,6 +86,20 @@ def memory_bytes(device: torch.device) -> tuple[float, float, float, float]:
         info = _MALLINFO2()
         return info.uordblks + info.hblkhd, info.arena + info.hblkhd, peak, rss
     return rss, rss, peak, rss
+
+
+def reset_peak_memory(device: torch.device) -> float:
+    """Count the peak from now on, and return the bytes this process holds now: what was there
+    before the model (on a CPU the interpreter and its libraries), which the planner does not count."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return float(torch.cuda.memory_allocated(device))
+    try:  # Linux: the resident set's high-water mark (ru_maxrss, VmHWM) starts again from here
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere it counts from the process's start: data preparation's peak included
+    return float(psutil.Process().memory_info().rss)
 
 
 class CompileClock:
@@ -124,6 +138,8 @@ class PerformanceMonitor(Callback):
         self.peak_override = peak_flops
         self.peak: Peak | None = None
         self.compile_clock: CompileClock | None = None
+        self.memory_baseline = 0.0  # bytes this process held before the model was built
+        self.memory_used: tuple[float, float] | None = None  # GiB over the ranks: (peak - baseline, baseline)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # every rank finds its own device's peak; the first says which one MFU is measured against
@@ -132,6 +148,9 @@ class PerformanceMonitor(Callback):
             self.peak = find_peak(device, training_dtype(trainer.precision), self.peak_override)
             if trainer.is_global_zero:
                 print(f"MFU against {self.peak.describe()}")
+            # the fit's setup hooks run before configure_model builds the model: the peak from here
+            # is what training needs, the planner's prediction (summary.json sets them side by side)
+            self.memory_baseline = reset_peak_memory(device)
         if self.compile_clock is None:
             self.compile_clock = CompileClock()
 
@@ -189,6 +208,12 @@ class PerformanceMonitor(Callback):
     def _batch_seconds(self, now: float) -> float:
         """Training time of the current micro-batch so far: less any compilation in it."""
         return now - self.batch_start - (self.compile_seconds - self.compiled_before)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        peak = memory_bytes(pl_module.device)[2]
+        own = torch.tensor([peak - self.memory_baseline, self.memory_baseline], dtype=torch.float64) / GiB
+        every = trainer.strategy.all_gather(own.to(pl_module.device)).reshape(-1, 2)  # (ranks, 2)
+        self.memory_used = tuple(every.max(dim=0).values.tolist())
 
     # --- a logging step ------------------------------------------------------------------------------
 

@@ -11,15 +11,16 @@ from pathlib import Path
 import torch
 
 from llm import ranks
-from llm.config import PrepareConfig, RunConfig, TrainerConfig, datamodule_args, world_size_of
+from llm.config import PrepareConfig, RunConfig, TrainerConfig, datamodule_args
 from llm.data.prepare import load_meta, prepare, prepared_dir
 from llm.data.sources import resolve_source
 from llm.data.tokenizer import tokenizer_vocab_size
 from llm.errors import ConfigError
 from llm.hf import check_weights, from_hf_config, read_config
+from llm.launch.agreement import nodes_from_torchrun
 from llm.launch.commands import available_devices
 from llm.model import count_params
-from llm.train import distill, float8, run_folder
+from llm.train import autosize, distill, float8, run_folder
 from llm.train.strategy import load_preset
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
@@ -33,10 +34,13 @@ def round_up(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-def resolve(cfg, command: str) -> RunConfig:
+def resolve(cfg, command: str, sizes: dict | None = None) -> RunConfig:
     """Fill in what the parsed config leaves to the inputs and the hardware, so that config.yaml
     says what runs: INIT='s architecture, the vocabulary size, the precision, compile and fused
-    AdamW, the run folder's name. Returns the resolved config, which `check` then reads."""
+    AdamW, DS=auto's preset and batch_size=auto's micro-batch (`sizes`: rank 0's, on the other
+    ranks), the accumulation, the run folder's name. Returns the resolved config, which `check` reads."""
+    if command != "prepare" and (nodes := nodes_from_torchrun()) is not None:
+        cfg.trainer.num_nodes = nodes  # an elastic job's, this round's
     if command != "prepare" and cfg.model.init:
         take_architecture(cfg)
     if command != "prepare":
@@ -48,6 +52,7 @@ def resolve(cfg, command: str) -> RunConfig:
         if cfg.trainer.precision is None:
             cfg.trainer.precision = "bf16-mixed" if uses_gpu(cfg.trainer) else "32-true"
         resolve_speed_options(cfg)
+        autosize.apply(cfg, uses_gpu(cfg.trainer), sizes)
         if cfg.tokens_per_step is not None:
             derive_accumulation(cfg)
         if cfg.model.float8:  # float8's tensor subclasses under Lightning's inference_mode: validate under no_grad
@@ -64,9 +69,7 @@ def derive_accumulation(cfg) -> None:
     micro-batches add up to it, so that a run on 8 GPUs and one on 6 (or a resume on either) take
     the same optimizer steps; refused in one line, with the nearest settings, where none does."""
     tokens, batch, block = cfg.tokens_per_step, datamodule_args(cfg.data).batch_size, cfg.model.config.block_size
-    world = world_size_of(cfg.trainer.devices, cfg.trainer.num_nodes)
-    if world is None:  # devices: auto, as Lightning counts them
-        world = available_devices(uses_gpu(cfg.trainer))[0] * (cfg.trainer.num_nodes or 1)
+    world = autosize.world_of(cfg, uses_gpu(cfg.trainer))[0]
     if batch < 1 or block < 1:
         return  # check_ranges names the field
     if tokens < 1:
@@ -161,7 +164,10 @@ def take_architecture(cfg) -> None:
     for key, value in asdict(config).items():
         setattr(cfg.model.config, key, value)
     cfg.model.config.dropout = preset_dropout  # training's choice, not the architecture's
-    if cfg.deepspeed and load_preset(cfg.deepspeed, cfg.nvme_path).get("zero_optimization", {}).get("stage") == 3:
+    if (
+        cfg.deepspeed not in (None, "auto")
+        and load_preset(cfg.deepspeed, cfg.nvme_path).get("zero_optimization", {}).get("stage") == 3
+    ):
         raise ConfigError(f"model.init={folder}: starting from weights under ZeRO-3 is not supported; use zero2")
 
 

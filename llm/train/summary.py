@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from llm.model import count_params
 from llm.redact import scrub_text
 from llm.train.callbacks import RunInfo
 from llm.train.monitor import PerformanceMonitor, tokens_per_optimizer_step
+from llm.train.planner import run_row
 from llm.train.saving import Checkpoints
 from llm.train.strategy import preset_of
 
@@ -22,6 +24,28 @@ def strategy_label(strategy) -> str:
         return f"deepspeed {preset}"
     name = type(strategy).__name__.removesuffix("Strategy")  # DDP, SingleDevice, FSDP, ...
     return {"DDP": "ddp", "SingleDevice": "single_device"}.get(name, name.lower())
+
+
+def memory_figures(trainer: L.Trainer, datamodule, model, monitor: PerformanceMonitor) -> dict:
+    """The planner's prediction for this run's own settings beside what it measured, per device
+    (the largest over the ranks), both without what the process held before the model was built."""
+    strategy = trainer.strategy
+    deepspeed = strategy.config if isinstance(strategy, DeepSpeedStrategy) else None
+    planned = run_row(
+        model.config,
+        deepspeed,
+        trainer.world_size,
+        trainer.num_nodes,
+        datamodule.batch_size,
+        model.activation_checkpointing,
+        str(trainer.precision),
+    )
+    measured, baseline = monitor.memory_used or (None, None)
+    return {
+        "memory_planned_gib": round(planned.model_states_gib + planned.activations_gib, 4),
+        "memory_measured_gib": None if measured is None else round(measured, 4),  # None: no step trained
+        "memory_baseline_gib": None if baseline is None else round(baseline, 4),
+    }
 
 
 def write_summary(
@@ -63,6 +87,7 @@ def write_summary(
         "save_seconds_max": round(
             max(checkpoints.save_seconds, default=0.0), 3
         ),  # included in wall_seconds, not in perf/ metrics
+        **memory_figures(trainer, datamodule, model, monitor),
         "peak_flops": monitor.peak.flops,  # of one device: MFU's denominator
         "peak_flops_source": monitor.peak.source,
         "data": scrub_text(str(datamodule.folder)),
@@ -76,6 +101,7 @@ def write_summary(
             if isinstance(value, float):
                 shown = f"{value:.4f}" if key.endswith(("loss", "entropy")) else f"{value:,.1f}"
                 shown = f"{value:.3g}" if key == "peak_flops" else shown
+                shown = f"{value:.3f}" if key.endswith("_gib") else shown
             else:
                 shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
             print(f"  {key:<{width}}  {shown}")
