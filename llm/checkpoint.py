@@ -253,6 +253,7 @@ class CheckpointFolder:
         for path in self.steps()[:-keep_last]:
             if keep is None or path.name != keep.name:
                 remove(path)
+                remove(path.with_name(path.name + ".universal"))  # its re-partitioned form, if any
 
 
 def remove(path: Path) -> None:

@@ -66,15 +66,23 @@ def test_resume_that_cannot_continue_exactly_is_refused(trained, runs, override,
 
 
 @pytest.mark.slow
-def test_a_deepspeed_checkpoint_continues_only_on_the_split_it_was_written_for(tmp_path, runs):
-    """The same tokens per step on one process of 8 sequences: fine for a full-state checkpoint
-    (tests/test_train.py), refused for a ZeRO one, whose optimizer is partitioned over two."""
+def test_a_deepspeed_checkpoint_on_another_split_needs_deepspeed_and_its_universal_state(tmp_path, runs):
+    """On one process of 8 sequences, the same tokens per step: a ZeRO checkpoint is re-partitioned
+    through DeepSpeed's universal checkpoint (tests/test_deepspeed.py), which needs DeepSpeed to load
+    it and the client state every save now writes."""
     run = tmp_path / "run"
     shutil.copytree(runs("zero2"), run, symlinks=True)
     ckpt = run / "checkpoints" / "step-000010.ckpt"
-    args = runs.args(run, "--deepspeed=zero2", "--data.batch_size=8", f"--resume={ckpt}", probes=())
+    args = runs.args(run, "--data.batch_size=8", f"--resume={ckpt}", probes=())
     result = unchanged(run, lambda: llm_here(*args))
-    assert_refused(result, "trainer.devices x trainer.num_nodes=1: the checkpoint", "is DeepSpeed's, partitioned for 2")
+    assert_refused(result, "deepspeed=: the checkpoint", "is DeepSpeed's, partitioned for 2 processes", "DS=zero2")
+    # as a checkpoint of an earlier version has it: without the state ds_to_universal needs
+    states = ckpt / "checkpoint" / "mp_rank_00_model_states.pt"
+    contents = torch.load(states, weights_only=False)
+    del contents["universal_checkpoint_info"]
+    torch.save(contents, states)
+    result = unchanged(run, lambda: llm_here(*args, "--deepspeed=zero2"))
+    assert_refused(result, f"resume={ckpt}: written without DeepSpeed's universal_checkpoint_info", "continue it on")
 
 
 def written_by_0_1_0(path: Path, monkeypatch) -> None:

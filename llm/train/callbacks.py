@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from llm import compat
 from llm.config import CHECKPOINT_FORMAT
 from llm.redact import scrub, scrub_text
+from llm.train import universal
 
 
 class ValidateAtEnd(Callback):
@@ -66,6 +68,8 @@ class RunInfo(Callback):
         checkpoint["world_size"] = trainer.world_size
         checkpoint["command"] = scrub_text(" ".join(["python -m llm", *sys.argv[1:]]))
         checkpoint["rng_states"] = all_ranks(trainer, rng_states())
+        if isinstance(trainer.strategy, DeepSpeedStrategy):  # so that it can be re-partitioned
+            checkpoint.update(universal.client_state())
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         states = checkpoint.get("rng_states") or []

@@ -21,7 +21,7 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from llm import ranks
-from llm.checkpoint import CheckpointFolder, weights_only_loads
+from llm.checkpoint import Checkpoint, CheckpointFolder, weights_only_loads
 from llm.config import DistillConfig, RunConfig, RunOptions
 from llm.data.datamodule import TokenDataModule
 from llm.errors import ConfigError, OneLineErrors
@@ -29,7 +29,7 @@ from llm.launch import agreement
 from llm.launch.collectives import CollectiveTimeout
 from llm.model import count_params, flops_per_token
 from llm.redact import scrub
-from llm.train import distill, preflight, resume, run_folder
+from llm.train import distill, preflight, resume, run_folder, universal
 from llm.train.callbacks import LoggingStepOnResume, RunInfo, ValidateAtEnd
 from llm.train.guards import NonFiniteSteps
 from llm.train.loggers import RunWandbLogger, make_loggers, quiet_lightning
@@ -143,8 +143,8 @@ class LLMCLI(LightningCLI):
                 return os.environ.get(run_folder.RESUME_ENV) or None
             return self.agreement.wait("resume")
         path = resume.resume_checkpoint(run.options.resume, Path(run.options.run))
-        if path:
-            resume.check_resume(run, path)
+        if path and resume.check_resume(run, path):  # a DeepSpeed checkpoint, on another number of processes
+            path = str(universal.convert(Checkpoint(path, field="resume"), run.world_size or 1))
         os.environ[run_folder.RESUME_ENV] = path or ""
         self.agreement.publish("resume", path)
         return path
@@ -192,6 +192,7 @@ class LLMCLI(LightningCLI):
             preflight.uses_gpu(run.trainer),
             run.world_size,
             options.collective_timeout,
+            load_universal=universal.is_universal(self.resume_from),
         )
         if strategy == "auto" or (cfg.trainer.strategy not in ("auto", "ddp") and not options.deepspeed):
             strategy = cfg.trainer.strategy

@@ -49,10 +49,11 @@ def _is_run_config(path: Path) -> bool:
     return isinstance(config, dict) and {"model", "data", "trainer"} <= config.keys()
 
 
-def check_resume(now: RunConfig, path: str) -> None:
+def check_resume(now: RunConfig, path: str) -> bool:
     """Refuse, in one line, to continue a checkpoint as a run it cannot continue exactly: another
     model, tokens per step, seed, data or optimizer settings; allow more (or fewer, not yet
-    reached) steps with a warning. The two configs are compared field by field (llm/config.py)."""
+    reached) steps with a warning. The two configs are compared field by field (llm/config.py).
+    True: a DeepSpeed checkpoint that continues on another number of processes (llm/train/universal.py)."""
     checkpoint = Checkpoint(path, field="resume")
     header = checkpoint.header()  # a file that is no checkpoint, or holds a payload: refused unread
     checkpoint.verify()  # every other shard too, and each file against its checksums
@@ -67,7 +68,7 @@ def check_resume(now: RunConfig, path: str) -> None:
         new = getattr(now.model, key)
         if old != new:
             raise ConfigError(f"model.config.{key}={new}: the checkpoint {path} has {old}; {hint}")
-    check_resume_step_shape(then, now, header.world_size, checkpoint)
+    repartition = check_resume_step_shape(then, now, header.world_size, checkpoint)
     same = [
         ("seed_everything", then.options.seed_everything, now.options.seed_everything),
         ("data.seed", then.loader.seed, now.loader.seed),
@@ -81,7 +82,7 @@ def check_resume(now: RunConfig, path: str) -> None:
     if max_steps == step and not (Path(now.options.run) / "summary.json").is_file():
         # stopped during its final validation, after the last step's checkpoint: finish that
         say(f"the checkpoint {path} is at the last step, {step}; its validation and summary.json are still to do")
-        return
+        return repartition
     if max_steps <= step:
         raise ConfigError(
             f"trainer.max_steps={max_steps}: the checkpoint {path} has already trained {step} steps; "
@@ -92,21 +93,23 @@ def check_resume(now: RunConfig, path: str) -> None:
             f"warning: trainer.max_steps {then.trainer.max_steps} -> {max_steps}: "
             f"continuing from step {step}, the learning rate now decays to its minimum at step {max_steps}"
         )
+    return repartition
 
 
-def check_resume_step_shape(then: RunConfig, now: RunConfig, world: int | None, checkpoint: Checkpoint) -> None:
+def check_resume_step_shape(then: RunConfig, now: RunConfig, world: int | None, checkpoint: Checkpoint) -> bool:
     """The same tokens per optimizer step, however they are split: sample i of the run is drawn
     from i alone and a step's samples are the next micro-batch x accumulation x processes of them
     (llm/data/datamodule.py), so a full-state checkpoint continues exactly on another number of
     processes whose accumulation keeps the product. A DeepSpeed checkpoint is partitioned over the
-    processes that wrote it, and continues on that split only."""
+    processes that wrote it: on another number of them it continues through DeepSpeed's universal
+    checkpoint (True)."""
     world_now = now.world_size or world
     if not world or not world_now:
-        return
+        return False
     shape = [then.trainer.accumulate_grad_batches, then.loader.batch_size, world]
     shape_now = [now.trainer.accumulate_grad_batches, now.loader.batch_size, world_now]
     if shape == shape_now:
-        return
+        return False
     block, path = now.model.block_size, checkpoint.path
 
     def tokens(a: int, b: int, w: int) -> str:
@@ -117,13 +120,15 @@ def check_resume_step_shape(then: RunConfig, now: RunConfig, world: int | None, 
             f"tokens per step {tokens(*shape_now)}: the checkpoint {path} was trained with {tokens(*shape)}; "
             f"keep its tokens per step (--tokens_per_step={math.prod(shape) * block} derives the accumulation)"
         )
-    if checkpoint.sharded:
-        raise ConfigError(
-            f"trainer.devices x trainer.num_nodes={world_now}: the checkpoint {path} is DeepSpeed's, partitioned for "
-            f"{world} processes of {then.loader.batch_size} x {then.trainer.accumulate_grad_batches}; continue it "
-            "with those (DeepSpeed's universal checkpoints, which re-partition one, are not supported yet)"
-        )
     say(f"continuing {path} as {tokens(*shape_now)}; it was trained as {tokens(*shape)}: the same samples per step")
+    if checkpoint.sharded and world != world_now:
+        if not now.options.deepspeed:
+            raise ConfigError(
+                f"deepspeed=: the checkpoint {path} is DeepSpeed's, partitioned for {world} processes; continue it "
+                f"with DeepSpeed (DS={then.options.deepspeed}) to re-partition it for {world_now}"
+            )
+        return True
+    return False
 
 
 # how Make names a data setting, for the command that continues a run on its own data

@@ -136,7 +136,34 @@ def remove_stale_shm_buffers(min_age: float = 60.0) -> list[Path]:
     return removed
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+class RunDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy (Lightning 2.6, DeepSpeed 0.19) with two corrections.
+
+    - The loss is divided by the accumulation once. Lightning's loop divides each micro-batch's loss
+      by accumulate_grad_batches and DeepSpeed's engine.backward divided it by
+      gradient_accumulation_steps again: the gradients came out 1/accumulation of DDP's, which
+      clipping and Adam's epsilon then treated differently (one process accumulating 2 validated
+      5.8161 where two processes validated 5.8231 after 4 steps, its gradient norms exactly half).
+    - Weight decay stays per parameter group after a load. DeepSpeed's ZeRO-3 universal load gives
+      every group the first group's settings, so biases and norms were decayed after a resume.
+    """
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        return super().backward(closure_loss, optimizer, *args, scale_wrt_gas=False, **kwargs)
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        decay = [group.get("weight_decay") for group in self._param_groups()]  # configuration, not state
+        state = super().load_checkpoint(checkpoint_path, weights_only)
+        for group, weight_decay in zip(self._param_groups(), decay, strict=True):
+            group["weight_decay"] = weight_decay
+        return state
+
+    def _param_groups(self) -> list[dict]:
+        optimizer = self.deepspeed_engine.optimizer  # DeepSpeed's ZeRO optimizer wraps torch's
+        return getattr(optimizer, "optimizer", optimizer).param_groups
+
+
+class CPUDeepSpeedStrategy(RunDeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy with the three places that assume CUDA relaxed, so the real ZeRO
     engine runs on CPU processes over gloo (tests, and anyone without a GPU). Two of them are private
     methods of Lightning 2.6 (`_init_deepspeed_distributed`, `_setup_model_and_optimizer`), which
@@ -183,6 +210,7 @@ def build_strategy(
     on_gpu: bool,
     world_size: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    load_universal: bool = False,
 ) -> Strategy | str:
     """ "auto" for one device, DDP for several, a DeepSpeed strategy with a preset. The processes
     meet while they start with at least STARTUP_TIMEOUT seconds to spare (ranks started one after
@@ -198,8 +226,10 @@ def build_strategy(
         # one process reduces nothing: overlapping the reduction only adds synchronisation (a 20%
         # cost measured on one H200, see configs/deepspeed/zero2.yaml)
         config["zero_optimization"]["overlap_comm"] = False
+    if load_universal:  # resuming from a universal checkpoint (llm/train/universal.py)
+        config.setdefault("checkpoint", {})["load_universal"] = True
     if on_gpu:
-        strategy = DeepSpeedStrategy(config=config, timeout=timedelta(seconds=timeout))
+        strategy = RunDeepSpeedStrategy(config=config, timeout=timedelta(seconds=timeout))
     else:
         strategy = CPUDeepSpeedStrategy(config=config, process_group_backend="gloo", timeout=timedelta(seconds=timeout))
     strategy.preset = Path(preset).stem
