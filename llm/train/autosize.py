@@ -24,7 +24,7 @@ from llm import ranks
 from llm.config import datamodule_args, model_config_of, world_size_of
 from llm.errors import ConfigError
 from llm.launch.commands import available_devices
-from llm.train.planner import OVERHEAD_BYTES, GiB, Row, plan_rows, preset_shape, row, value_bytes
+from llm.train.planner import OVERHEAD_BYTES, GiB, Row, model_sizes, plan_rows, preset_shape, row, value_bytes
 from llm.train.strategy import load_preset
 
 SIZES_ENV = "LLM_AUTOSIZE"  # rank 0's choice, for the processes Lightning's launcher starts after it
@@ -95,6 +95,7 @@ def decide(cfg, on_gpu: bool) -> dict:
     else:
         shapes = [("ddp", 0, None, False)]
     cpu = psutil.virtual_memory().total / GiB  # offload's CPU memory per node
+    sizes = model_sizes(config)
 
     def sized(shape, batch) -> Row:
         return row(
@@ -108,6 +109,7 @@ def decide(cfg, on_gpu: bool) -> dict:
             checkpointing=bool(cfg.model.activation_checkpointing),
             value_bytes=value_bytes(cfg.trainer.precision),
             overhead_bytes=overhead,
+            **sizes,
         )
 
     shape = next((s for s in shapes if sized(s, batches[0]).fits), None)

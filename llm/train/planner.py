@@ -107,13 +107,17 @@ def row(
     checkpointing: bool = False,
     value_bytes: int = 2,
     overhead_bytes: float = OVERHEAD_BYTES,
+    psi: int | None = None,
+    largest: int | None = None,
 ) -> Row:
-    """The memory of one preset (`shape`: an entry of plan_rows) per device and per node."""
+    """The memory of one preset (`shape`: an entry of plan_rows) per device and per node. `psi` and
+    `largest` (parameters, and those of the largest layer) are counted here unless given: a caller
+    that sizes many rows of one model counts them once (`model_sizes`)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     preset, stage, device, params_offloaded = shape
-    psi = count_params(config)
+    psi = psi or count_params(config)
     activations = activation_bytes(config, micro_batch, seq_len or config.block_size, checkpointing, value_bytes)
     cpu, nvme = 0.0, 0.0
     if device is None:
@@ -122,7 +126,12 @@ def row(
         cpu, states = estimate_zero2_model_states_mem_needs(psi, gpus, nnodes, cpu_offload=True)
     else:
         cpu, states, _ = estimate_zero3_model_states_mem_needs(
-            psi, largest_layer_params(config), gpus, nnodes, cpu_offload=True, cpu_offload_params=params_offloaded
+            psi,
+            largest or largest_layer_params(config),
+            gpus,
+            nnodes,
+            cpu_offload=True,
+            cpu_offload_params=params_offloaded,
         )
     if device == "nvme":  # the same states, on disk; the CPU keeps only staging buffers
         cpu, nvme = 0.0, cpu
@@ -136,7 +145,13 @@ def plan(
     config: ModelConfig, gpus: int, nnodes: int, gpu_mem: float, cpu_mem: float | None = None, **kwargs
 ) -> list[Row]:
     """Every preset's row, fastest first (keyword arguments: those of `row`)."""
-    return [row(config, shape, gpus, nnodes, gpu_mem, cpu_mem, **kwargs) for shape in plan_rows()]
+    sizes = model_sizes(config)
+    return [row(config, shape, gpus, nnodes, gpu_mem, cpu_mem, **sizes, **kwargs) for shape in plan_rows()]
+
+
+def model_sizes(config: ModelConfig) -> dict:
+    """`row`'s psi and largest, counted once."""
+    return {"psi": count_params(config), "largest": largest_layer_params(config)}
 
 
 def value_bytes(precision: str) -> int:
