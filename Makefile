@@ -30,6 +30,7 @@ HOSTFILE ?=
 PARTITION ?=
 TIME ?=
 ACCOUNT ?=
+SIGNAL_LEAD ?=
 LAUNCH_TIMEOUT ?= 300
 MAX_RESTARTS ?=
 PRECISION ?=
@@ -56,7 +57,7 @@ NAME ?=
 # typed (`$` and `$(shell ...)` in it are not Make's), and each reaches a command single-quoted by
 # `q`, so no shell reads it as code either.
 USER_VARIABLES := MODEL CONFIG TEXT HF TOKENIZER DS NVME_PATH DEVICES NNODES NODE_RANK MASTER_ADDR \
-	MASTER_PORT HOSTFILE PARTITION TIME ACCOUNT LAUNCH_TIMEOUT MAX_RESTARTS PRECISION MAX_STEPS RUN RESUME INIT TEACHER FORCE \
+	MASTER_PORT HOSTFILE PARTITION TIME ACCOUNT SIGNAL_LEAD LAUNCH_TIMEOUT MAX_RESTARTS PRECISION MAX_STEPS RUN RESUME INIT TEACHER FORCE \
 	QUANT CKPT PROMPT OUT GPUS GPU_MEM CPU_MEM ARGS PYTEST_ARGS STRESS_RUNS TEST_WORKERS NAME TORCH CONSTRAINTS PYTHON VENV
 $(foreach v,$(USER_VARIABLES),$(if $(filter command environment,$(firstword $(origin $(v)))),\
 	$(eval override $(v) := $$(value $(v)))))
@@ -76,13 +77,14 @@ CLI_ARGS = --config $(call q,$(DEFAULT_CONFIG)) $(if $(filter-out $(DEFAULT_CONF
 	$(if $(TOKENIZER),--data.tokenizer=$(call q,$(TOKENIZER))) \
 	$(if $(DS),--deepspeed=$(call q,$(DS))) \
 	$(if $(NVME_PATH),--nvme_path=$(call q,$(NVME_PATH))) \
-	$(if $(DEVICES),--trainer.devices=$(call q,$(DEVICES))) \
-	$(if $(NNODES),--trainer.num_nodes=$(call q,$(NNODES))) \
 	$(if $(PRECISION),--trainer.precision=$(call q,$(PRECISION))) \
 	$(if $(MAX_STEPS),--trainer.max_steps=$(call q,$(MAX_STEPS))) \
 	$(if $(RUN),--run=$(call q,$(RUN))) \
 	$(if $(RESUME),--resume=$(call q,$(RESUME))) \
 	$(if $(INIT),--model.init=$(call q,$(INIT)))
+# the processes of a run on this machine; a launcher target gives them to each process itself
+LOCAL_ARGS = $(CLI_ARGS) $(if $(DEVICES),--trainer.devices=$(call q,$(DEVICES))) \
+	$(if $(NNODES),--trainer.num_nodes=$(call q,$(NNODES)))
 
 # the presets, as the folders hold them: a new file is listed without an edit here
 presets = $(subst $(eval) ,$(comma) ,$(sort $(notdir $(basename $(wildcard configs/$(1)/*.yaml)))))
@@ -93,7 +95,7 @@ EXPERIMENTS := $(sort $(notdir $(basename $(wildcard configs/experiment/*.yaml))
 
 .DEFAULT_GOAL := help
 .PHONY: help install prepare train distill train-multinode train-deepspeed slurm sample eval export export-fp32 plan bench plot tui wandb-dashboard \
-	test test-fast test-long test-gpu test-bench stress lint format clean rename
+	test test-fast test-long test-gpu test-bench cluster-test stress lint format clean rename
 
 help: ## this list: a target's `##` lines above it are its help
 	@echo "Pretrain decoder-only Transformers. Targets:"
@@ -114,6 +116,7 @@ help: ## this list: a target's `##` lines above it are its help
 	@echo "  NODE_RANK=, MASTER_ADDR=, MASTER_PORT=  this node, node 0's address, its port (and the next) for multi-node (0, 127.0.0.1, 29500)"
 	@echo "  HOSTFILE=        DeepSpeed hostfile for make train-deepspeed"
 	@echo "  PARTITION=, TIME=, ACCOUNT=  sbatch's --partition, --time, --account for make slurm"
+	@echo "  SIGNAL_LEAD=     seconds before TIME='s limit at which make slurm's job saves and requeues (default 120)"
 	@echo "  LAUNCH_TIMEOUT=  seconds a node waits for node 0 before it gives up (default 300)"
 	@echo "  MAX_RESTARTS=    restarts of an elastic job after a node fails or leaves (default 3)"
 	@echo "  PRECISION=       32-true, bf16-mixed or 16-mixed (default: 32-true on CPU, bf16-mixed on GPU)"
@@ -144,16 +147,16 @@ install: $(STAMP)
 
 ## text -> tokenizer -> packed token shards in data/ (cached)
 prepare: $(STAMP)
-	$(LLM) prepare $(CLI_ARGS)
+	$(LLM) prepare $(LOCAL_ARGS)
 
 ## prepare if needed, then train; default: tiny model, embedded corpus, CPU, W&B offline
 train: $(STAMP)
-	$(LLM) fit $(CLI_ARGS)
+	$(LLM) fit $(LOCAL_ARGS)
 
 ## train MODEL= (the student) from TEACHER= too (a checkpoint or a transformers folder): its CE plus
 ## the KL to the teacher's next-token distributions (ARGS="--distill.alpha=0.5 --distill.temperature=2")
 distill: $(STAMP)
-	$(LLM) fit $(CLI_ARGS) --distill.teacher=$(call q,$(TEACHER))
+	$(LLM) fit $(LOCAL_ARGS) --distill.teacher=$(call q,$(TEACHER))
 
 ## torchrun on this node, run once per node: NNODES= NODE_RANK= MASTER_ADDR= MASTER_PORT= DEVICES=
 ## NNODES=MIN:MAX: elastic (c10d rendezvous at MASTER_ADDR:MASTER_PORT, RUN= needed, NODE_RANK unused)
@@ -168,11 +171,12 @@ train-deepspeed: $(STAMP)
 	$(LLM) deepspeed --hostfile=$(call q,$(HOSTFILE)) --master_port=$(call q,$(MASTER_PORT)) \
 		--timeout=$(call q,$(LAUNCH_TIMEOUT)) -- $(CLI_ARGS)
 
-## submit scripts/slurm/train.sbatch: NNODES= DEVICES= [PARTITION= TIME= ACCOUNT=]; requeues itself
+## submit scripts/slurm/train.sbatch: NNODES= DEVICES= [PARTITION= TIME= ACCOUNT= SIGNAL_LEAD=]; requeues itself;
+## one GPU per task where the partition has GPUs (sinfo), else CPU processes
 slurm: $(STAMP)
 	$(LLM) slurm --nnodes=$(call q,$(or $(NNODES),1)) --devices=$(call q,$(or $(DEVICES),1)) \
 		$(if $(PARTITION),--partition=$(call q,$(PARTITION))) $(if $(TIME),--time=$(call q,$(TIME))) \
-		$(if $(ACCOUNT),--account=$(call q,$(ACCOUNT))) --timeout=$(call q,$(LAUNCH_TIMEOUT)) -- $(CLI_ARGS)
+		$(if $(ACCOUNT),--account=$(call q,$(ACCOUNT))) $(if $(SIGNAL_LEAD),--signal_lead=$(call q,$(SIGNAL_LEAD))) --timeout=$(call q,$(LAUNCH_TIMEOUT)) -- $(CLI_ARGS)
 
 ## generated text: make sample CKPT=runs/<name>/checkpoints/last.ckpt PROMPT="..."
 sample: $(STAMP)
@@ -216,16 +220,16 @@ wandb-dashboard: $(STAMP)
 
 ## the CPU test suite, GPUs hidden, in TEST_WORKERS= processes (2; PYTEST_ARGS= to pytest)
 test: $(STAMP)
-	$(PYTEST) -n $(call q,$(TEST_WORKERS)) --dist loadgroup -m "not long and not gpu and not bench and not stress"
+	$(PYTEST) -n $(call q,$(TEST_WORKERS)) --dist loadgroup -m "not long and not gpu and not bench and not stress and not cluster"
 
 ## the tests a fork's CI runs: no multi-process runs, no ../shared/data (.github/workflows/ci.yml)
 test-fast: $(STAMP)
-	$(PYTEST) -n $(call q,$(TEST_WORKERS)) --dist loadgroup -m "not slow and not shared_data and not long and not gpu and not bench and not stress"
+	$(PYTEST) -n $(call q,$(TEST_WORKERS)) --dist loadgroup -m "not slow and not shared_data and not long and not gpu and not bench and not stress and not cluster"
 
 ## the end-to-end runs: every docs/extending.md recipe, the launchers (torchrun, DeepSpeed,
 ## SLURM), the presets at smoke size, compiled and CPU-offload runs, fault runs, Shakespeare
 test-long: $(STAMP)
-	$(PYTEST) -n $(call q,$(TEST_WORKERS)) --dist loadgroup -m "long and not gpu"
+	$(PYTEST) -n $(call q,$(TEST_WORKERS)) --dist loadgroup -m "long and not gpu and not cluster"
 
 ## the GPU-only tests (compiled bf16, ZeRO on one GPU, no host sync between logging steps)
 test-gpu: $(STAMP)
@@ -234,6 +238,12 @@ test-gpu: $(STAMP)
 ## the test of make bench itself (minutes: the benchmark compiles and runs every path)
 test-bench: $(STAMP)
 	$(PYTEST) -m bench
+
+## the launchers on real cluster software: make slurm on a one-host SLURM cluster (preemption, time
+## limits, signals), make train-multinode on two network-namespace hosts; as root, with Debian's
+## slurm-wlm, munge and iproute2 (skipped without them; .ci/run installs them)
+cluster-test: $(STAMP)
+	$(PYTEST) -m cluster
 
 ## the stress tests, then STRESS_RUNS= 2-process ZeRO-2 CPU runs in a row, each bounded
 ## in time (default 10), the stacks of a hung one printed

@@ -65,9 +65,29 @@ def stop_outside_training(signum, frame) -> None:
     """A stop signal while the data is prepared or a run starts or ends, when llm/train/saving.py
     does not hold the signals: end with a line and the status of a stop during training."""
     name = signal.Signals(signum).name
+    said = f"{name} while no training step ran: nothing was saved"
     if ranks.is_first_process():
         os.write(2, b"\n")  # the line that follows starts on its own, after a progress bar it cut short
-    raise RunStopped(f"{name} while no training step ran: nothing was saved; run the command again", 128 + signum)
+    job = ranks.slurm_job_id() if signum == signal.SIGUSR1 else None  # SLURM's warning, before the first step
+    if job:
+        raise RunStopped(said, 128 + signum, requeue=job, otherwise="run the command again")
+    raise RunStopped(f"{said}; run the command again", 128 + signum)
+
+
+def requeue(exc: RunStopped) -> int:
+    """A stop under SLURM's warning: rank 0 puts the job back in the queue, now that this process
+    has cleaned up, and every rank ends with status 0 (with srun's --kill-on-bad-exit, a rank that
+    ended first with another status would have the others killed before the job is requeued)."""
+    if not ranks.is_first_process():
+        return 0
+    print(f"stopped: {exc}; requeueing SLURM job {exc.requeue}", file=sys.stderr, flush=True)
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)  # SLURM ends the job's processes as it requeues it: this one is done
+    failed = ranks.requeue_slurm_job(exc.requeue)
+    if failed:
+        print(f"stopped: {failed}; {exc.otherwise}", file=sys.stderr, flush=True)
+        return exc.status
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except RunStopped as exc:
+        if exc.requeue:
+            sys.exit(requeue(exc))
         if ranks.is_first_process() and str(exc):  # empty: already said
             print(f"stopped: {exc}", file=sys.stderr)
         sys.exit(exc.status)

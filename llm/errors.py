@@ -19,11 +19,16 @@ class ConfigError(ValueError):
 class RunStopped(Exception):
     """Training stopped before its end, with what happened and what to do next: a stop signal (after
     a checkpoint), too many non-finite steps in a row, a checkpoint that could not be written. The
-    entry point prints `stopped: <message>` on stderr and exits with `status`."""
+    entry point prints `stopped: <message>` on stderr and exits with `status`. `requeue`: the SLURM
+    job to put back in the queue once this process has finished its cleanup (W&B's files complete),
+    as its last act: SLURM ends the job's processes as soon as it is requeued; `otherwise`, what to
+    do if that fails."""
 
-    def __init__(self, message: str, status: int = 1):
+    def __init__(self, message: str, status: int = 1, requeue: str | None = None, otherwise: str = ""):
         super().__init__(message)
         self.status = status
+        self.requeue = requeue
+        self.otherwise = otherwise
 
 
 def one_line(message: str) -> str:

@@ -31,3 +31,17 @@ def slurm_job_id() -> str | None:
         return None
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
     return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID")
+
+
+def requeue_slurm_job(job: str) -> str:
+    """Put the job back in SLURM's queue (`scontrol requeue`; SLURM then ends this run of it, and the
+    next one keeps the id): '' when done, else what went wrong, for the stop line."""
+    import subprocess
+
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"scontrol requeue {job} failed ({exc})"
+    if result.returncode:
+        return f"scontrol requeue {job} failed (status {result.returncode}: {result.stderr.strip()})"
+    return ""

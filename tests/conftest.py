@@ -4,6 +4,7 @@ CPU-only environment (tests/support.py holds the helpers)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 # The CPU suite runs on the CPU wherever it runs: on a workstation with GPUs, configs would default
@@ -116,3 +117,12 @@ def code_corpus(shared_dir) -> Path:
 def runs(shared_dir, code_corpus, data_cache) -> Runs:
     """The trained runs the tests share (support.CANONICAL), each trained once on first use."""
     return Runs(shared_dir / "runs", code_corpus, data_cache)
+
+
+@pytest.fixture
+def experiment(request):
+    """A unique experiment name; the run folders it leaves in runs/ go at the end."""
+    name = f"test-{request.node.name[:40]}-{os.getpid()}".replace("[", "-").replace("]", "")
+    yield name
+    for folder in (REPO / "runs").glob(f"{name}-*"):
+        shutil.rmtree(folder, ignore_errors=True)

@@ -306,3 +306,40 @@ def probes(run: Path, world: int) -> list[dict]:
     import torch
 
     return [torch.load(run / f"probe-rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+# --- the launchers' tests (test_multinode.py, test_cluster.py): a small model, run through make ---
+
+SMALL = [
+    "--model.config.n_layer=2",
+    "--model.config.n_head=2",
+    "--model.config.n_embd=64",
+    "--model.config.block_size=64",
+    "--data.batch_size=4",
+    "--data.val_batches=2",
+    "--data.num_workers=0",
+    "--data.vocab_size=512",
+    "--trainer.log_every_n_steps=1",
+    "--eval_every=3",
+]
+
+
+def data_args(corpus: Path, cache: Path) -> str:
+    return " ".join([*SMALL, f"--data.text={corpus}", f"--data.cache_dir={cache}"])
+
+
+def make(*args: str, env: dict | None = None, timeout: int = 600, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["make", "-s", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kwargs,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: int = 600) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err

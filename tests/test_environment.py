@@ -28,10 +28,13 @@ def test_each_tier_runs_what_it_says():
     def recipe(target: str) -> str:
         return subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, check=True).stdout
 
-    assert '-m "not long and not gpu and not bench and not stress"' in recipe("test")  # GPUs hidden (conftest)
-    assert '-m "long and not gpu"' in recipe("test-long")
+    assert '-m "not long and not gpu and not bench and not stress and not cluster"' in recipe("test")  # GPUs hidden
+    assert '-m "long and not gpu and not cluster"' in recipe("test-long")
+    assert "-m cluster" in recipe("cluster-test")
     assert "LLM_TEST_GPU=1" in recipe("test-gpu") and "-m gpu" in recipe("test-gpu")
     assert "-m bench" in recipe("test-bench")
     assert "-m stress" in recipe("stress") and "scripts/stress.py" in recipe("stress")
     commands = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line.startswith("make ")]
-    assert commands == ["make test", "make test-long", "make test-bench", "make stress STRESS_RUNS=10"]
+    tiers = ["make test", "make cluster-test", "make test-long", "make test-bench", "make stress STRESS_RUNS=10"]
+    assert commands == tiers
+    assert "export LLM_REQUIRE_CLUSTER=1" in (REPO / ".ci" / "run").read_text()

@@ -1,17 +1,13 @@
 """Multi-node launching on this CPU over gloo: torchrun as two nodes on 127.0.0.1, the DeepSpeed
-launcher over a localhost hostfile, SLURM under stand-in sbatch/srun/scontrol programs that record
-what they were asked; the refusals of impossible worlds; data prepared once by racing processes."""
+launcher over a localhost hostfile (SLURM: tests/test_cluster.py, on a real one); the refusals of
+impossible worlds; data prepared once by racing processes."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
-import shutil
-import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -21,22 +17,8 @@ import psutil
 import pytest
 import torch
 
-from llm.checkpoint import Checkpoint
 from llm.train.strategy import SHM, SHM_PREFIX
-from support import REPO, STEPS, callbacks, column, llm_here, losses, program_stderr
-
-SMALL = [
-    "--model.config.n_layer=2",
-    "--model.config.n_head=2",
-    "--model.config.n_embd=64",
-    "--model.config.block_size=64",
-    "--data.batch_size=4",
-    "--data.val_batches=2",
-    "--data.num_workers=0",
-    "--data.vocab_size=512",
-    "--trainer.log_every_n_steps=1",
-    "--eval_every=3",
-]
+from support import REPO, STEPS, callbacks, column, data_args, finish, llm_here, losses, make, program_stderr
 
 
 def free_port_pair() -> int:
@@ -53,36 +35,6 @@ def free_port_pair() -> int:
                 except OSError:
                     continue
     raise RuntimeError("no two free ports in a row")
-
-
-def make(*args: str, env: dict | None = None, timeout: int = 600, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(
-        ["make", "-s", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-        **kwargs,
-    )
-
-
-def finish(process: subprocess.Popen, timeout: int = 600) -> tuple[int, str, str]:
-    out, err = process.communicate(timeout=timeout)
-    return process.returncode, out, err
-
-
-@pytest.fixture
-def experiment(request):
-    """A unique experiment name; the run folders it leaves in runs/ go at the end."""
-    name = f"test-{request.node.name[:40]}-{os.getpid()}".replace("[", "-").replace("]", "")
-    yield name
-    for folder in (REPO / "runs").glob(f"{name}-*"):
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def data_args(corpus: Path, cache: Path) -> str:
-    return " ".join([*SMALL, f"--data.text={corpus}", f"--data.cache_dir={cache}"])
 
 
 # --- torchrun ----------------------------------------------------------------------------------------
@@ -232,100 +184,6 @@ def test_deepspeed_launcher_over_a_localhost_hostfile_trains_and_leaves_no_share
     assert not list(SHM.glob(f"{SHM_PREFIX}_{os.getuid()}_*_{port}_*"))
 
 
-# --- SLURM, under stand-in programs ---------------------------------------------------------------------
-
-SBATCH_STUB = r"""#!/bin/bash
-# sbatch: record the command, then run the script as SLURM would, for a job of one task
-echo "sbatch $*" >> "$STUB_LOG"
-while [[ "$1" == --* ]]; do shift; done
-script="$1"; shift
-export SLURM_JOB_ID="$STUB_JOB_ID" SLURM_JOB_NAME=llm SLURM_SUBMIT_DIR="$PWD" SLURM_JOB_NUM_NODES=1
-export SLURM_NTASKS=1 SLURM_NTASKS_PER_NODE=1 SLURM_NODELIST=localhost SLURM_RESTART_COUNT="${STUB_RESTART:-0}"
-bash "$script" "$@" >> "runs/slurm-$SLURM_JOB_ID.out" 2>&1
-echo "Submitted batch job $SLURM_JOB_ID"
-"""
-SRUN_STUB = r"""#!/bin/bash
-# srun: record the command and the job's environment, then start the one task
-echo "srun $*" >> "$STUB_LOG"
-env | grep '^SLURM_' | sort >> "$STUB_LOG"
-while [[ "$1" == --* ]]; do shift; done
-export SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0
-"$@" &
-echo $! > "$STUB_PID"
-wait $!
-"""
-SCONTROL_STUB = r"""#!/bin/bash
-# scontrol requeue: record it, then end the running job as SLURM does before it queues it again
-echo "scontrol $*" >> "$STUB_LOG"
-kill -9 "$(cat "$STUB_PID")"
-"""
-
-
-def stub_bin(folder: Path) -> Path:
-    folder.mkdir()
-    for name, text in (("sbatch", SBATCH_STUB), ("srun", SRUN_STUB), ("scontrol", SCONTROL_STUB)):
-        path = folder / name
-        path.write_text(text)
-        path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return folder
-
-
-@pytest.mark.slow
-@pytest.mark.long
-def test_slurm_job_requeues_at_the_signal_and_resumes(tmp_path, experiment, code_corpus, data_cache):
-    job_id = str(900000 + os.getpid() % 99999)
-    env = {
-        "PATH": f"{stub_bin(tmp_path / 'bin')}:{os.environ['PATH']}",
-        "STUB_LOG": str(tmp_path / "calls.log"),
-        "STUB_PID": str(tmp_path / "task.pid"),
-        "STUB_JOB_ID": job_id,
-    }
-    args = f"{data_args(code_corpus, data_cache)} --trainer.max_steps=40 --eval_every=1000 --experiment={experiment}"
-    submit = ["slurm", "NNODES=1", "DEVICES=1", "PARTITION=debug", "TIME=00:10:00", "ACCOUNT=proj", f"ARGS={args}"]
-    log = REPO / "runs" / f"slurm-{job_id}.out"
-    run = REPO / "runs" / f"{experiment}-{job_id}"
-    try:
-        first = make(*submit, env=env)
-        deadline = time.monotonic() + 300
-        while "step 10/40" not in (log.read_text() if log.exists() else ""):  # training is under way
-            assert time.monotonic() < deadline and first.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.2)
-        os.kill(int((tmp_path / "task.pid").read_text()), signal.SIGUSR1)  # SLURM's warning before the limit
-        code, out, err = finish(first)
-        assert code == 0 and f"Submitted batch job {job_id}" in out, err[-3000:]
-        saved = sorted((run / "checkpoints").glob("step-*.ckpt"))
-        assert saved, "no checkpoint written at the signal"
-        resumed_at = Checkpoint(saved[-1]).read()["global_step"]
-
-        again = make(*submit, env={**env, "STUB_RESTART": "1"})  # the requeued job: same id
-        code, out, err = finish(again)
-        assert code == 0, err[-3000:]
-        text = log.read_text()
-        assert f"resuming from runs/{experiment}-{job_id}/checkpoints/{saved[-1].name}" in text, text[-3000:]
-        assert re.search(
-            rf"^stopped: SIGUSR1 at step {resumed_at}; saved .*; requeueing SLURM job {job_id}$", text, re.M
-        )
-        assert json.loads((run / "summary.json").read_text())["steps"] == 40
-        # saved at the step boundary after the signal: every step's row is there, none twice
-        assert resumed_at >= 10 and sorted(losses(run)) == list(range(40))
-
-        calls = (tmp_path / "calls.log").read_text().splitlines()
-        sbatch = [c for c in calls if c.startswith("sbatch ")]
-        assert len(sbatch) == 2
-        for option in ("--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", "--partition=debug"):
-            assert option in sbatch[0]
-        assert "--time=00:10:00 --account=proj" in sbatch[0] and "scripts/slurm/train.sbatch" in sbatch[0]
-        srun = [c for c in calls if c.startswith("srun ")]
-        assert srun[0].startswith("srun --kill-on-bad-exit=1 .venv/bin/python -m llm fit ")
-        assert srun[0].endswith("--resume=auto") and f"--experiment={experiment}" in srun[0]
-        assert f"SLURM_JOB_ID={job_id}" in calls and "SLURM_RESTART_COUNT=1" in calls
-        assert f"scontrol requeue {job_id}" in calls
-        script = (REPO / "scripts/slurm/train.sbatch").read_text()
-        assert "#SBATCH --requeue" in script and "#SBATCH --signal=USR1@120" in script
-    finally:
-        log.unlink(missing_ok=True)
-
-
 # --- data prepared once --------------------------------------------------------------------------------
 
 
@@ -428,6 +286,7 @@ def test_a_bad_hostfile(tmp_path, text, fragment):
         (("torchrun", "--nnodes=2", "--master_port=70000"), "error: MASTER_PORT=70000: not a usable port"),
         (("deepspeed", "--hostfile="), "error: HOSTFILE=: give a file of"),
         (("slurm", "--nnodes=0"), "error: NNODES=0: nodes must be at least 1"),
+        (("slurm", "--signal_lead=0"), "error: SIGNAL_LEAD=0: give the seconds before the time limit"),
     ],
     ids=[
         "devices-0",
@@ -440,6 +299,7 @@ def test_a_bad_hostfile(tmp_path, text, fragment):
         "port-high",
         "hostfile-empty",
         "slurm-nnodes-0",
+        "slurm-signal-lead-0",
     ],
 )
 def test_launcher_inputs_that_cannot_form_a_job(args, line):

@@ -22,6 +22,7 @@ import os
 import re
 import shlex
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,8 @@ def check_ports_free(port: int) -> None:
     """On the node that will host rank 0: the process group's port and the agreement's are free."""
     for p in (port, port + 1):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # as torch's store binds: connections of a run that just ended (TIME_WAIT) do not count
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("", p))
             except OSError as exc:
@@ -105,6 +108,46 @@ def check_host(addr: str) -> None:
         socket.getaddrinfo(addr, None)
     except socket.gaierror as exc:
         raise ConfigError(f"MASTER_ADDR={addr}: unknown host ({exc.strerror}); give node 0's address or name") from exc
+
+
+def interface_towards(addr: str) -> str | None:
+    """The name of this host's interface whose address reaches `addr` (the kernel's route), if any."""
+    import psutil
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(addr), 9))  # UDP: nothing is sent, only a route is chosen
+            local = s.getsockname()[0]
+    except OSError:
+        return None
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == local for a in addresses):
+            return name
+    return None
+
+
+def check_socket_interfaces(master_addr: str) -> None:
+    """GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME name interfaces of this host: one that does not exist
+    would fail the process group only once every process has started (gloo), or never form it."""
+    import psutil
+
+    names = sorted(psutil.net_if_addrs())
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        value = os.environ.get(var, "")
+        if not value or value.startswith("^"):  # NCCL's ^name excludes: nothing to find
+            continue
+        wanted = value.lstrip("=").split(",")
+        if var == "GLOO_SOCKET_IFNAME" or value.startswith("="):  # exact names
+            missing = [w for w in wanted if w not in names]
+        else:  # NCCL's prefixes: one interface starting with any of them will do
+            missing = [] if any(n.startswith(w) for n in names for w in wanted) else wanted
+        if missing:
+            towards = interface_towards(master_addr)
+            hint = f"; MASTER_ADDR={master_addr} is reached through {towards}" if towards else ""
+            raise ConfigError(
+                f"{var}={value}: no interface {', '.join(missing)} on this host (it has {', '.join(names)}){hint}; "
+                f"give the interface on the nodes' network"
+            )
 
 
 def wait_for_master(addr: str, port: int, timeout: float) -> None:
@@ -193,6 +236,7 @@ def torchrun_main() -> None:
         f"master {a.master_addr}:{port} (and {port + 1}); this is node {a.node_rank}",
         flush=True,
     )
+    check_socket_interfaces(a.master_addr)
     if a.node_rank == 0:
         check_host(a.master_addr)
         check_ports_free(port)
@@ -225,6 +269,7 @@ def elastic_torchrun(a, low: int, high: int, fit_args: list[str]) -> None:
             "leave RESUME empty or auto"
         )
     check_host(a.master_addr)
+    check_socket_interfaces(a.master_addr)
     print(
         f"torchrun: elastic, {low} to {high} nodes x {devices} processes; rendezvous {a.master_addr}:{port}; "
         f"up to {a.max_restarts} restarts, each from the newest checkpoint in {run}",
@@ -309,6 +354,7 @@ def deepspeed_main() -> None:
         f"({', '.join(hosts)}); master {master}:{port} (and {port + 1})",
         flush=True,
     )
+    check_socket_interfaces(master)
     if first in LOCAL_HOSTS or first == socket.gethostname():
         check_ports_free(port)
     args, env = training_command(fit_args, devices, nnodes)
@@ -323,8 +369,24 @@ def deepspeed_main() -> None:
 # --- SLURM ----------------------------------------------------------------------------------------
 
 
+def partition_has_gpus(partition: str) -> bool | None:
+    """Whether SLURM's partition (empty: the default one) offers GPUs (a gres of `gpu`), from sinfo;
+    None when sinfo cannot say."""
+    try:
+        result = subprocess.run(["sinfo", "-h", "-o", "%P %G"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode:
+        return None
+    rows = [line.split(None, 1) for line in result.stdout.splitlines() if line.strip()]
+    chosen = [gres for name, *gres in rows if (name.rstrip("*") == partition if partition else name.endswith("*"))]
+    if not chosen:
+        return None
+    return any("gpu" in gres for row in chosen for gres in row)
+
+
 def slurm_main() -> None:
-    """`make slurm`: submit scripts/slurm/train.sbatch, one task per GPU on NNODES nodes."""
+    """`make slurm`: submit scripts/slurm/train.sbatch, one task per device on NNODES nodes."""
     own, fit_args = split_args(sys.argv[2:])
     parser = _parser("slurm")
     parser.add_argument("--nnodes", type=int, default=1)
@@ -332,12 +394,23 @@ def slurm_main() -> None:
     parser.add_argument("--partition", default="")
     parser.add_argument("--time", default="")
     parser.add_argument("--account", default="")
-    parser.add_argument("--gpus", choices=["true", "false"], default="true", help="ask for one GPU per task")
+    parser.add_argument("--signal_lead", type=int, default=None, help="seconds before the time limit for SIGUSR1")
     a = parser.parse_args(own)
     nnodes, devices = check_count("nodes", a.nnodes, "NNODES"), check_count("processes per node", a.devices, "DEVICES")
+    if a.signal_lead is not None and a.signal_lead < 1:
+        raise ConfigError(
+            f"SIGNAL_LEAD={a.signal_lead}: give the seconds before the time limit at which SLURM asks the job "
+            "to save and requeue, e.g. 120 (more than the longest save: summary.json's save_seconds_max)"
+        )
     command = ["sbatch", f"--nodes={nnodes}", f"--ntasks-per-node={devices}"]
-    if a.gpus == "true":
+    gpus = partition_has_gpus(a.partition)
+    where = f"partition {a.partition}" if a.partition else "the default partition"
+    if gpus is False:
+        print(f"slurm: {where} has no GPUs (sinfo): one CPU process per task, no GPU request", flush=True)
+    else:  # a partition with GPUs, or sinfo could not tell: the usual case of a training cluster
         command.append(f"--gpus-per-node={devices}")
+    if a.signal_lead is not None:
+        command.append(f"--signal=USR1@{a.signal_lead}")
     for option, value in (("partition", a.partition), ("time", a.time), ("account", a.account)):
         if value:
             command.append(f"--{option}={value}")

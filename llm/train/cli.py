@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from llm import ranks
 from llm.checkpoint import Checkpoint, CheckpointFolder, weights_only_loads
@@ -196,6 +197,10 @@ class LLMCLI(LightningCLI):
         )
         if strategy == "auto" or (cfg.trainer.strategy not in ("auto", "ddp") and not options.deepspeed):
             strategy = cfg.trainer.strategy
+        if ranks.slurm_job_id():
+            # SIGUSR1 saves at a step boundary and requeues through Checkpoints: not Lightning's own
+            # requeue, which would save in the middle of a step
+            kwargs["plugins"] = [*(kwargs.get("plugins") or []), SLURMEnvironment(auto_requeue=False)]
         return super().instantiate_trainer(logger=loggers, callbacks=callbacks, strategy=strategy, **kwargs)
 
     def fit(self, model, datamodule, **kwargs) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -123,12 +124,11 @@ class RunWandbLogger(WandbLogger):
             pass  # W&B's own start will fail the same way, and say so
         return run_id
 
-    def _give_up(self, exc: Exception) -> None:
+    def _give_up(self, exc: Exception, then: str = "training continues, metrics go to metrics.csv only") -> None:
         if not self.failed:
             self.failed = True
             reason = exception_line(exc, 200) or type(exc).__name__
-            message = f"warning: W&B failed ({reason}); training continues, metrics go to metrics.csv only"
-            print(message, file=sys.stderr)
+            print(f"warning: W&B failed ({reason}); {then}", file=sys.stderr)
 
     @property
     @rank_zero_experiment
@@ -193,12 +193,18 @@ class RunWandbLogger(WandbLogger):
         """End the W&B run: its files are complete, and a later run in the same process (a notebook,
         a test) starts a run of its own instead of continuing this one."""
         wandb = sys.modules.get("wandb")
-        if self.failed or wandb is None or wandb.run is None:
+        if wandb is None:
             return
-        try:
-            wandb.run.finish(exit_code=exit_code)
-        except Exception as exc:
-            self._give_up(exc)
+        if not self.failed and wandb.run is not None:
+            try:
+                wandb.run.finish(exit_code=exit_code)
+            except Exception as exc:
+                self._give_up(exc, "while finishing its run; metrics.csv has every logged row")
+        if self.failed:
+            # its service process may be gone: a stop signal sent to every process of a SLURM job
+            # step reaches it too. W&B's own teardown, left to the exit, would print a traceback
+            with contextlib.suppress(Exception, SystemExit):
+                wandb.teardown(exit_code)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

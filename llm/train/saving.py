@@ -10,7 +10,9 @@ Saves happen every `save_every` optimizer steps, once `save_every_minutes` have 
 last one (the ranks agree: the slowest clock decides), at the last step, when training ends early, and
 when the job is asked to stop: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 (SLURM's warning before a time
 limit) saves at the next step boundary and stops with status 128 + the signal; under SLURM, SIGUSR1 also requeues the
-job (`scontrol requeue`), which then resumes from that checkpoint. A second signal exits at once.
+job (`scontrol requeue`), which then resumes from that checkpoint. A second signal exits at once, unless it
+repeats the first one's SIGTERM or SIGUSR1: SLURM delivers those along more than one path (to the job
+step, and from the batch shell, which forwards them: scripts/slurm/train.sbatch).
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ import math
 import os
 import shlex
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -65,6 +65,8 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if self.received == signum and signum != signal.SIGINT:  # the same request, delivered again
+            return
         if self.received is not None:
             os.write(2, f"\n{name}, the second stop signal: exiting now, without a checkpoint\n".encode())
             os._exit(128 + signum)
@@ -156,13 +158,7 @@ class Checkpoints(Checkpoint):
         resume = resume_command(trainer)
         job = ranks.slurm_job_id()
         if signum == signal.SIGUSR1 and job:  # SLURM's warning: queue the job again, then end this one
-            if trainer.is_global_zero:
-                # said first: SLURM may end this process as soon as the job is requeued
-                print(f"stopped: {said}; requeueing SLURM job {job}", file=sys.stderr, flush=True)
-                code = subprocess.call(["scontrol", "requeue", job])
-                if code:
-                    raise RunStopped(f"scontrol requeue {job} failed (status {code}); {resume}", 128 + signum)
-            raise RunStopped("", 128 + signum)
+            raise RunStopped(said, 128 + signum, requeue=job, otherwise=resume)
         raise RunStopped(f"{said}; {resume}", 128 + signum)
 
     # --- how -----------------------------------------------------------------------------------
