@@ -9,7 +9,9 @@ cluster's is. A recipe to try a multi-node launcher on one machine:
     hosts.destroy()
 
 Inside each namespace the interface is named IFNAME on both hosts, so one GLOO_SOCKET_IFNAME= (or
-NCCL_SOCKET_IFNAME=) serves both, as on a cluster whose nodes name their interfaces alike."""
+NCCL_SOCKET_IFNAME=) serves both, as on a cluster whose nodes name their interfaces alike. An ssh
+server on each (start_ssh) lets the DeepSpeed launcher reach them through pdsh. Everything started in
+a namespace ends with it (destroy)."""
 
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ import os
 import shutil
 import signal
 import subprocess
+from pathlib import Path
 
 IFNAME = "llm0"
-TOOLS = ("ip",)
+TOOLS = ("ip", "pdsh", "ssh", "ssh-keygen", "sshd")
 
 
 def missing_tools() -> list[str]:
@@ -78,6 +81,33 @@ class Hosts:
     def popen(self, host: int, command: list[str], **kwargs) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self.names[host], *command], **kwargs)
 
+    def start_ssh(self, folder: Path) -> dict[str, str]:
+        """An ssh server on each host, for root with a key of its own (nothing of the machine's own
+        ssh setup is read or changed); the environment under which pdsh and ssh use it."""
+        folder.mkdir(parents=True, exist_ok=True)
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation folder
+        for key in ("client", "host"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / key)], check=True)
+        shutil.copy(folder / "client.pub", folder / "authorized_keys")
+        for host, name in enumerate(self.names):
+            config = folder / f"sshd-{name}.conf"
+            settings = {
+                "ListenAddress": self.address(host),
+                "HostKey": folder / "host",
+                "AuthorizedKeysFile": folder / "authorized_keys",
+                "PermitRootLogin": "prohibit-password",
+                "PasswordAuthentication": "no",
+                "KbdInteractiveAuthentication": "no",
+                "StrictModes": "no",
+                "UsePAM": "no",
+                "PidFile": folder / f"sshd-{name}.pid",
+            }
+            config.write_text("".join(f"{k} {v}\n" for k, v in settings.items()))
+            sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+            subprocess.run(["ip", "netns", "exec", name, sshd, "-f", str(config)], check=True, timeout=30)
+        options = ["-i", folder / "client", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+        return {"PDSH_SSH_ARGS_APPEND": " ".join(map(str, [*options, "-o", "LogLevel=ERROR"]))}
+
     def unplug(self, host: int) -> None:
         """Its cable pulled: the link on the bridge's side down, so nothing more reaches it or leaves it."""
         ip("link", "set", f"{self.names[host]}o", "down")
@@ -92,6 +122,9 @@ class Hosts:
                 os.kill(int(pid), signal.SIGKILL)
 
     def destroy(self) -> None:
+        for host in range(len(self.names)):  # sshd and anything else left in the namespace
+            if any(args == ("netns", "del", self.names[host]) for args in self._created):
+                self.kill_all(host)
         for args in reversed(self._created):
             ip(*args, check=False)
         self._created.clear()

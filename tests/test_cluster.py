@@ -220,7 +220,7 @@ def hosts():
     if os.geteuid() != 0:
         skip_or_fail("network namespaces are created as root")
     if missing := hosts_module.missing_tools():
-        skip_or_fail(f"no {', '.join(missing)}: apt-get install iproute2")
+        skip_or_fail(f"no {', '.join(missing)}: apt-get install iproute2 pdsh openssh-server")
     pair = Hosts()
     pair.create()
     yield pair
@@ -261,6 +261,46 @@ def test_two_hosts_train_zero2_to_the_losses_of_one_node(hosts, runs, experiment
     assert sorted(got) == sorted(expected) == list(range(STEPS_CANONICAL))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
+
+
+def deepspeed_launcher(hosts: Hosts, hostfile: Path, *variables: str, env: dict) -> subprocess.Popen:
+    """`make train-deepspeed` on the first host, which starts both over ssh (pdsh)."""
+    hostfile.write_text("".join(f"{hosts.address(h)} slots=1\n" for h in (0, 1)))
+    command = ["make", "-s", "train-deepspeed", f"HOSTFILE={hostfile}", *variables]
+    return hosts.popen(
+        0,
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "GLOO_SOCKET_IFNAME": IFNAME, **env},
+    )
+
+
+def test_the_deepspeed_launcher_starts_both_hosts_over_ssh_to_the_losses_of_one_node(hosts, runs, tmp_path):
+    ssh = hosts.start_ssh(tmp_path / "ssh")
+    run = tmp_path / "run"  # RUN= and GLOO_SOCKET_IFNAME= reach the other host's process through DS_ENV_FILE
+    args = canonical_args(runs, "--deepspeed=zero2")
+    code, out, err = finish(deepspeed_launcher(hosts, tmp_path / "hostfile", "MASTER_PORT=29520", f"RUN={run}",
+                                               f"ARGS={args}", env=ssh))  # fmt: skip
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert out.startswith(f"deepspeed: 2 nodes x 1 processes = 2 processes ({hosts.address(0)}, {hosts.address(1)})")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == "deepspeed zero2"
+    expected, got = losses(runs("zero2")), losses(run)
+    assert sorted(got) == sorted(expected) == list(range(STEPS_CANONICAL))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
+
+    # without the key, the launcher refuses before it starts anything, naming the host
+    refused = deepspeed_launcher(hosts, tmp_path / "hostfile", "MASTER_PORT=29520", f"RUN={tmp_path / 'no'}", env={})
+    code, out, err = finish(refused, timeout=120)
+    (line,) = program_stderr(err)
+    assert code == 2 and line.startswith(
+        f"error: HOSTFILE={tmp_path / 'hostfile'}: host {hosts.address(0)} does not answer ssh without a password ("
+    ), err
+    assert not (tmp_path / "no").exists()
 
 
 def test_an_interface_that_is_not_there_is_one_line_naming_the_right_one(hosts):

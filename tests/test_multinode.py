@@ -306,3 +306,35 @@ def test_launcher_inputs_that_cannot_form_a_job(args, line):
     result = llm_here(*args)
     lines = program_stderr(result.stderr)
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(line), result.stderr[-2000:]
+
+
+def test_the_deepspeed_environment_file_carries_the_run_and_never_a_key(tmp_path, monkeypatch):
+    from llm.launch.hosts import deepspeed_env_file
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / ".deepspeed_env").write_text("MY_SETTING=1\n\n")  # the user's own, as DeepSpeed reads it from here
+    environ = {
+        "LLM_RUN_DIR": "runs/my run",
+        "GLOO_SOCKET_IFNAME": "eth1",
+        "WANDB_MODE": "offline",
+        "WANDB_API_KEY": "secret",
+        "HF_TOKEN": "secret",
+        "PATH": "/usr/bin",
+    }
+    path = deepspeed_env_file(environ)
+    try:
+        assert path.stat().st_mode & 0o077 == 0  # private to the user
+        lines = path.read_text().splitlines()
+        # as DeepSpeed's runner reads it: every line NAME=value
+        assert dict(line.split("=", 1) for line in lines) == {
+            "MY_SETTING": "1",
+            "GLOO_SOCKET_IFNAME": "eth1",
+            "LLM_RUN_DIR": "runs/my run",
+            "WANDB_MODE": "offline",
+        }
+        alone = deepspeed_env_file({"PATH": "/usr/bin"})
+        assert alone.read_text() == "MY_SETTING=1\n"  # and no empty line, which the runner cannot read
+        alone.unlink()
+    finally:
+        path.unlink()

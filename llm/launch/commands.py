@@ -29,6 +29,7 @@ from pathlib import Path
 
 from llm.errors import ConfigError, one_line
 from llm.launch.agreement import DEFAULT_TIMEOUT, TIMEOUT_ENV
+from llm.launch.hosts import check_socket_interfaces, check_ssh, deepspeed_env_file
 from llm.paths import slurm_script
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
@@ -108,46 +109,6 @@ def check_host(addr: str) -> None:
         socket.getaddrinfo(addr, None)
     except socket.gaierror as exc:
         raise ConfigError(f"MASTER_ADDR={addr}: unknown host ({exc.strerror}); give node 0's address or name") from exc
-
-
-def interface_towards(addr: str) -> str | None:
-    """The name of this host's interface whose address reaches `addr` (the kernel's route), if any."""
-    import psutil
-
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((socket.gethostbyname(addr), 9))  # UDP: nothing is sent, only a route is chosen
-            local = s.getsockname()[0]
-    except OSError:
-        return None
-    for name, addresses in psutil.net_if_addrs().items():
-        if any(a.address == local for a in addresses):
-            return name
-    return None
-
-
-def check_socket_interfaces(master_addr: str) -> None:
-    """GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME name interfaces of this host: one that does not exist
-    would fail the process group only once every process has started (gloo), or never form it."""
-    import psutil
-
-    names = sorted(psutil.net_if_addrs())
-    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-        value = os.environ.get(var, "")
-        if not value or value.startswith("^"):  # NCCL's ^name excludes: nothing to find
-            continue
-        wanted = value.lstrip("=").split(",")
-        if var == "GLOO_SOCKET_IFNAME" or value.startswith("="):  # exact names
-            missing = [w for w in wanted if w not in names]
-        else:  # NCCL's prefixes: one interface starting with any of them will do
-            missing = [] if any(n.startswith(w) for n in names for w in wanted) else wanted
-        if missing:
-            towards = interface_towards(master_addr)
-            hint = f"; MASTER_ADDR={master_addr} is reached through {towards}" if towards else ""
-            raise ConfigError(
-                f"{var}={value}: no interface {', '.join(missing)} on this host (it has {', '.join(names)}){hint}; "
-                f"give the interface on the nodes' network"
-            )
 
 
 def wait_for_master(addr: str, port: int, timeout: float) -> None:
@@ -361,8 +322,13 @@ def deepspeed_main() -> None:
     command = [sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={a.hostfile}"]
     command += [f"--master_addr={master}", f"--master_port={port}", "--no_local_rank", "--module"]
     command.append("--log_level=warning")  # its INFO lines repeat the whole command once per process
-    if nnodes == 1:
-        command.append("--no_ssh_check")  # one node runs locally, without ssh
+    # the runner's own check tries only the first host, with ssh's defaults; pdsh starts every node
+    # with PDSH_SSH_ARGS_APPEND's options as well, and so does check_ssh, on each host
+    command.append("--no_ssh_check")
+    if nnodes > 1:
+        check_ssh(a.hostfile, list(hosts))
+        # pdsh's processes start from a login shell's environment: what the run needs goes with them
+        env["DS_ENV_FILE"] = str(deepspeed_env_file({**os.environ, **env, TIMEOUT_ENV: str(a.timeout)}))
     hand_over([*command, "llm", *args], env, a.timeout)
 
 
