@@ -62,6 +62,17 @@ USER_VARIABLES := MODEL CONFIG TEXT HF TOKENIZER DS NVME_PATH DEVICES NNODES NOD
 $(foreach v,$(USER_VARIABLES),$(if $(filter command environment,$(firstword $(origin $(v)))),\
 	$(eval override $(v) := $$(value $(v)))))
 q = '$(subst ','\'',$(1))'
+# A variable on the command line that this Makefile never reads (MAX_STEP=5 for MAX_STEPS=5) would
+# be ignored without a word: refused, with the nearest name it knows (those it assigns)
+KNOWN_VARIABLES := $(shell sed -n 's/^\([A-Z][A-Z0-9_]*\) *[?:]*=.*/\1/p' $(firstword $(MAKEFILE_LIST)))
+UNKNOWN_VARIABLES := $(filter-out $(KNOWN_VARIABLES),$(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
+ifneq ($(UNKNOWN_VARIABLES),)
+UNKNOWN := $(firstword $(UNKNOWN_VARIABLES))
+$(error $(shell $(PYTHON) -c 'import difflib, sys; given, known = sys.argv[1], sys.argv[2:]; \
+	near = difflib.get_close_matches(given.split("=")[0], known, 1); \
+	print(f"{given}: not a variable of this Makefile" + (f"; did you mean {near[0]}?" if near else "") + " (make help lists them)")' \
+	$(call q,$(UNKNOWN)=$(value $(UNKNOWN))) $(KNOWN_VARIABLES)))
+endif
 # ARGS= travels in LLM_ARGS, which the program splits into words as a shell would (llm/argv.py)
 WITH_ARGS = $(if $(ARGS),LLM_ARGS=$(call q,$(ARGS)))
 LLM = $(WITH_ARGS) $(PY) -m llm
@@ -129,6 +140,7 @@ help: ## this list: a target's `##` lines above it are its help
 	@echo "                   if there is one); ARGS=--print_config shows the result"
 	@echo "  ARGS=            further overrides, split as a shell splits words, e.g. ARGS=\"--model.config.n_layer=6\""
 	@echo "Every value is text: \$$, quotes, spaces and ; in it reach the program as typed, and nothing in it is run"
+	@echo "A variable not listed here is refused, with the nearest name (MAX_STEP=5: did you mean MAX_STEPS?)"
 	@echo "  CKPT=, PROMPT=   checkpoint (a file or a DeepSpeed folder) and prompt for make sample / eval / export / export-fp32"
 	@echo "  QUANT=           int8, int4 or fp8 (a GPU of compute capability 8.9+): make export quantized by torchao (Llama family)"
 	@echo "  GPUS=, GPU_MEM=, CPU_MEM=  GPUs per node, GiB per GPU, GiB of CPU memory per node, for make plan"

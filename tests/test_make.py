@@ -6,6 +6,7 @@ is what the real command would receive."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -141,3 +142,19 @@ def test_every_dependency_has_the_version_the_tests_passed_with():
             pinned[name.lower().replace("_", "-")] = version
     assert names - {"torch"} <= pinned.keys(), sorted(names - {"torch"} - pinned.keys())
     assert "torch" not in pinned  # TORCH= pins it: a CUDA and a CPU build have different versions
+
+
+@pytest.mark.parametrize(
+    ("given", "line"),
+    [
+        ("MAX_STEP=5", "MAX_STEP=5: not a variable of this Makefile; did you mean MAX_STEPS? (make help lists them)"),
+        ("DEVICE=2", "DEVICE=2: not a variable of this Makefile; did you mean DEVICES? (make help lists them)"),
+        ("COLOUR=$(shell touch x)", "COLOUR=$(shell touch x): not a variable of this Makefile (make help lists them)"),
+    ],
+)
+def test_a_variable_the_makefile_does_not_know_is_refused_with_the_nearest_name(given, line):
+    # a typo would otherwise be ignored: MAX_STEP=5 trained the experiment's 500 steps
+    result = subprocess.run(["make", "-n", "train", given], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert re.fullmatch(rf"Makefile:\d+: \*\*\* {re.escape(line)}\.  Stop\.\n", result.stderr), result.stderr
+    assert not (REPO / "x").exists()
