@@ -26,6 +26,12 @@ from pathlib import Path
 TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "squeue")
 
 
+# the daemons and `ip` live in the system folders, which a user's PATH may lack
+for folder in ("/usr/sbin", "/sbin"):
+    if folder not in os.environ.get("PATH", "").split(":"):
+        os.environ["PATH"] = f"{os.environ.get('PATH', '')}:{folder}"
+
+
 def missing_tools() -> list[str]:
     return [tool for tool in TOOLS if shutil.which(tool) is None]
 

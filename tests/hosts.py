@@ -27,6 +27,12 @@ IFNAME = "llm0"
 TOOLS = ("ip", "pdsh", "ssh", "ssh-keygen", "sshd")
 
 
+# the daemons and `ip` live in the system folders, which a user's PATH may lack
+for folder in ("/usr/sbin", "/sbin"):
+    if folder not in os.environ.get("PATH", "").split(":"):
+        os.environ["PATH"] = f"{os.environ.get('PATH', '')}:{folder}"
+
+
 def missing_tools() -> list[str]:
     return [tool for tool in TOOLS if shutil.which(tool) is None]
 
