@@ -155,5 +155,5 @@ def test_the_code_hosts_ci_runs_lint_and_the_fast_tests_and_nothing_that_needs_s
     runs = [step["run"] for job in workflow["jobs"].values() for step in job["steps"] if "run" in step]
     assert runs == ["make lint", "make test-fast"]
     recipe = subprocess.run(["make", "-n", "test-fast"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    fast = '-m "not slow and not shared_data and not long and not gpu and not bench and not stress"'
+    fast = '-m "not slow and not shared_data and not long and not gpu and not bench and not stress and not cluster"'
     assert fast in recipe and "-n '2'" in recipe

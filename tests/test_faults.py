@@ -181,6 +181,7 @@ def test_a_kill_during_the_final_validation_is_finished_by_the_rerun(tmp_path, r
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 48 s of make test's 10 minutes; make cluster-test kills a whole host of a ZeRO-2 job too
 def test_kill_9_of_a_two_process_zero2_job_inside_a_save_resumes_exactly(tmp_path, runs):
     # the job is killed by SIGKILL to its process group while rank 0 writes a random save's shards
     save = random.Random(SEED).choice([4, 6, 8, 10])
@@ -226,8 +227,13 @@ def test_sigterm_saves_at_the_step_boundary_then_resume_continues(tmp_path, runs
 @pytest.mark.slow  # a run with a DataLoader worker process, or two processes
 @pytest.mark.parametrize(
     "signum, devices",
-    [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGUSR1, 2)],
-    ids=["SIGTERM", "Ctrl-C", "SIGUSR1 to 2 processes"],
+    [
+        pytest.param(signal.SIGTERM, 1, id="SIGTERM"),
+        pytest.param(signal.SIGINT, 1, id="Ctrl-C"),
+        # in the long tier (19 s of make test's 10 minutes): make cluster-test signals two tasks
+        # and their workers through a real SLURM
+        pytest.param(signal.SIGUSR1, 2, id="SIGUSR1 to 2 processes", marks=pytest.mark.long),
+    ],
 )
 def test_a_stop_signal_to_the_whole_process_group_saves_at_the_step_boundary(tmp_path, runs, signum, devices):
     # as Ctrl-C, `timeout`, scancel and SLURM's warning send it: to every process, DataLoader workers too
@@ -368,7 +374,12 @@ STALL_TIMEOUT = 8  # seconds: the run's --collective_timeout in these tests
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "strategy",
-    [pytest.param((), id="ddp", marks=pytest.mark.stress), pytest.param(("--deepspeed=zero2",), id="zero2")],
+    # zero2 in the long tier: 33 s of make test's 10 minutes, and make cluster-test stops a ZeRO-2 job
+    # whose other host goes silent the same way
+    [
+        pytest.param((), id="ddp", marks=pytest.mark.stress),
+        pytest.param(("--deepspeed=zero2",), id="zero2", marks=pytest.mark.long),
+    ],
 )
 def test_a_stuck_rank_ends_the_run_with_one_line_within_the_collective_timeout(tmp_path, runs, strategy):
     run = tmp_path / "run"

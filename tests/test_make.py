@@ -154,7 +154,8 @@ def test_every_dependency_has_the_version_the_tests_passed_with():
 )
 def test_a_variable_the_makefile_does_not_know_is_refused_with_the_nearest_name(given, line):
     # a typo would otherwise be ignored: MAX_STEP=5 trained the experiment's 500 steps
-    result = subprocess.run(["make", "-n", "train", given], cwd=REPO, capture_output=True, text=True, timeout=60)
+    command = ["make", "--no-print-directory", "-n", "train", given]  # as a sub-make too (make test runs it)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
     assert re.fullmatch(rf"Makefile:\d+: \*\*\* {re.escape(line)}\.  Stop\.\n", result.stderr), result.stderr
     assert not (REPO / "x").exists()
