@@ -12,7 +12,7 @@ when the job is asked to stop: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 (SLURM's warn
 limit) saves at the next step boundary and stops with status 128 + the signal; under SLURM, SIGUSR1 also requeues the
 job (`scontrol requeue`), which then resumes from that checkpoint. A second signal exits at once, unless it
 repeats the first one's SIGTERM or SIGUSR1: SLURM delivers those along more than one path (to the job
-step, and from the batch shell, which forwards them: scripts/slurm/train.sbatch).
+step, and SIGUSR1 again from the batch shell, which hands it on: scripts/slurm/train.sbatch).
 """
 
 from __future__ import annotations
