@@ -141,7 +141,8 @@ help: ## this list: a target's `##` lines above it are its help
 	@echo "  ARGS=            further overrides, split as a shell splits words, e.g. ARGS=\"--model.config.n_layer=6\""
 	@echo "Every value is text: \$$, quotes, spaces and ; in it reach the program as typed, and nothing in it is run"
 	@echo "A variable not listed here is refused, with the nearest name (MAX_STEP=5: did you mean MAX_STEPS?)"
-	@echo "  CKPT=, PROMPT=   checkpoint (a file or a DeepSpeed folder) and prompt for make sample / eval / export / export-fp32"
+	@echo "  CKPT=, PROMPT=   checkpoint (a file, a DeepSpeed folder, or a run folder: its newest) and prompt for make sample / eval / export / export-fp32;"
+	@echo "                   sample and eval without CKPT= take the newest checkpoint under runs/"
 	@echo "  QUANT=           int8, int4 or fp8 (a GPU of compute capability 8.9+): make export quantized by torchao (Llama family)"
 	@echo "  GPUS=, GPU_MEM=, CPU_MEM=  GPUs per node, GiB per GPU, GiB of CPU memory per node, for make plan"
 	@echo "  TORCH=           the torch requirement installed first (default "$(call q,$(TORCH))")"
@@ -190,7 +191,7 @@ slurm: $(STAMP)
 		$(if $(PARTITION),--partition=$(call q,$(PARTITION))) $(if $(TIME),--time=$(call q,$(TIME))) \
 		$(if $(ACCOUNT),--account=$(call q,$(ACCOUNT))) $(if $(SIGNAL_LEAD),--signal_lead=$(call q,$(SIGNAL_LEAD))) --timeout=$(call q,$(LAUNCH_TIMEOUT)) -- $(CLI_ARGS)
 
-## generated text: make sample CKPT=runs/<name>/checkpoints/last.ckpt PROMPT="..."
+## generated text: make sample [CKPT=runs/<name>] PROMPT="..."
 sample: $(STAMP)
 	$(LLM) sample --ckpt=$(call q,$(CKPT)) --prompt=$(call q,$(PROMPT))
 

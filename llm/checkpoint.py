@@ -256,6 +256,27 @@ class CheckpointFolder:
                 remove(path.with_name(path.name + ".universal"))  # its re-partitioned form, if any
 
 
+RUNS = Path("runs")  # where the run folders are, by default (RunOptions.run)
+
+
+def choose_checkpoint(ckpt: str, field: str = "ckpt") -> str:
+    """What CKPT= means: a checkpoint as given; a run folder, its newest complete checkpoint; nothing,
+    the newest complete checkpoint of any run under runs/. A choice made here is said in one line."""
+    if ckpt and not (Path(ckpt) / "checkpoints").is_dir():
+        return ckpt
+    if ckpt:
+        found, where = CheckpointFolder(Path(ckpt) / "checkpoints").newest_complete(field), f"run {ckpt}"
+    else:
+        candidates = [CheckpointFolder(folder).newest_complete(field) for folder in RUNS.glob("*/checkpoints")]
+        found = max(filter(None, candidates), key=lambda c: c.path.stat().st_mtime, default=None)
+        where = "the newest under runs/"
+    if found is None:
+        what = f"no complete checkpoint in {ckpt}/checkpoints" if ckpt else "none given, and no run under runs/ has one"
+        raise ConfigError(f"{field}={ckpt}: {what}; train one (make train), or {HINT}")
+    print(f"{field}: {found.path} ({where}{'' if ckpt else '; CKPT= to choose'})", file=sys.stderr)
+    return str(found.path)
+
+
 def remove(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
@@ -342,7 +363,7 @@ def export_fp32(ckpt: str, out: str) -> None:
     """
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-    checkpoint, target = Checkpoint(ckpt), Path(out)
+    checkpoint, target = Checkpoint(choose_checkpoint(ckpt)), Path(out)
     if not checkpoint.sharded:
         raise ConfigError(f"ckpt={ckpt}: not a DeepSpeed checkpoint folder; a .ckpt file needs no conversion")
     if not out:

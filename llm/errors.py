@@ -8,8 +8,11 @@ parsers answer their own errors the same way.
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 import sys
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -31,14 +34,109 @@ class RunStopped(Exception):
         self.otherwise = otherwise
 
 
-def one_line(message: str) -> str:
-    """An argument parser's message, on one line; a missing config file gets its own wording."""
+# a dtype's other names -> Lightning's precision for it (trainer.precision=fp16 means 16-mixed)
+DTYPE_PRECISIONS = {
+    "fp16": "16-mixed or bf16-mixed",
+    "float16": "16-mixed or bf16-mixed",
+    "half": "16-mixed or bf16-mixed",
+    "bfloat16": "bf16-mixed",
+    "fp32": "32-true",
+    "float32": "32-true",
+    "float": "32-true",
+    "fp64": "64-true",
+    "float64": "64-true",
+    "double": "64-true",
+}
+
+
+def nearest_keys(given: str, known: list[str]) -> list[str]:
+    """The options a mistyped one most likely meant, best first: the same last part in another
+    section (`lr` for model.optimizer.lr), a close spelling of the whole (trainer.max_stepz) or of its
+    last part, or the last part's initials (learning_rate for lr)."""
+    leaf = given.rsplit(".", 1)[-1]
+    parent = given.rpartition(".")[0]
+    leaves = {key: key.rsplit(".", 1)[-1] for key in known}
+
+    def near_parent_first(keys):  # a key under the section the user named comes first
+        return sorted(keys, key=lambda k: not (parent and k.startswith(parent + ".")))
+
+    same_leaf = [key for key, last in leaves.items() if last == leaf]
+    if same_leaf:
+        return near_parent_first(same_leaf)[:3]
+    close = difflib.get_close_matches(given, known, 1, 0.8)
+    if close:
+        return close
+    initials = "".join(word[0] for word in leaf.split("_") if word)
+    close_leaves = set(difflib.get_close_matches(leaf, sorted(set(leaves.values())), 3, 0.75))
+    if len(initials) > 1:
+        close_leaves.add(initials)
+    return near_parent_first([key for key, last in leaves.items() if last in close_leaves])[:3]
+
+
+def either(names: list[str]) -> str:
+    return " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _unknown_option(arg: str, known: list[str] | None) -> str:
+    key, has_value, value = arg.lstrip("-").partition("=")
+    given = f"--{key}={value}" if has_value else f"--{key}"
+    near = nearest_keys(key, known) if known else []
+    hint = f"did you mean {either(['--' + k for k in near])}?" if near else "--help lists the options"
+    return f"{given}: no such option; {hint}"
+
+
+def _bad_value(key: str, value: str, text: str) -> str:
+    choices = list(dict.fromkeys(re.findall(r"'([^']+)'", " ".join(re.findall(r"Literal\[([^\]]*)\]", text)))))
+    # Lightning's old spellings ("16" beside "16-mixed") are accepted but not suggested
+    choices = [c for c in choices if c + "-mixed" not in choices and c + "-true" not in choices]
+    if choices:
+        near = DTYPE_PRECISIONS.get(value.lower()) if key.endswith("precision") else None
+        near = near or either(difflib.get_close_matches(value, choices, 2, 0.6))
+        hint = f"did you mean {near}? " if near else ""
+        return f"{key}={value}: not a valid value; {hint}(one of {', '.join(choices)})"
+    expected = re.search(r"Expected a <class '(\w+)'>", text)
+    if expected:
+        kinds = {"int": "a whole number", "float": "a number", "bool": "true or false"}
+        kind = kinds.get(expected[1], f"a {expected[1]}")
+        return f"{key}={value}: not {kind}"
+    return ""
+
+
+def _missing_config(key: str, path: str) -> str:
+    """A config file that is not there, with the ones its folder has (MODEL=, CONFIG=)."""
+    folder = Path(path).parent
+    if str(folder) == "." or not folder.is_dir():  # the folder its kind lives in, as make runs from the repository
+        folder = Path("configs") / ("experiment" if key == "config" else key.split(".")[0])
+    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    listed = f"{folder}/ has {', '.join(names)}" if names else f"see {folder}/"
+    variable = {"config": " (CONFIG=)", "model.config": " (MODEL=)"}.get(key, "")
+    return f"{key}={path}: no such config file; {listed}{variable}"
+
+
+def one_line(message: str, known: list[str] | None = None) -> str:
+    """An argument parser's message on one line, with the fix where one can be told: the nearest
+    option names (`known`, the parser's keys), the valid values, the config files there are."""
     text = re.sub(r"\s+", " ", str(message)).strip()
-    missing = re.search(r'Parser key "([\w.]+)": Unable to load config [\'"]([^\'"]+)[\'"]', text)
+    missing = re.search(
+        r'Parser key "([\w.]+)": (?:Unable to load config|File does not exist:) [\'"]([^\'"]+)[\'"]', text
+    )
     if missing:  # e.g. MODEL=nope becomes --model.config=configs/model/nope.yaml
         key, path = missing.groups()
-        folder = path.rsplit("/", 1)[0] if "/" in path else "."
-        return f"{key}={path}: no such config file; see {folder}/ for the ones there are"
+        inside = Path(path).is_absolute() and Path(path).is_relative_to(Path.cwd())  # jsonargparse made it absolute
+        return _missing_config(key, os.path.relpath(path) if inside else path)
+    unknown = re.match(r"(?:unrecognized arguments|ambiguous option): (\S+)", text)
+    if unknown:
+        return _unknown_option(unknown[1], known)
+    nested = re.search(
+        r"Parser key \"([\w.]+)\":.* Option '([\w.]+)' is not accepted.*NestedArg\(key='[^']*', val='(.*)'\)", text
+    )
+    if nested:  # a subclass section's option (--data.batchsize)
+        section, key, value = nested.groups()
+        return _unknown_option(f"{section}.{key}={value}", known)
+    value = re.match(r'Parser key "([\w.]+)":.*(?:Given value|Got value): (.*?)$', text)
+    said = value and _bad_value(value[1].replace(".init_args.", "."), value[2], text)
+    if said:
+        return said
     return text if len(text) < 400 else text[:397] + "..."
 
 
@@ -48,8 +146,16 @@ class OneLineErrors:
     def error(self, message: str, ex: Exception | None = None):
         if not getattr(self, "exit_on_error", True):
             return super().error(message, ex)
-        sys.stderr.write(f"error: {one_line(message)}\n")
+        sys.stderr.write(f"error: {one_line(message, self.option_keys())}\n")
         sys.exit(2)
+
+    def option_keys(self) -> list[str]:
+        """Every option as a user writes it (data.batch_size for data.init_args.batch_size)."""
+        try:
+            keys = self.get_defaults(skip_check=True).keys()
+        except Exception:  # a parser that cannot give its defaults still answers in one line
+            return []
+        return [k.replace(".init_args.", ".") for k in keys if not k.endswith((".class_path", ".help"))]
 
 
 def exception_line(exc: BaseException, limit: int = 160) -> str:

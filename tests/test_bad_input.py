@@ -14,6 +14,7 @@ from helpers import RunsCode
 
 from llm.config import PrepareConfig, datamodule_args
 from llm.data.prepare import prepared_dir
+from llm.errors import ConfigError
 from llm.redact import scrub, scrub_text
 from support import RUN_ENV, assert_refused, corpus_fit, llm_here, program_stderr, run_llm, snapshot, word_tokenizer
 
@@ -361,3 +362,29 @@ def test_no_secret_reaches_the_run_folder_wandb_a_checkpoint_the_data_or_an_expo
     # W&B recorded the command line (in its run file, offline), with the credentials taken out
     records = b"".join(p.read_bytes() for p in (run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert b"--data.hf_split=https://<redacted>@example.com" in records
+
+
+def test_ckpt_may_be_a_run_folder_or_left_out(tmp_path, trained, monkeypatch):
+    """A run folder means its newest complete checkpoint; no CKPT= the newest of any run under runs/;
+    each choice said in one line."""
+    from llm.checkpoint import choose_checkpoint
+
+    run = trained[0]
+    newest = max((run / "checkpoints").glob("step-*.ckpt"))
+    said = llm_here("sample", f"--ckpt={run}", "--prompt=def ", "--max_new_tokens=4")
+    assert said.returncode == 0, said.stderr
+    assert f"ckpt: {newest} (run {run})" in said.stderr
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="none given, and no run under runs/ has one; train one"):
+        choose_checkpoint("")
+    for name, age in (("older", 100), ("newer", 0), ("unfinished", -100)):
+        shutil.copytree(run / "checkpoints", tmp_path / "runs" / name / "checkpoints", symlinks=True)
+        for path in (tmp_path / "runs" / name / "checkpoints").glob("step-*"):
+            os.utime(path, (newest.stat().st_mtime - age,) * 2)
+    for path in (tmp_path / "runs" / "unfinished" / "checkpoints").glob("step-*"):
+        path.write_bytes(b"cut short")  # no zip: not complete, so never chosen however new
+    assert choose_checkpoint("") == f"runs/newer/checkpoints/{newest.name}"
+    with pytest.raises(
+        ConfigError, match="ckpt=runs/unfinished: no complete checkpoint in runs/unfinished/checkpoints"
+    ):
+        choose_checkpoint("runs/unfinished")

@@ -174,3 +174,21 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused_before_anything_is_wr
     # 200 layers of 16384: about 650 billion parameters, 7 TiB a checkpoint (counted, never allocated)
     big = ["--model.config.n_layer=200", "--model.config.n_embd=16384", "--model.config.n_head=128"]
     assert_refused(fit_into(existing, *big), "GiB free, and one checkpoint of this model takes about", "larger disk")
+
+
+@pytest.mark.parametrize(
+    "option, answer",
+    [
+        ("--trainer.precision=fp16", "trainer.precision=fp16: not a valid value; did you mean 16-mixed or bf16-mixed?"),
+        ("--model.config.mlp=swiglus", "model.config.mlp=swiglus: not a valid value; did you mean swiglu? (one of"),
+        ("--lr=1e-3", "--lr=1e-3: no such option; did you mean --model.optimizer.lr?"),
+        ("--model.optimizer.learning_rate=1e-3", "did you mean --model.optimizer.lr?"),
+        ("--trainer.max_stepz=3", "--trainer.max_stepz=3: no such option; did you mean --trainer.max_steps?"),
+        ("--data.batchsize=3", "--data.batchsize=3: no such option; did you mean --data.batch_size?"),
+        ("--model.config.n_layer=four", "model.config.n_layer=four: not a whole number"),
+        ("--config=configs/experiment/gpt2.yaml", "no such config file; configs/experiment/ has default, gpt2-124m"),
+        ("--model.config=configs/model/gpt2.yaml", "configs/model/ has gpt2-1.5b, gpt2-124m, gpt2-350m"),
+    ],
+)
+def test_a_refused_option_or_value_suggests_the_nearest_valid_one(existing, option, answer):
+    assert_refused(fit_into(existing, option), answer)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm.checkpoint import Checkpoint, Loaded
+from llm.checkpoint import Checkpoint, Loaded, choose_checkpoint
 from llm.data.datamodule import TokenBlocks
 from llm.data.prepare import load_meta, prepare
 from llm.data.sources import resolve_source
@@ -47,7 +47,7 @@ def safe_cut(text: str) -> int:
 
 @torch.no_grad()
 def evaluate(
-    ckpt: str,
+    ckpt: str = "",
     text: str | None = None,
     hf: str | None = None,
     hf_split: str = "validation",
@@ -62,7 +62,8 @@ def evaluate(
     """Evaluate a checkpoint; print a table (or one JSON object) and add it to the run's W&B run.
 
     Args:
-        ckpt: a checkpoint file or DeepSpeed folder (CKPT=); without text or hf, one in its run folder
+        ckpt: a checkpoint file or DeepSpeed folder (CKPT=); without text or hf, one in its run folder;
+            a run folder: its newest checkpoint; none: the newest of any run under runs/
             (runs/<name>/checkpoints/), whose data it was trained on is evaluated. Or a transformers
             folder (make export's, quantized or not, or any GPT-2 or Llama) with text or hf
         text: local text to evaluate on: a .txt, .jsonl or .parquet file, a folder or a glob (TEXT=)
@@ -82,6 +83,7 @@ def evaluate(
     if (text or hf) and blocks == "run":
         raise ConfigError("blocks=run: the run's validation blocks exist only for its own data; drop TEXT=/HF=")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    ckpt = choose_checkpoint(ckpt)
     if (Path(ckpt) / "config.json").is_file():
         if not (text or hf):
             raise ConfigError(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from llm.checkpoint import Checkpoint, Loaded
+from llm.checkpoint import Checkpoint, Loaded, choose_checkpoint
 from llm.config import RunConfig
 from llm.data.tokenizer import EOT
 from llm.errors import ConfigError
@@ -26,7 +26,7 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False, q
     it with no code of this project.
 
     Args:
-        ckpt: a checkpoint file or DeepSpeed folder (CKPT=)
+        ckpt: a checkpoint file or DeepSpeed folder, or a run folder: its newest (CKPT=)
         out: the folder to write (OUT=); an existing folder must be empty unless force
         dtype: fp32 or bf16, the weights' type in model.safetensors
         force: write into an existing, non-empty folder (FORCE=1)
@@ -44,7 +44,7 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False, q
         raise ConfigError(f"out={out}: exists and is not empty; choose another folder, or FORCE=1 to write into it")
     if quant is not None and quant not in quantize.QUANTS:
         raise ConfigError(f"quant={quant}: unknown; use int8, int4 or fp8")
-    checkpoint = Checkpoint(ckpt)
+    checkpoint = Checkpoint(choose_checkpoint(ckpt))
     whole = checkpoint.read()  # once: a ZeRO folder is consolidated to fp32 on reading
     loaded = Loaded.from_contents(whole)
     c = loaded.model.config

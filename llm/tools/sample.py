@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llm.checkpoint import Checkpoint
+from llm.checkpoint import Checkpoint, choose_checkpoint
 from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
 from llm.model import KVCache, Transformer
@@ -69,7 +69,7 @@ def generate(
 
 
 def sample(
-    ckpt: str,
+    ckpt: str = "",
     prompt: str = "",
     max_new_tokens: int = 200,
     temperature: float = 0.8,
@@ -82,7 +82,8 @@ def sample(
     """Generate text from a checkpoint and print it.
 
     Args:
-        ckpt: a checkpoint written by training (CKPT=), e.g. runs/<name>/checkpoints/last.ckpt
+        ckpt: a checkpoint written by training (CKPT=), e.g. runs/<name>/checkpoints/last.ckpt; a run
+            folder: its newest checkpoint; none: the newest of any run under runs/
         prompt: the text to continue (PROMPT=); empty starts a new document
         max_new_tokens: tokens to generate per sample
         temperature: 0 is greedy; higher is more random
@@ -104,7 +105,7 @@ def sample(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={device}: no GPU is visible here; use cpu or auto")
-    loaded = Checkpoint(ckpt).load(device)
+    loaded = Checkpoint(choose_checkpoint(ckpt)).load(device)
     # a prompt quoting <|endoftext|> is text, as it is in the training data (ordinary), not a document end
     ids = ordinary(loaded.tokenizer).encode(prompt, add_special_tokens=False).ids if prompt else [loaded.eot_id]
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
