@@ -277,7 +277,8 @@ def test_local_parquet_and_a_missing_text_column(tmp_path, parquet_dataset, docu
         prepare(PrepareConfig(text=files, vocab_size=300, cache_dir=str(tmp_path / "c")))
 
 
-def test_preparation_shows_one_bar_per_phase_and_no_download_of_local_files(tmp_path, fixture_text):
+def test_preparation_in_a_file_shows_one_line_per_phase_and_no_download_of_local_files(tmp_path, fixture_text):
+    """Output to a file or a pipe (not a terminal): each phase ends in one line, no carriage returns."""
     folder = tmp_path / "texts"
     folder.mkdir()
     (folder / "a.txt").write_text(fixture_text.read_text())
@@ -293,16 +294,11 @@ def test_preparation_shows_one_bar_per_phase_and_no_download_of_local_files(tmp_
         env={"HF_DATASETS_CACHE": str(tmp_path / "hf-cache")},  # nothing cached from an earlier test
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stderr.replace("\r", "\n").splitlines()
-    bars = {re.sub(r" \(num_proc=\d+\)", "", line.split(":")[0]) for line in lines if "%|" in line}
-    assert bars == {
-        "reading 3 files",
-        "training tokenizer (300 tokens)",
-        "tokenizing train",
-        "writing train.bin",
-        "tokenizing val",
-        "writing val.bin",
-    }, bars
+    out = result.stdout + result.stderr
+    assert "\r" not in out and "\x1b" not in out and "\n\n" not in out, out
+    phases = [line.split(": ")[0] for line in out.splitlines() if re.search(r": 100% \S+/\S+ \[00:0\d, ", line)]
+    assert phases == ["reading 3 files", "training tokenizer (300 tokens)", "writing train.bin", "writing val.bin"], out
+    assert re.search(r"^train: [\d,]+ tokens from 32 documents in ", out, re.M)  # the tokenizing phase's line
     for noise in ("Downloading", "Filter", "Generating", "splitting"):
         assert noise not in result.stderr, result.stderr[-3000:]
     prepared = next((tmp_path / "cache").iterdir())
@@ -371,17 +367,55 @@ def test_jsonl_rows_without_text_are_counted_and_a_broken_line_is_one_line(tmp_p
     broken = tmp_path / "broken.jsonl"
     broken.write_text(rows.read_text() + "{not json\n")
     with pytest.raises(
-        ConfigError, match=rf"data.text: {broken} cannot be read as json \(ArrowInvalid: JSON parse error"
+        ConfigError,
+        match=rf"^data.text: {broken}:301 is not JSON \(Expecting property name .* at column 2\); fix or remove that",
     ):
         prepare(PrepareConfig(text=str(broken), vocab_size=300, cache_dir=str(tmp_path / "c")))
+    listed = tmp_path / "listed.jsonl"
+    listed.write_text(rows.read_text() + "[1, 2]\n")
+    with pytest.raises(ConfigError, match=rf"data.text: {listed}:301 is not a JSON object \(a list\)"):
+        prepare(PrepareConfig(text=str(listed), vocab_size=300, cache_dir=str(tmp_path / "c")))
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"name": "a", "body": "some text"}\n')
+    with pytest.raises(
+        ConfigError, match=rf"data.text: {other} has no column data.text_field=text \(columns: name, body\)"
+    ):
+        prepare(PrepareConfig(text=str(other), vocab_size=300, cache_dir=str(tmp_path / "c")))
 
 
 def test_a_folders_other_files_are_not_read_as_data(tmp_path):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
     (tmp_path / "corpus" / "metadata.json").write_text('{"name": "corpus", "version": 1, "license": "mit"}')
-    folder = prepare(PrepareConfig(text=str(tmp_path / "corpus"), vocab_size=300, cache_dir=str(tmp_path / "c")))
+    (tmp_path / "corpus" / "notes.pdf").write_bytes(b"%PDF-1.4\n\0\0")
+    said = []
+    folder = prepare(
+        PrepareConfig(text=str(tmp_path / "corpus"), vocab_size=300, cache_dir=str(tmp_path / "c")), log=said.append
+    )
     assert load_meta(folder)["source"]["files"] == 1
+    assert said[0] == (
+        f"warning: data.text={tmp_path / 'corpus'}: 2 files that are not .txt, .jsonl or .parquet are left out "
+        "(1 .json, 1 .pdf: metadata.json, notes.pdf)"
+    )
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"\x7fELF\x02\x01\x01\0\0\0" + bytes(range(256)) * 4, "NUL bytes in its first 1,034 bytes: a binary file"),
+        (b"%PDF-1.4\n" + bytes(range(128, 256)) * 40, "\\d+% of its first 5,129 bytes are not UTF-8"),
+    ],
+    ids=["a program", "a pdf without NUL bytes"],
+)
+def test_a_file_that_is_not_text_is_refused_naming_it(tmp_path, content, reason):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_bytes(b"plain words, and a stray byte: \xff\n" * 50)  # text all the same
+    (tmp_path / "corpus" / "b.txt").write_bytes(content)
+    with pytest.raises(
+        ConfigError,
+        match=rf"^data.text={tmp_path}/corpus: {tmp_path}/corpus/b.txt is not text \({reason}\); give text files",
+    ):
+        prepare(PrepareConfig(text=str(tmp_path / "corpus"), vocab_size=300, cache_dir=str(tmp_path / "c")))
 
 
 def test_a_byte_changed_anywhere_in_a_large_shard_is_found(tmp_path):
@@ -448,3 +482,17 @@ def test_a_long_run_without_white_space_is_cut_into_words_the_bpe_can_train_on()
     assert tok.decode(tok.encode(text).ids) == text
     # ordinary words keep their leading space, as GPT-2's pre-tokenizer has it
     assert [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("def hello")] == ["def", "Ġhello"]
+
+
+def test_a_bar_in_a_file_writes_a_line_when_its_count_moves_and_none_else():
+    import io
+
+    from llm.bars import Lines
+
+    out = io.StringIO()
+    with Lines(total=3, desc="phase", unit="doc", file=out, mininterval=0) as bar:
+        bar.update(1)
+        bar.set_postfix_str("merging")  # no count moved: no line
+        bar.update(2)
+    lines = out.getvalue().split("\n")
+    assert [line.split(" [")[0] for line in lines] == ["phase:  33% 1/3", "phase: 100% 3/3", ""], lines

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -69,8 +70,20 @@ def metrics(run: Path) -> list[dict]:
 def test_make_train_runs_the_default_job_and_leaves_the_run_folder(tmp_path, data_cache):
     run = tmp_path / "run"
     args = f"--eval_every=2 --data.cache_dir={data_cache} --data.batch_size=8 --data.val_batches=2"
+    args += " --trainer.log_every_n_steps=2"
     result = make("train", "MAX_STEPS=4", f"RUN={run}", f"ARGS={args}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    readable_in_a_file(result)
+    # before the first step: the tokenizer and where it came from, the time it will take, and a
+    # warm-up (the default 50 steps) that the run is too short to finish
+    lines = result.stdout.splitlines()
+    tokenizer = r"tokenizer: byte-level BPE trained on the train split \(.*/tokenizer\.json\); vocabulary 8,192, "
+    assert any(re.fullmatch(tokenizer + r"<\|endoftext\|> = 0", line) for line in lines), result.stdout
+    assert any(
+        re.fullmatch(r"estimate: \S+ s per optimizer step, \S+ s for 4 steps, at 40% MFU .*", line) for line in lines
+    )
+    assert "warning: model.optimizer.warmup_steps=50 is not shorter than trainer.max_steps=4" in result.stdout
+    assert re.search(r"^step 4/4 \| loss .* \| \d+ s, 0 s left$", result.stdout, re.M), result.stdout
     assert "summary" in result.stdout and "final_val_loss" in result.stdout
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "checkpoints", "metrics.csv", "wandb", "summary.json"}
     summary = json.loads((run / "summary.json").read_text())
@@ -99,6 +112,18 @@ def test_make_train_runs_the_default_job_and_leaves_the_run_folder(tmp_path, dat
 
     again = make("prepare", f"ARGS=--data.cache_dir={data_cache}")
     assert again.returncode == 0 and "(cached)" in again.stdout, again.stdout + again.stderr
+
+    evaluated = make("eval", f"CKPT={run}", "ARGS=--max_batches=2")  # a run folder: its newest checkpoint
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert f"ckpt: {run}/checkpoints/step-000004.ckpt (run {run})" in evaluated.stderr
+    assert re.search(r"^loss +\d", evaluated.stdout, re.M)
+    readable_in_a_file(evaluated)
+
+
+def readable_in_a_file(result) -> None:
+    """Output written to a file reads as lines: no progress bar's carriage returns, no colours."""
+    for stream in (result.stdout, result.stderr):
+        assert "\r" not in stream and "\x1b" not in stream, stream[-3000:]
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 import zlib
 from dataclasses import asdict
@@ -26,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from llm import bars
 from llm.config import PrepareConfig
 from llm.data.lock import PreparationLock
-from llm.data.sources import Source, load_documents, quiet_datasets, resolve_source
+from llm.data.sources import Source, left_out, load_documents, quiet_datasets, resolve_source
 from llm.data.tokenizer import load_tokenizer, ordinary, train_bpe
 from llm.errors import ConfigError
 from llm.redact import scrub, scrub_name
@@ -184,9 +186,7 @@ def split_documents(docs, cfg: PrepareConfig, num_proc: int | None):
 def _train_tokenizer(train, cfg: PrepareConfig):
     """A BPE on the train split under one bar: documents as the trainer reads them, then "merging"
     while it computes the merges (tokenizers' own bars are one per internal pass)."""
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(train), unit="doc", desc=f"training tokenizer ({cfg.vocab_size} tokens)") as bar:
+    with bars.bar(total=len(train), unit="doc", desc=f"training tokenizer ({cfg.vocab_size} tokens)") as bar:
 
         def texts():
             for batch in train.iter(batch_size=256):
@@ -204,26 +204,27 @@ def _tokenize(ds, tokenizer, eot_id: int, num_proc: int | None, cache_file: Path
         ids = [enc.ids + [eot_id] for enc in text_only.encode_batch(batch["text"], add_special_tokens=False)]
         return {"ids": ids, "n_tokens": [len(x) for x in ids], "n_bytes": [len(t.encode()) for t in batch["text"]]}
 
-    return ds.map(
-        encode,
-        batched=True,
-        batch_size=64,
-        num_proc=num_proc,
-        remove_columns=["text"],
-        cache_file_name=str(cache_file),
-        new_fingerprint=fingerprint,
-        desc=desc,
-    )
+    # datasets' own bar on a terminal; in a file its redraws would pile up, and the line that
+    # _prepare_into writes when the split is done says the same
+    with contextlib.nullcontext() if sys.stderr.isatty() else quiet_datasets():
+        return ds.map(
+            encode,
+            batched=True,
+            batch_size=64,
+            num_proc=num_proc,
+            remove_columns=["text"],
+            cache_file_name=str(cache_file),
+            new_fingerprint=fingerprint,
+            desc=desc,
+        )
 
 
 def _write_shard(ds, path: Path, dtype: np.dtype) -> tuple[int, int]:
     """Write every document's tokens back to back into one memmap; return (tokens, bytes)."""
-    from tqdm.auto import tqdm
-
     total = int(np.sum(ds["n_tokens"], dtype=np.int64))
     arr = np.memmap(path, dtype=dtype, mode="w+", shape=(max(total, 1),))
     pos = 0
-    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"writing {path.name}") as bar:
+    with bars.bar(total=total, unit="tok", unit_scale=True, desc=f"writing {path.name}") as bar:
         for table in ds.with_format("arrow").iter(batch_size=1024):
             flat = table["ids"].combine_chunks().flatten().to_numpy()
             arr[pos : pos + len(flat)] = flat
@@ -267,6 +268,8 @@ def prepare(cfg: PrepareConfig, log=print) -> Path:
         if (out / "meta.json").is_file():  # prepared by another process (another node) while this one waited
             log(f"prepared data: {out} (cached, prepared by another process)")
             return out
+        if cfg.text and left_out(cfg.text):
+            log(left_out(cfg.text))
         try:
             meta = _prepare_atomically(out, cfg, source, log)
         except Exception as exc:

@@ -7,15 +7,19 @@ document, in a deterministic order.
 
 from __future__ import annotations
 
+import codecs
+import collections
 import glob
 import hashlib
 import json
+import logging
 import os
 import sysconfig
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llm import bars
 from llm.errors import ConfigError
 
 # file suffix -> the `datasets` builder that reads it
@@ -56,15 +60,51 @@ def _local_files(spec: str) -> list[Path]:
             raise ConfigError(f"data.text={spec}: the glob matches no file; {TEXT_HINT}")
         return files
     if path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS and p.suffix not in FOLDER_SKIPS
-        )
+        found = sorted(p for p in path.rglob("*") if p.is_file())
+        files = [p for p in found if p.suffix in BUILDERS and p.suffix not in FOLDER_SKIPS]
         if not files:
             raise ConfigError(f"data.text={spec}: the folder holds no .txt, .jsonl or .parquet file; {TEXT_HINT}")
         return files
     if path.is_file():
         return [path]
     raise ConfigError(f"data.text={spec}: no such file or folder; {TEXT_HINT}")
+
+
+def left_out(spec: str) -> str | None:
+    """The files of a folder that are not data (not .txt, .jsonl or .parquet), in one line: how
+    many of each suffix, and the first names; None when there are none."""
+    path = Path(spec).expanduser()
+    if any(ch in spec for ch in "*?[") or not path.is_dir():
+        return None
+    others = sorted(
+        p for p in path.rglob("*") if p.is_file() and (p.suffix not in BUILDERS or p.suffix in FOLDER_SKIPS)
+    )
+    if not others:
+        return None
+    counts = collections.Counter(p.suffix or "(no suffix)" for p in others)
+    kinds = ", ".join(f"{n} {suffix}" for suffix, n in counts.most_common())
+    names = ", ".join(str(p.relative_to(path)) for p in others[:3]) + (", ..." if len(others) > 3 else "")
+    files = f"{len(others):,} files that are not" if len(others) > 1 else "1 file that is not"
+    verb = "are" if len(others) > 1 else "is"
+    return f"warning: data.text={spec}: {files} .txt, .jsonl or .parquet {verb} left out ({kinds}: {names})"
+
+
+SNIFF_BYTES = 1 << 16
+NOT_UTF8_SHARE = 0.05  # text with a stray byte or two passes; a PDF, an image or a program does not
+
+
+def not_text(path: Path) -> str | None:
+    """Why a file read as plain text is not text, from its first 64 KiB, or None: a NUL byte (no
+    text has one; every binary format has many), or more than 5% of it not UTF-8."""
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if b"\0" in head:
+        return f"NUL bytes in its first {len(head):,} bytes: a binary file"
+    decoded = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(head, final=False)
+    bad = decoded.count("\ufffd") / max(1, len(decoded))
+    if bad > NOT_UTF8_SHARE:
+        return f"{bad:.0%} of its first {len(head):,} bytes are not UTF-8"
+    return None
 
 
 def _may_hold_text(path: Path) -> bool:
@@ -90,6 +130,13 @@ def resolve_source(text: str | None, hf: str | None) -> Source:
         return Source("hf", name.rstrip("/").split("/")[-1], files=files, hf_name=name, hf_config=config or None)
     if text:
         files = _local_files(text)
+        for path in files:
+            reason = BUILDERS.get(path.suffix, "text") == "text" and not_text(path)
+            if reason:
+                raise ConfigError(
+                    f"data.text={text}: {path} is not text ({reason}); give text files (.txt, .jsonl or "
+                    "Parquet with a text column), or move it out"
+                )
         if not any(_may_hold_text(f) for f in files):
             raise ConfigError(
                 f"data.text={text}: holds no text (every file is empty or blank); point it at files that contain text"
@@ -102,7 +149,7 @@ def resolve_source(text: str | None, hf: str | None) -> Source:
 def _text_column(ds, text_field: str, where: str):
     if text_field not in ds.column_names:
         raise ConfigError(
-            f"{where}: has no column data.text_field={text_field} (columns: {', '.join(ds.column_names)}); "
+            f"{where} has no column data.text_field={text_field} (columns: {', '.join(ds.column_names)}); "
             "set data.text_field to the column that holds the text"
         )
     return (
@@ -140,14 +187,13 @@ def load_documents(
     read under one "reading" bar (bytes, with their rate); `work_dir` holds the Arrow files made
     on the way (the preparation's own temporary folder, so nothing stale is ever reused)."""
     import datasets
-    from tqdm.auto import tqdm
 
     if source.kind == "hf":
         return _load_hub(source, text_field, hf_split, hf_streaming, hf_max_documents)
     where = "data.text" if source.kind == "local" else "corpus"
     total = sum(f.stat().st_size for f in source.files)
     parts = []
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"reading {len(source.files):,} files")
+    bar = bars.bar(total=total, unit="B", unit_scale=True, desc=f"reading {len(source.files):,} files")
     with quiet_datasets(), bar:
         # one reader per file type; a plain-text file is one document
         for builder in dict.fromkeys(BUILDERS.get(f.suffix, "text") for f in source.files):
@@ -161,7 +207,8 @@ def load_documents(
                 )
             else:
                 ds = _load_files(builder, files, where)
-                ds = _text_column(ds, text_field, where)
+                named = f"{where}: {files[0]}" if len(files) == 1 else f"{where}: its {len(files)} {builder} files"
+                ds = _text_column(ds, text_field, named)
                 bar.update(sum(f.stat().st_size for f in files))
             parts.append(ds)
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
@@ -171,16 +218,43 @@ def _load_files(builder: str, files: list[Path], where: str):
     """A JSON Lines or Parquet reader over the files; a file it cannot read is named in one line."""
     import datasets
 
+    library = logging.getLogger("datasets")  # its reader logs the failure, traceback-like, before raising it
+    level = library.level
+    library.setLevel(logging.CRITICAL)
     try:
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     except datasets.exceptions.DatasetGenerationError as exc:
         cause = exc.__cause__ or exc
+        bad = first_bad_json_line(files) if builder == "json" else None
+        if bad:
+            raise ConfigError(f"{where}: {bad}; fix or remove that line") from None
         text = " ".join(str(cause).split())[:200]
         named = files[0] if len(files) == 1 else next((f for f in files if str(f) in text), None)
         what = f"{named} " if named else f"one of its {len(files)} {builder} file(s) "
         raise ConfigError(
             f"{where}: {what}cannot be read as {builder} ({type(cause).__name__}: {text}); fix or remove it"
         ) from None
+    finally:
+        library.setLevel(level)
+
+
+def first_bad_json_line(files: list[Path]) -> str | None:
+    """`<file>:<line> is not a JSON object (<reason>)` for the first line of JSON Lines that is
+    not one, or None: the reader's own error names neither the file nor the line."""
+    for path in files:
+        if path.suffix != ".jsonl":
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    return f"{path}:{number} is not JSON ({exc.msg} at column {exc.colno})"
+                if not isinstance(row, dict):
+                    return f"{path}:{number} is not a JSON object (a {type(row).__name__})"
+    return None
 
 
 def _read_text_files(files: list[Path], bar):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm import bars
 from llm.checkpoint import Checkpoint, Loaded, choose_checkpoint
 from llm.data.datamodule import TokenBlocks
 from llm.data.prepare import load_meta, prepare
@@ -286,9 +287,7 @@ def _batched(rows, batch_size: int) -> Iterator[torch.Tensor]:
 
 
 def _progress(what: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(desc=f"evaluating {what}", unit="seq", leave=False)
+    return bars.bar(desc=f"evaluating {what}", unit="seq", leave=False)
 
 
 def add_to_wandb_run(loaded: Loaded, result: dict, run_dir: Path) -> None:

@@ -25,6 +25,7 @@ from llm import ranks
 from llm.checkpoint import Checkpoint, CheckpointFolder, weights_only_loads
 from llm.config import DistillConfig, RunConfig, RunOptions
 from llm.data.datamodule import TokenDataModule
+from llm.data.prepare import load_meta
 from llm.errors import ConfigError, OneLineErrors
 from llm.launch import agreement
 from llm.launch.collectives import CollectiveTimeout
@@ -248,6 +249,13 @@ class LLMCLI(LightningCLI):
         """What the run will do, in numbers, before it starts (as nanoGPT prints them)."""
         accumulate, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
         print(f"model: {count_params(c):,} parameters, {c.n_layer} layers, {c.n_embd} wide, vocab {c.vocab_size}")
+        meta = load_meta(self.data_folder)
+        tokens = ", ".join(f"{split} {info['tokens']:,}" for split, info in meta["splits"].items())
+        source = meta["tokenizer_source"]  # the file given (TOKENIZER=), or "trained ..."
+        if source.startswith("trained"):
+            source = f"byte-level BPE trained on the train split ({self.data_folder / meta['tokenizer']})"
+        print(f"data: {self.data_folder} ({tokens} tokens)")
+        print(f"tokenizer: {source}; vocabulary {meta['vocab_size']:,}, {meta['eot_token']} = {meta['eot_id']}")
         print(
             f"tokens per step: {tokens_per_optimizer_step(self.trainer, datamodule):,} "
             f"({accumulate} x {datamodule.batch_size} x {datamodule.block_size} tokens x {world} processes"
@@ -308,6 +316,13 @@ def fit_main() -> None:
     # LanguageModel.configure_gradient_clipping clips under bf16 autocast only and defers to Lightning
     # otherwise; under DeepSpeed the engine clips, at trainer.gradient_clip_val, as Lightning sets it
     warnings.filterwarnings("ignore", message=r"Since DeepSpeed handles gradient clipping internally")
+    # a machine with SLURM's commands, where a run outside a job is what was asked (make slurm submits one)
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
+    # torch 2.13 deprecates collectives that DeepSpeed (ZeRO's gathers) and Lightning (all_gather,
+    # for the memory of every rank) still call: each says so once per process, and nothing in this
+    # project calls them; the libraries' next releases move
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
     try:
         LLMCLI()
     finally:

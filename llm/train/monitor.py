@@ -20,9 +20,14 @@ from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from llm.bars import duration
 from llm.train.peaks import Peak, find_peak
 
 GiB = 2**30
+# the MFU a start-of-run estimate assumes: what the tiny and gpt2 recipes measure on a CPU and a GPU
+# (35 to 45%); the progress line then shows the real rate
+ESTIMATE_MFU = 0.4
+SLOW_STEP_SECONDS = 600  # a step longer than this is announced as a warning
 PRECISION_DTYPES = {
     "bf16-mixed": torch.bfloat16,
     "bf16-true": torch.bfloat16,
@@ -148,11 +153,25 @@ class PerformanceMonitor(Callback):
             self.peak = find_peak(device, training_dtype(trainer.precision), self.peak_override)
             if trainer.is_global_zero:
                 print(f"MFU against {self.peak.describe()}")
+                print(self.estimate(trainer))
             # the fit's setup hooks run before configure_model builds the model: the peak from here
             # is what training needs, the planner's prediction (summary.json sets them side by side)
             self.memory_baseline = reset_peak_memory(device)
         if self.compile_clock is None:
             self.compile_clock = CompileClock()
+
+    def estimate(self, trainer) -> str:
+        """How long a step and the run will take, from the FLOPs and the peak, before the first step:
+        a model that would take hours per step on this machine is said before it starts."""
+        tokens = tokens_per_optimizer_step(trainer, trainer.datamodule)
+        step = self.flops_per_token * tokens / trainer.world_size / (self.peak.flops * ESTIMATE_MFU)
+        line = (
+            f"estimate: {duration(step)} per optimizer step, {duration(step * trainer.max_steps)} for "
+            f"{trainer.max_steps:,} steps, at {ESTIMATE_MFU:.0%} MFU (the progress line shows the measured rate)"
+        )
+        if step > SLOW_STEP_SECONDS:
+            return f"warning: {line}; a smaller MODEL=, fewer tokens per step or a GPU would take less"
+        return line
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self.compile_clock is not None:

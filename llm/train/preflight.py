@@ -126,6 +126,7 @@ def check(run: RunConfig, command: str, logger=None) -> None:
             f"collective_timeout={options.collective_timeout}: must be a positive number of seconds, e.g. 600"
         )
     check_ranges(run)
+    check_schedule(run)
     check_disk(run)
     check_fused(run)
     float8.check(run.float8, run.float8_emulate, uses_gpu(run.trainer))
@@ -235,6 +236,17 @@ def check_ranges(run: RunConfig) -> None:
     for name, value, ok, needed in rules:
         if not ok:
             raise ConfigError(f"{name}={value}: out of range; use {needed}")
+
+
+def check_schedule(run: RunConfig) -> None:
+    """A warm-up as long as the run leaves no step for the decay: said, not silently cut short."""
+    warmup, steps = run.optimizer.warmup_steps, run.trainer.max_steps
+    if warmup >= steps and ranks.is_first_process():
+        print(
+            f"warning: model.optimizer.warmup_steps={warmup} is not shorter than trainer.max_steps={steps}: the "
+            f"learning rate warms up for {max(1, steps - 1)} steps and never decays; set warmup_steps below "
+            f"max_steps, e.g. ARGS=--model.optimizer.warmup_steps={max(1, steps // 10)}"
+        )
 
 
 # what one checkpoint holds per parameter: fp32 weights and AdamW's two fp32 moments

@@ -8,6 +8,8 @@ import time
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
+from llm.bars import duration
+
 
 def progress_bar() -> ProgressBar:
     return RichBar() if sys.stdout.isatty() else PlainLines()
@@ -42,7 +44,7 @@ class RichBar(RichProgressBar):
 class PlainLines(ProgressBar):
     """One line per logging interval, as nanoGPT and litgpt print them, from rank 0:
 
-    step 120/500 | loss 4.2130 | lr 2.85e-03 | 8,123 tokens/s | MFU 31.2% | mem 1.23 GiB | 48 s
+    step 120/500 | loss 4.2130 | lr 2.85e-03 | 8,123 tokens/s | MFU 31.2% | mem 1.23 GiB | 48 s, 2.5 min left
     step 200/500 | val loss 4.3001 | ppl 73.71 | bpb 1.7200
     """
 
@@ -58,7 +60,7 @@ class PlainLines(ProgressBar):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._started = time.perf_counter()
-        self._last_step = trainer.global_step
+        self._last_step = self._first_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -76,7 +78,9 @@ class PlainLines(ProgressBar):
         ):
             if key in m:
                 parts.append(shown.format(float(m[key])))
-        parts.append(f"{time.perf_counter() - self._started:.0f} s")
+        elapsed = time.perf_counter() - self._started
+        left = elapsed / (step - self._first_step) * (trainer.max_steps - step)  # at this run's rate so far
+        parts.append(f"{elapsed:.0f} s, {duration(left)} left")
         print(" | ".join(parts), flush=True)
 
     def on_validation_end(self, trainer, pl_module) -> None:
