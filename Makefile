@@ -44,7 +44,6 @@ QUANT ?=
 CKPT ?=
 PROMPT ?=
 OUT ?=
-GPUS ?=
 GPU_MEM ?=
 CPU_MEM ?=
 ARGS ?=
@@ -58,18 +57,20 @@ NAME ?=
 # `q`, so no shell reads it as code either.
 USER_VARIABLES := MODEL CONFIG TEXT HF TOKENIZER DS NVME_PATH DEVICES NNODES NODE_RANK MASTER_ADDR \
 	MASTER_PORT HOSTFILE PARTITION TIME ACCOUNT SIGNAL_LEAD LAUNCH_TIMEOUT MAX_RESTARTS PRECISION MAX_STEPS RUN RESUME INIT TEACHER FORCE \
-	QUANT CKPT PROMPT OUT GPUS GPU_MEM CPU_MEM ARGS PYTEST_ARGS STRESS_RUNS TEST_WORKERS NAME TORCH CONSTRAINTS PYTHON VENV
+	QUANT CKPT PROMPT OUT GPU_MEM CPU_MEM ARGS PYTEST_ARGS STRESS_RUNS TEST_WORKERS NAME TORCH CONSTRAINTS PYTHON VENV
 $(foreach v,$(USER_VARIABLES),$(if $(filter command environment,$(firstword $(origin $(v)))),\
 	$(eval override $(v) := $$(value $(v)))))
 q = '$(subst ','\'',$(1))'
 # A variable on the command line that this Makefile never reads (MAX_STEP=5 for MAX_STEPS=5) would
-# be ignored without a word: refused, with the nearest name it knows (those it assigns)
+# be ignored without a word: refused, with the nearest name it knows (those it assigns), or the
+# name that replaced it (GPUS=, make plan's, is DEVICES= as for every other target)
 KNOWN_VARIABLES := $(shell sed -n 's/^\([A-Z][A-Z0-9_]*\) *[?:]*=.*/\1/p' $(firstword $(MAKEFILE_LIST)))
 UNKNOWN_VARIABLES := $(filter-out $(KNOWN_VARIABLES),$(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
 ifneq ($(UNKNOWN_VARIABLES),)
 UNKNOWN := $(firstword $(UNKNOWN_VARIABLES))
-$(error $(shell $(PYTHON) -c 'import difflib, sys; given, known = sys.argv[1], sys.argv[2:]; \
-	near = difflib.get_close_matches(given.split("=")[0], known, 1); \
+$(error $(shell $(PYTHON) -c 'import difflib, sys; given, known = sys.argv[1], sys.argv[2:]; RENAMED = {"GPUS": "DEVICES"}; \
+	near = [RENAMED[given.split("=")[0]]] if given.split("=")[0] in RENAMED else \
+	difflib.get_close_matches(given.split("=")[0], known, 1); \
 	print(f"{given}: not a variable of this Makefile" + (f"; did you mean {near[0]}?" if near else "") + " (make help lists them)")' \
 	$(call q,$(UNKNOWN)=$(value $(UNKNOWN))) $(KNOWN_VARIABLES)))
 endif
@@ -122,7 +123,7 @@ help: ## this list: a target's `##` lines above it are its help
 	@echo "                   auto: the fastest that fits one device's memory (ARGS=--memory_gib= to give it), as make plan ranks them"
 	@echo "  NVME_PATH=       folder on a fast local disk for DS=zero3_nvme"
 	@echo "  TOKENIZER=       a tokenizer.json (default: train a byte-level BPE on the data)"
-	@echo "  DEVICES=         processes per node (default 1)"
+	@echo "  DEVICES=         processes (devices) per node (default 1; make plan plans for 8)"
 	@echo "  NNODES=          nodes (default 1); MIN:MAX for an elastic make train-multinode, which needs RUN="
 	@echo "  NODE_RANK=, MASTER_ADDR=, MASTER_PORT=  this node, node 0's address, its port (and the next) for multi-node (0, 127.0.0.1, 29500)"
 	@echo "  HOSTFILE=        DeepSpeed hostfile for make train-deepspeed"
@@ -144,7 +145,7 @@ help: ## this list: a target's `##` lines above it are its help
 	@echo "  CKPT=, PROMPT=   checkpoint (a file, a DeepSpeed folder, or a run folder: its newest) and prompt for make sample / eval / export / export-fp32;"
 	@echo "                   sample and eval without CKPT= take the newest checkpoint under runs/"
 	@echo "  QUANT=           int8, int4 or fp8 (a GPU of compute capability 8.9+): make export quantized by torchao (Llama family)"
-	@echo "  GPUS=, GPU_MEM=, CPU_MEM=  GPUs per node, GiB per GPU, GiB of CPU memory per node, for make plan"
+	@echo "  GPU_MEM=, CPU_MEM= GiB per GPU and GiB of CPU memory per node, for make plan (with DEVICES=, NNODES=)"
 	@echo "  TORCH=           the torch requirement installed first (default "$(call q,$(TORCH))")"
 	@echo "  CONSTRAINTS=     the pinned versions make install uses (default constraints.txt, what the tests passed with;"
 	@echo "                   empty: the newest pyproject.toml allows; give it with another TORCH=, whose own pins differ)"
@@ -207,10 +208,10 @@ export: $(STAMP)
 export-fp32: $(STAMP)
 	$(LLM) export-fp32 --ckpt=$(call q,$(CKPT)) --out=$(call q,$(OUT))
 
-## memory per ZeRO stage and offload, and the preset to use: MODEL= GPUS= NNODES= GPU_MEM= [CPU_MEM=]
+## memory per ZeRO stage and offload, and the preset to use: MODEL= DEVICES= NNODES= GPU_MEM= [CPU_MEM=]
 plan: $(STAMP)
-	$(LLM) plan $(if $(MODEL),--model=$(call q,$(MODEL))) $(if $(GPUS),--gpus=$(call q,$(GPUS))) \
-		$(if $(NNODES),--nnodes=$(call q,$(NNODES))) $(if $(GPU_MEM),--gpu_mem=$(call q,$(GPU_MEM))) \
+	$(LLM) plan $(if $(MODEL),--model.config=$(call q,$(MODEL))) $(if $(DEVICES),--trainer.devices=$(call q,$(DEVICES))) \
+		$(if $(NNODES),--trainer.num_nodes=$(call q,$(NNODES))) $(if $(GPU_MEM),--memory_gib=$(call q,$(GPU_MEM))) \
 		$(if $(CPU_MEM),--cpu_mem=$(call q,$(CPU_MEM)))
 
 ## each path (eager, compiled, zero1-3) through the trainer and through a plain loop or

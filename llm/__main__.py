@@ -56,7 +56,7 @@ def function_cli(function, args: list[str]) -> None:
     from jsonargparse import ArgumentParser, auto_cli
 
     class Parser(OneLineErrors, ArgumentParser):
-        pass
+        renamed = getattr(sys.modules[function.__module__], "RENAMED", {})  # an old option: its new name
 
     auto_cli(function, args=args, parser_class=Parser, as_positional=False)
 

@@ -77,9 +77,11 @@ def either(names: list[str]) -> str:
     return " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def _unknown_option(arg: str, known: list[str] | None) -> str:
+def _unknown_option(arg: str, known: list[str] | None, renamed: dict[str, str] | None = None) -> str:
     key, has_value, value = arg.lstrip("-").partition("=")
     given = f"--{key}={value}" if has_value else f"--{key}"
+    if key in (renamed or {}):
+        return f"{given}: renamed; use --{renamed[key]}{'=' + value if has_value else ''}"
     near = nearest_keys(key, known) if known else []
     hint = f"did you mean {either(['--' + k for k in near])}?" if near else "--help lists the options"
     return f"{given}: no such option; {hint}"
@@ -113,20 +115,23 @@ def _missing_config(key: str, path: str) -> str:
     return f"{key}={path}: no such config file; {listed}{variable}"
 
 
-def one_line(message: str, known: list[str] | None = None) -> str:
+def one_line(message: str, known: list[str] | None = None, renamed: dict[str, str] | None = None) -> str:
     """An argument parser's message on one line, with the fix where one can be told: the nearest
-    option names (`known`, the parser's keys), the valid values, the config files there are."""
+    option names (`known`, the parser's keys; `renamed`, old names and their new ones), the valid
+    values, the config files there are."""
     text = re.sub(r"\s+", " ", str(message)).strip()
     missing = re.search(
         r'Parser key "([\w.]+)": (?:Unable to load config|File does not exist:) [\'"]([^\'"]+)[\'"]', text
     )
     if missing:  # e.g. MODEL=nope becomes --model.config=configs/model/nope.yaml
         key, path = missing.groups()
+        if key in (renamed or {}):  # an old option that is now a section (--model= for --model.config=)
+            return _unknown_option(f"{key}={path}", known, renamed)
         inside = Path(path).is_absolute() and Path(path).is_relative_to(Path.cwd())  # jsonargparse made it absolute
         return _missing_config(key, os.path.relpath(path) if inside else path)
     unknown = re.match(r"(?:unrecognized arguments|ambiguous option): (\S+)", text)
     if unknown:
-        return _unknown_option(unknown[1], known)
+        return _unknown_option(unknown[1], known, renamed)
     nested = re.search(
         r"Parser key \"([\w.]+)\":.* Option '([\w.]+)' is not accepted.*NestedArg\(key='[^']*', val='(.*)'\)", text
     )
@@ -146,7 +151,7 @@ class OneLineErrors:
     def error(self, message: str, ex: Exception | None = None):
         if not getattr(self, "exit_on_error", True):
             return super().error(message, ex)
-        sys.stderr.write(f"error: {one_line(message, self.option_keys())}\n")
+        sys.stderr.write(f"error: {one_line(message, self.option_keys(), getattr(self, 'renamed', None))}\n")
         sys.exit(2)
 
     def option_keys(self) -> list[str]:

@@ -20,7 +20,7 @@ from llm.checkpoint import Checkpoint
 from llm.config import LoaderConfig, OptimizerConfig, PrepareConfig, RunConfig, RunOptions, TrainerConfig
 from llm.errors import ConfigError
 from llm.model import ModelConfig
-from llm.tools.plan import plan_main
+from llm.tools.plan import PlanData, PlanModel, PlanTrainer, plan_main
 from llm.train import peaks, preflight
 from llm.train.optim import plain_cuda_arch_list
 from llm.train.peaks import find_peak, table_peak
@@ -276,11 +276,10 @@ def test_recipe_is_the_experiment_make_picks_for_its_model(recipe):
 def test_llama_recipe_uses_what_make_plan_recommends_for_8_gpus_of_80_gb():
     recipe = yaml.safe_load((REPO / "configs/experiment/llama-1b.yaml").read_text())
     result = plan_main(
-        model="llama-1b",
-        gpus=recipe["trainer"]["devices"],
-        gpu_mem=80,
-        micro_batch=recipe["data"]["batch_size"],
-        activation_checkpointing=recipe["model"].get("activation_checkpointing", False),  # the default's
+        model=PlanModel("llama-1b", recipe["model"].get("activation_checkpointing", False)),  # false: the default's
+        data=PlanData(recipe["data"]["batch_size"]),
+        trainer=PlanTrainer(recipe["trainer"]["devices"]),
+        memory_gib=80,
         json=True,
     )
     assert (recipe.get("deepspeed") or "ddp") == result["recommended"]

@@ -18,7 +18,7 @@ HOSTILE = {
     "PROMPT": '$(shell touch {marker}) It costs $HOME, 5$; `touch {marker}` it\'s "quoted"',
     "CKPT": "/x$(shell touch {marker})",
     "MODEL": "tiny.yaml; touch {marker}; echo ",
-    "GPUS": "1 $$(touch {marker})",
+    "GPU_MEM": "1 $$(touch {marker})",
     "RUN": "runs/a b'$(touch {marker})'",
     "TEXT": "data/$$HOME/{{x}}.txt",
     "TEACHER": "runs/t '$(touch {marker})'/best.ckpt",
@@ -56,14 +56,14 @@ def argv_of(tmp_path):
 def test_a_variable_reaches_the_program_as_typed_and_runs_nothing(argv_of, tmp_path, name):
     marker = tmp_path / "ran"
     value = HOSTILE[name].format(marker=marker)
-    target = {"PROMPT": "sample", "CKPT": "sample", "GPUS": "plan", "TEACHER": "distill"}.get(name, "train")
+    target = {"PROMPT": "sample", "CKPT": "sample", "GPU_MEM": "plan", "TEACHER": "distill"}.get(name, "train")
     argv = argv_of(target, **{name: value})
     assert not marker.exists(), f"{name}={value!r} ran a command"
     option = {
         "PROMPT": "--prompt=",
         "CKPT": "--ckpt=",
         "MODEL": "--model.config=",
-        "GPUS": "--gpus=",
+        "GPU_MEM": "--memory_gib=",
         "RUN": "--run=",
         "TEXT": "--data.text=",
         "TEACHER": "--distill.teacher=",
@@ -149,6 +149,7 @@ def test_every_dependency_has_the_version_the_tests_passed_with():
     [
         ("MAX_STEP=5", "MAX_STEP=5: not a variable of this Makefile; did you mean MAX_STEPS? (make help lists them)"),
         ("DEVICE=2", "DEVICE=2: not a variable of this Makefile; did you mean DEVICES? (make help lists them)"),
+        ("GPUS=8", "GPUS=8: not a variable of this Makefile; did you mean DEVICES? (make help lists them)"),  # renamed
         ("COLOUR=$(shell touch x)", "COLOUR=$(shell touch x): not a variable of this Makefile (make help lists them)"),
     ],
 )

@@ -14,7 +14,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 from llm.model import ModelConfig, count_params
 from llm.tools.plan import load_model_config
 from llm.train.planner import OVERHEAD_BYTES, GiB, activation_bytes, largest_layer_params, plan, recommend
-from support import REPO, llm_here, program_stderr
+from support import REPO, assert_refused, llm_here, program_stderr
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +107,11 @@ def test_make_plan_prints_json_and_a_table():
             "-s",
             "plan",
             "MODEL=llama-7b",
-            "GPUS=8",
+            "DEVICES=8",
             "NNODES=2",
             "GPU_MEM=80",
             "CPU_MEM=512",
-            "ARGS=--json=true --micro_batch=1",
+            "ARGS=--json=true --data.batch_size=1",
         ],
         cwd=REPO,
         capture_output=True,
@@ -120,12 +120,13 @@ def test_make_plan_prints_json_and_a_table():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout[result.stdout.index("{") :])
-    assert out["params"] == 6_738_415_616 and out["nnodes"] == 2 and len(out["rows"]) == 7
+    assert out["params"] == 6_738_415_616 and out["num_nodes"] == 2 and len(out["rows"]) == 7
+    assert out["devices"] == 8 and out["batch_size"] == 1 and out["memory_gib"] == 80
     # 16 GPUs: ZeRO-1 holds 4Ψ + 12Ψ/16 = 29.8 GiB, with 17.0 GiB of activations, 1.2 of logits
     # and 2 of overhead: 50 GiB, the first row under 80 (DDP would need 16Ψ = 100 GiB alone)
     assert out["recommended"] == "zero1"
     table = subprocess.run(
-        ["make", "-s", "plan", "MODEL=gpt2-124m", "GPUS=1", "GPU_MEM=80"],
+        ["make", "-s", "plan", "MODEL=gpt2-124m", "DEVICES=1", "GPU_MEM=80"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -137,9 +138,25 @@ def test_make_plan_prints_json_and_a_table():
 
 
 def test_unknown_model_is_one_line():
-    result = llm_here("plan", "--model=gpt5")
+    result = llm_here("plan", "--model.config=gpt5")
     lines = program_stderr(result.stderr)
-    assert result.returncode == 2 and lines == [lines[0]] and "model=gpt5: no such preset" in lines[0]
+    assert result.returncode == 2 and lines == [lines[0]] and "model.config=gpt5: no such preset" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("--gpus=2", "--trainer.devices=2"),
+        ("--nnodes=2", "--trainer.num_nodes=2"),
+        ("--micro_batch=4", "--data.batch_size=4"),
+        ("--activation_checkpointing=true", "--model.activation_checkpointing=true"),
+        ("--gpu_mem=24", "--memory_gib=24"),
+        ("--model=gpt2-124m", "--model.config=gpt2-124m"),
+    ],
+)
+def test_plans_old_option_names_are_refused_with_trainings_names(old, new):
+    # one name per concept: make plan takes the options as training names them
+    assert_refused(llm_here("plan", old), f"{old}: renamed; use {new}")
 
 
 @pytest.mark.long  # an install and two runs of plan in fresh interpreters: about 20 s
@@ -156,7 +173,7 @@ def test_a_non_editable_install_finds_the_presets_in_the_repository_folder_else_
     assert (site / "llm" / "paths.py").is_file() and not (site / "configs").exists()
     # -P: the folder a command runs in is not put on the import path, so `llm` is the installed one
     env = {**os.environ, "PYTHONPATH": str(site)}
-    plan = [sys.executable, "-P", "-m", "llm", "plan", "--model=gpt2-124m", "--json=true"]
+    plan = [sys.executable, "-P", "-m", "llm", "plan", "--model.config=gpt2-124m", "--json=true"]
     here = subprocess.run(plan, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert here.returncode == 0, here.stderr
     assert json.loads(here.stdout)["params"] == count_params(load_model_config("gpt2-124m"))

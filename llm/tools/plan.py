@@ -4,7 +4,7 @@ fits. The formulas are llm/train/planner.py's (DS=auto and --data.batch_size=aut
 from __future__ import annotations
 
 import json as jsonlib
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
@@ -20,45 +20,79 @@ def load_model_config(model: str) -> ModelConfig:
     path = Path(model) if model.endswith(".yaml") else configs("model") / f"{model}.yaml"
     if not path.is_file():
         names = ", ".join(sorted(p.stem for p in configs("model").glob("*.yaml")))
-        raise ConfigError(f"model={model}: no such preset; use one of {names} (MODEL=)")
+        raise ConfigError(f"model.config={model}: no such preset; use one of {names} (MODEL=)")
     fields = yaml.safe_load(path.read_text())
     if fields.get("vocab_size") is None:
         fields["vocab_size"] = 50304  # a preset that follows its tokenizer: plan for GPT-2's
     try:
         return model_config_of(fields)
     except ValueError as exc:
-        raise ConfigError(f"model={model}: {exc}") from None
+        raise ConfigError(f"model.config={model}: {exc}") from None
+
+
+@dataclass
+class PlanModel:
+    """the model, as training names it"""
+
+    config: str = "gpt2-124m"  # a preset in configs/model/ or a .yaml path (MODEL=)
+    activation_checkpointing: bool = False  # plan with each block recomputed in the backward pass
+
+
+@dataclass
+class PlanData:
+    batch_size: int = 8  # sequences per device per micro-batch, the activations are planned for
+
+
+@dataclass
+class PlanTrainer:
+    devices: int = 8  # devices per node (DEVICES=)
+    num_nodes: int = 1  # nodes (NNODES=)
+
+
+# the options of earlier releases, and training's names that replaced them (one name per concept)
+RENAMED = {
+    "model": "model.config",
+    "gpus": "trainer.devices",
+    "nnodes": "trainer.num_nodes",
+    "micro_batch": "data.batch_size",
+    "activation_checkpointing": "model.activation_checkpointing",
+    "gpu_mem": "memory_gib",
+}
 
 
 def plan_main(
-    model: str = "gpt2-124m",
-    gpus: int = 8,
-    nnodes: int = 1,
-    gpu_mem: float = 80.0,
+    model: PlanModel = PlanModel(),
+    data: PlanData = PlanData(),
+    trainer: PlanTrainer = PlanTrainer(),
+    memory_gib: float = 80.0,
     cpu_mem: float | None = None,
-    micro_batch: int = 8,
     seq_len: int | None = None,
-    activation_checkpointing: bool = False,
     json: bool = False,
 ) -> dict:
     """Plan the memory of a run per ZeRO stage and offload, and recommend the fastest preset that fits.
+    The options are training's own (--trainer.devices, --data.batch_size, --memory_gib, ...).
 
     Args:
-        model: a preset in configs/model/ or a .yaml path (MODEL=)
-        gpus: GPUs per node (GPUS=)
-        nnodes: nodes (NNODES=)
-        gpu_mem: GiB of memory per GPU (GPU_MEM=)
+        model: the model (--model.config=, MODEL=) and whether blocks are recomputed
+        data: the micro-batch per device
+        trainer: devices per node (DEVICES=) and nodes (NNODES=)
+        memory_gib: GiB of memory of one device (GPU_MEM=), as training's --memory_gib
         cpu_mem: GiB of CPU memory per node (CPU_MEM=); none: not checked
-        micro_batch: sequences per GPU per micro-batch the activations are planned for
         seq_len: tokens per sequence (none: the model's block_size)
-        activation_checkpointing: plan with each block recomputed in the backward pass
         json: print one JSON object instead of a table (--json=true), as make eval does
     """
-    for name, value in (("gpus", gpus), ("nnodes", nnodes), ("micro_batch", micro_batch)):
+    gpus, nnodes, micro_batch = trainer.devices, trainer.num_nodes, data.batch_size
+    activation_checkpointing, gpu_mem = model.activation_checkpointing, memory_gib
+    for name, value in (
+        ("trainer.devices", gpus),
+        ("trainer.num_nodes", nnodes),
+        ("data.batch_size", micro_batch),
+    ):
         if value < 1:
             raise ConfigError(f"{name}={value}: must be at least 1")
     if gpu_mem <= 0:
-        raise ConfigError(f"gpu_mem={gpu_mem}: give the GiB of memory of one GPU, e.g. 80")
+        raise ConfigError(f"memory_gib={gpu_mem}: give the GiB of memory of one GPU, e.g. 80")
+    model = model.config
     config = load_model_config(model)
     rows = plan(
         config,
@@ -74,11 +108,11 @@ def plan_main(
     result = {
         "model": model,
         "params": count_params(config),
-        "gpus_per_node": gpus,
-        "nnodes": nnodes,
-        "gpu_mem_gib": gpu_mem,
+        "devices": gpus,
+        "num_nodes": nnodes,
+        "memory_gib": gpu_mem,
         "cpu_mem_gib": cpu_mem,
-        "micro_batch": micro_batch,
+        "batch_size": micro_batch,
         "seq_len": seq_len or config.block_size,
         "activation_checkpointing": activation_checkpointing,
         "overhead_gib": OVERHEAD_BYTES / GiB,
@@ -98,8 +132,8 @@ def print_table(result: dict, rows: list[Row], best: Row | None) -> None:
 
     r = result
     title = (
-        f"{r['model']} ({r['params'] / 1e6:,.0f}M parameters) on {r['nnodes']} x {r['gpus_per_node']} GPUs "
-        f"of {r['gpu_mem_gib']:g} GiB; micro batch {r['micro_batch']} x {r['seq_len']} tokens, bf16, "
+        f"{r['model']} ({r['params'] / 1e6:,.0f}M parameters) on {r['num_nodes']} x {r['devices']} GPUs "
+        f"of {r['memory_gib']:g} GiB; micro batch {r['batch_size']} x {r['seq_len']} tokens, bf16, "
         f"activation checkpointing {'on' if r['activation_checkpointing'] else 'off'}"
     )
     table = Table(title=title, title_justify="left")
@@ -126,8 +160,8 @@ def print_table(result: dict, rows: list[Row], best: Row | None) -> None:
     )
     if best is None:
         console.print(
-            "Nothing fits: plan with --activation_checkpointing=true (train with "
-            "ARGS='--model.activation_checkpointing=true'), a smaller --micro_batch, or more GPUs."
+            "Nothing fits: plan and train with ARGS='--model.activation_checkpointing=true', a smaller "
+            "--data.batch_size, or more GPUs."
         )
     else:
         console.print(
