@@ -126,7 +126,7 @@ def wandb_records(wandb_run: Path) -> list[dict]:
 
 
 def metrics_rows(run: Path) -> dict[int, dict]:
-    """metrics.csv by step (0-based, as Lightning logs it), empty cells left out."""
+    """metrics.csv by step (steps done, from 1, as the console counts them), empty cells left out."""
     with open(run / "metrics.csv", newline="") as f:
         return {int(r["step"]): {k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f)}
 

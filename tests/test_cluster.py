@@ -118,7 +118,7 @@ def test_make_slurm_trains_two_cpu_processes_with_zero2_to_the_end(uninterrupted
     assert (state["Partition"], state["TimeLimit"], state["Account"]) == ("cpu", "00:10:00", "proj")
     summary = json.loads((uninterrupted["run"] / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["world_size"] == 2 and summary["strategy"] == "deepspeed zero2"
-    assert sorted(losses(uninterrupted["run"])) == list(range(STEPS))
+    assert sorted(losses(uninterrupted["run"])) == list(range(1, STEPS + 1))
     assert "Traceback" not in text and "auto-requeueing" not in text  # Lightning's own requeue is off
 
 
@@ -147,8 +147,8 @@ def test_a_preempted_job_saves_requeues_itself_and_continues_to_the_same_losses(
         assert "Traceback" not in text, text[-3000:]
         # every step logged once, and the steps after the resume as the uninterrupted run took them
         mine, reference = losses(run), losses(uninterrupted["run"])
-        assert at >= 8 and sorted(mine) == list(range(STEPS))
-        for step in range(at, STEPS):
+        assert at >= 8 and sorted(mine) == list(range(1, STEPS + 1))
+        for step in range(at + 1, STEPS + 1):
             assert mine[step] == pytest.approx(reference[step], abs=1e-5), step
         assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
     finally:
@@ -258,7 +258,7 @@ def test_two_hosts_train_zero2_to_the_losses_of_one_node(hosts, runs, experiment
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["strategy"] == "deepspeed zero2"
     expected, got = losses(runs("zero2")), losses(run)  # the same job, started by Lightning on one node
-    assert sorted(got) == sorted(expected) == list(range(STEPS_CANONICAL))
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS_CANONICAL + 1))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
 
@@ -289,7 +289,7 @@ def test_the_deepspeed_launcher_starts_both_hosts_over_ssh_to_the_losses_of_one_
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["strategy"] == "deepspeed zero2"
     expected, got = losses(runs("zero2")), losses(run)
-    assert sorted(got) == sorted(expected) == list(range(STEPS_CANONICAL))
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS_CANONICAL + 1))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
 
@@ -340,4 +340,4 @@ def test_a_host_that_dies_stops_the_other_within_the_collective_timeout_and_resu
     for host, (code, out, err) in enumerate(finish(node) for node in again):
         assert code == 0, f"host {host}: {out[-2000:]}{err[-3000:]}"
     assert json.loads((run / "summary.json").read_text())["steps"] == STEPS_CANONICAL
-    assert sorted(losses(run)) == list(range(STEPS_CANONICAL))  # every step once, across the stop
+    assert sorted(losses(run)) == list(range(1, STEPS_CANONICAL + 1))  # every step once, across the stop

@@ -89,7 +89,7 @@ def test_the_step_lightning_logs_under_is_the_one_set(tmp_path):
     )  # fmt: skip
     trainer.fit(Logged())
     steps = [int(line.split(",")[0]) for line in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
-    assert steps == [0, 1, 100, 101]
+    assert steps == [1, 2, 101, 102]  # steps done: Lightning's count, set to 100 after two steps, plus one
 
 
 def test_a_shifted_batch_count_moves_the_validations_of_a_resumed_run(tmp_path):

@@ -61,14 +61,14 @@ def summary(run) -> dict:
 def test_zero_preset_follows_the_ddp_loss_curve(runs, preset):
     ddp, zero = runs("ddp"), runs(preset)
     expected, got = losses(ddp), losses(zero)
-    assert sorted(got) == sorted(expected) == list(range(STEPS))
-    for step in range(STEPS):
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
     # the gradients themselves, not only the losses: a sum where DDP averages would hide behind Adam,
     # which is invariant to the scale of the gradients, but not behind their norm
     expected, got = column(ddp, "train/grad_norm"), column(zero, "train/grad_norm")
-    assert sorted(got) == sorted(expected) == list(range(STEPS))
-    for step in range(STEPS):
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(expected[step], rel=1e-4), f"step {step}"
     assert summary(zero)["world_size"] == 2 and summary(zero)["strategy"] == f"deepspeed {preset}"
     assert summary(ddp)["strategy"] == "ddp"
@@ -108,8 +108,8 @@ def test_resume_from_a_zero3_checkpoint_continues_exactly(runs, tmp_path):
     # the resumed process trained steps 7 to 12 only: it did not start again from step 0
     assert trained_steps(resumed.stdout) == list(range(7, STEPS + 1))
     expected, got = losses(canonical), losses(run)
-    assert sorted(got) == list(range(6, STEPS))
-    for step in range(6, STEPS):
+    assert sorted(got) == list(range(7, STEPS + 1))
+    for step in range(7, STEPS + 1):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
 
 
@@ -164,8 +164,8 @@ COMPILED = ("ddp", "zero1", "zero2", "zero2_offload", "zero3")
 
 def check_compiled_follows_eager(compiled: Path, eager: Path) -> None:
     expected, got = losses(eager), losses(compiled)
-    assert sorted(got) == list(range(STEPS))
-    for step in range(STEPS):
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
     assert summary(compiled)["compile"] is True and summary(compiled)["compile_seconds"] > 0
     assert summary(eager)["compile"] is False
@@ -183,7 +183,7 @@ def test_activation_checkpointing_under_zero3_recomputes_and_changes_no_loss(run
     # the ZeRO-3 offload run recomputes every block in backward (support.CANONICAL); ZeRO-3's does not
     run = runs("zero3_offload")
     recomputed, plain = losses(run), losses(runs("zero3"))
-    for step in range(STEPS):
+    for step in range(1, STEPS + 1):
         assert recomputed[step] == pytest.approx(plain[step], abs=1e-5), f"step {step}"
     for rank in (0, 1):  # each of the 2 blocks ran twice per batch: forward, and again in backward
         assert json.loads((run / f"block-forwards-rank{rank}.json").read_text()) == [4] * STEPS

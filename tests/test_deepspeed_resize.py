@@ -29,8 +29,8 @@ def test_zero2_accumulating_on_one_process_takes_the_steps_of_two_processes(runs
     two, one = runs("zero2"), runs("zero2", *ONE_PROCESS)
     assert summary(one)["accumulate_grad_batches"] == 2
     expected, got = column(two, "train/grad_norm"), column(one, "train/grad_norm")
-    assert sorted(got) == sorted(expected) == list(range(STEPS))
-    for step in range(STEPS):  # the norm before clipping at 1.0: 2.0 at the first step, as DDP's
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):  # the norm before clipping at 1.0: 2.0 at the first step, as DDP's
         assert got[step] == pytest.approx(expected[step], rel=1e-4), f"step {step}"
     expected, got = column(two, "val/loss"), column(one, "val/loss")  # the same 16 blocks
     assert sorted(got) == sorted(expected) and len(got) == 3
@@ -123,7 +123,7 @@ def test_a_zero_checkpoint_continues_on_another_number_of_processes_through_a_un
     # the run continued, not restarted: the uninterrupted run's validation after step 12 (the same
     # 16 blocks) and its weights, within the tolerance of the preset
     val_tolerance, weight_tolerance = TOLERANCES[preset]
-    (step,) = [s for s in column(reference, "val/loss") if s == STEPS - 1]
+    (step,) = [s for s in column(reference, "val/loss") if s == STEPS]
     assert column(run, "val/loss")[step] == pytest.approx(column(reference, "val/loss")[step], abs=val_tolerance)
     ends = [
         get_fp32_state_dict_from_zero_checkpoint(str(r / "checkpoints" / "step-000012.ckpt")) for r in (reference, run)
@@ -156,7 +156,7 @@ def test_ds_auto_takes_the_fastest_preset_that_fits_and_trains_as_that_preset(ru
     assert "deepspeed: zero1" in (run / "config.yaml").read_text()  # the preset used, not "auto"
     assert summary(run)["strategy"] == "deepspeed zero1"
     expected, got = losses(runs("zero1")), losses(run)
-    assert sorted(got) == list(range(STEPS)) and got == expected
+    assert sorted(got) == list(range(1, STEPS + 1)) and got == expected
 
 
 @pytest.mark.slow
@@ -174,4 +174,4 @@ def test_batch_size_auto_takes_the_largest_micro_batch_that_fits_and_divides_the
     assert [(run / f"engine-builds-rank{r}.txt").read_text() for r in (0, 1)] == ["1", "1"]
     by_hand = runs("zero2", "--data.batch_size=2", step, probes=())
     expected, got = losses(by_hand), losses(run)
-    assert sorted(got) == list(range(STEPS)) and got == expected
+    assert sorted(got) == list(range(1, STEPS + 1)) and got == expected

@@ -262,6 +262,6 @@ def test_a_student_distilled_from_a_stronger_teacher_ends_closer_to_the_data_and
             f"--distill.alpha={alpha}",
         )
         assert llm_here(*common, *student, env=env).returncode == 0
-        final[alpha] = {key: column(run, key)[299] for key in ("val/loss", "val/kd")}
+        final[alpha] = {key: column(run, key)[300] for key in ("val/loss", "val/kd")}
     distilled, alone = final[0.5], final[0.0]
     assert distilled["val/loss"] < alone["val/loss"] and distilled["val/kd"] < alone["val/kd"], final

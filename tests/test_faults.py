@@ -82,8 +82,8 @@ QUIET = {"WANDB_MODE": "disabled"}
 
 def assert_continues_exactly(whole: Path, run: Path, first_batches: dict, resumed_from: int, ranks: int, tol, why=""):
     expected, got = losses(whole), losses(run)
-    assert sorted(got) == sorted(expected) == list(range(STEPS)), f"metrics.csv lost or repeated steps {why}"
-    for step in range(STEPS):
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1)), f"metrics.csv lost or repeated steps {why}"
+    for step in range(1, STEPS + 1):
         message = f"step {step}, resumed at {resumed_from} {why}"
         assert got[step] == pytest.approx(expected[step], rel=0, abs=tol), message
     for rank in range(ranks):
@@ -169,13 +169,13 @@ def test_a_kill_during_the_final_validation_is_finished_by_the_rerun(tmp_path, r
     _, err = finish(first)
     assert first.returncode == -signal.SIGKILL, err[-3000:]
     assert (run / "checkpoints" / f"step-{STEPS:06d}.ckpt").is_file() and not (run / "summary.json").exists()
-    assert "val/loss" not in metrics_rows(run).get(STEPS - 1, {})
+    assert "val/loss" not in metrics_rows(run).get(STEPS, {})
     again = llm_here(*runs.args(run, "--resume=auto", probes=()), env=RUN_ENV)
     assert again.returncode == 0, again.stderr[-3000:]
     assert trained_steps(again.stdout) == []  # validated and summarised, nothing trained
     summary = json.loads((run / "summary.json").read_text())
-    expected = float(metrics_rows(runs("single"))[STEPS - 1]["val/loss"])
-    assert summary["steps"] == STEPS and float(metrics_rows(run)[STEPS - 1]["val/loss"]) == pytest.approx(
+    expected = float(metrics_rows(runs("single"))[STEPS]["val/loss"])
+    assert summary["steps"] == STEPS and float(metrics_rows(run)[STEPS]["val/loss"]) == pytest.approx(
         expected, abs=1e-6
     )
 
@@ -307,7 +307,7 @@ def test_best_checkpoint_is_the_lowest_validation_loss_and_survives_pruning(tmp_
     extra = ("--model.optimizer.lr=0.3", "--eval_every=2", "--keep_last=1", "--trainer.max_steps=6")
     result = llm_here(*runs.args(run, *extra, probes=()), env=QUIET)
     assert result.returncode == 0, result.stderr[-3000:]
-    val = {step + 1: float(row["val/loss"]) for step, row in metrics_rows(run).items() if "val/loss" in row}
+    val = {step: float(row["val/loss"]) for step, row in metrics_rows(run).items() if "val/loss" in row}
     best_step = min(val, key=val.get)
     assert best_step < 6, f"the validation loss did not rise, so best is last: {val}"
     folder = run / "checkpoints"
@@ -345,7 +345,7 @@ def test_a_nan_gradient_skips_its_step_and_too_many_in_a_row_stop_the_run(tmp_pa
         for name in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(state[name], states[1][param][name]), (param, name)
     skipped = {s: float(r["train/skipped_steps"]) for s, r in metrics_rows(run).items()}
-    assert [skipped[s] for s in range(8)] == [0, 0, 0, 0, 0, 1, 1, 1]
+    assert [skipped[s] for s in range(1, 9)] == [0, 0, 0, 0, 0, 1, 1, 1]
     # three in a row stop the run, with one line and the last checkpoint from before them
     stopped = [line for line in result.stderr.splitlines() if line.startswith("stopped: ")]
     assert len(stopped) == 1 and stopped[0].startswith("stopped: 3 optimizer steps in a row had a non-finite")
@@ -361,9 +361,9 @@ def test_deepspeed_skips_a_nan_step_itself_and_it_is_counted(tmp_path, runs):
     result = run_llm(*runs.args(run, poison([5]), "--deepspeed=zero2", "--trainer.max_steps=7", probes=()), env=QUIET)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics_rows(run)
-    assert [float(rows[s]["train/skipped_steps"]) for s in range(7)] == [0, 0, 0, 0, 0, 1, 1]
-    assert rows[5]["train/grad_norm"] == "inf"  # DeepSpeed's report of the step it skipped
-    assert all(float(rows[s]["train/loss"]) < 20 for s in range(7))
+    assert [float(rows[s]["train/skipped_steps"]) for s in range(1, 8)] == [0, 0, 0, 0, 0, 1, 1]
+    assert rows[6]["train/grad_norm"] == "inf"  # DeepSpeed's report of the step it skipped
+    assert all(float(rows[s]["train/loss"]) < 20 for s in range(1, 8))
 
 
 # --- a collective that cannot complete ---------------------------------------------------------------
@@ -415,6 +415,6 @@ def test_ranks_agree_on_the_best_checkpoint_when_one_reaches_it_late(runs):
     run = runs("ddp")
     assert (run / "slow-rank1.txt").read_text() == "3"
     assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
-    val = {step + 1: float(row["val/loss"]) for step, row in metrics_rows(run).items() if "val/loss" in row}
+    val = {step: float(row["val/loss"]) for step, row in metrics_rows(run).items() if "val/loss" in row}
     best = min(val, key=val.get)
     assert json.loads((run / "checkpoints" / "best.json").read_text()) == {"step": best, "val_loss": val[best]}

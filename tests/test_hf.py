@@ -297,7 +297,7 @@ def eval_json(*args: str, here: bool = True) -> dict:
 
 def test_eval_over_the_runs_blocks_reports_the_loss_the_run_logged(evaluated_run):
     ckpt = evaluated_run / "checkpoints" / "last.ckpt"
-    logged = float(metrics_rows(evaluated_run)[3]["val/loss"])  # the validation after the last step, step 4
+    logged = float(metrics_rows(evaluated_run)[4]["val/loss"])  # the validation after the last step, step 4
     result = eval_json(f"--ckpt={ckpt}", "--blocks=run", here=False)  # make eval as a user runs it, W&B included
     assert result["step"] == 4 and result["loss"] == pytest.approx(logged, abs=1e-4)
     assert result["evaluated"] == "the run's 8 validation blocks (those of its val/loss)"
@@ -362,7 +362,7 @@ def test_a_weight_the_map_does_not_know_is_refused_not_dropped():
 @pytest.mark.slow
 def test_eval_over_the_blocks_of_a_two_process_run_reports_the_loss_it_logged(runs):
     run = runs("zero2")  # 2 ranks validated on 2 x 2 x 4 blocks; a ZeRO folder is read consolidated
-    logged = float(metrics_rows(run)[STEPS - 1]["val/loss"])
+    logged = float(metrics_rows(run)[STEPS]["val/loss"])
     result = eval_json(f"--ckpt={run}/checkpoints/last.ckpt", "--blocks=run", "--wandb=false")
     assert result["evaluated"] == "the run's 16 validation blocks (those of its val/loss)"
     assert result["loss"] == pytest.approx(logged, abs=1e-4)

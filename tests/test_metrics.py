@@ -81,7 +81,7 @@ def test_every_metric_reaches_wandb_with_plausible_values(run):
             for name in ("allocated", "reserved", "peak", "host_rss"):
                 assert 0 < item[f"mem/{name}_min"] <= item[f"mem/{name}_max"] < 64  # GiB
             assert math.isfinite(item["train/loss"]) and 0 < item["train/grad_norm"] < 100
-            assert item["train/tokens"] == (item["trainer/global_step"] + 1) * TOKENS_PER_SAMPLE * world(run)
+            assert item["train/tokens"] == item["trainer/global_step"] * TOKENS_PER_SAMPLE * world(run)
         if "val/loss" in item:
             assert math.isfinite(item["val/loss"]) and item["val/ppl"] == pytest.approx(math.exp(item["val/loss"]))
             assert 0 < item["val/bpb"] < item["val/loss"] / math.log(2)  # several bytes per token
@@ -98,7 +98,7 @@ def test_metrics_csv_holds_what_wandb_received(run):
     items: dict[int, dict] = {}  # W&B keeps the training and the validation metrics of a step apart
     for item in history(wandb_records(wandb_run)):
         items.setdefault(int(item["trainer/global_step"]), {}).update(item)
-    assert sorted(items) == sorted(rows) == list(range(STEPS))  # every step logged: the same rows in both
+    assert sorted(items) == sorted(rows) == list(range(1, STEPS + 1))  # every step logged: the same rows in both
     for step, item in items.items():
         logged = {k for k, v in rows[step].items() if v and k in KEYS}
         assert logged == set(KEYS) & set(item), f"step {step}"
@@ -266,11 +266,12 @@ def test_plot_draws_every_logged_series_with_its_values(runs, tmp_path, monkeypa
     for chart in (c for c in CHARTS if not c.distill):
         drawn = {line.get_label(): line for line in sections[chart.title].get_lines()}
         for key, legend in chart.series:
-            # x is steps done (metrics.csv counts from 0); 12 steps logged each, validation after 4, 8, 12
+            # x is steps done, as metrics.csv counts them: 12 steps logged, validations after steps 4, 8
+            # and 12, saves after every second step
             steps = [s for s in sorted(rows) if key in rows[s]]
-            # validations after steps 4, 8 and 12; saves after every second step
             assert len(steps) == (3 if key.startswith("val/") else 6 if key == "perf/save_seconds" else STEPS), key
-            assert list(drawn[legend].get_xdata()) == [s + 1 for s in steps], key
+            assert steps[-1] == STEPS and (not key.startswith("val/") or steps == [4, 8, 12]), key
+            assert list(drawn[legend].get_xdata()) == steps, key
             assert list(drawn[legend].get_ydata()) == pytest.approx([float(rows[s][key]) for s in steps]), key
 
 

@@ -64,7 +64,7 @@ def test_two_torchrun_nodes_share_one_run_folder_and_match_one_node(experiment, 
     assert f"step {STEPS}/{STEPS} | loss " in results[0][1] and " tokens/s | MFU " in results[0][1]
     assert f"step {STEPS}/{STEPS} | loss " not in results[1][1]
     expected, got = losses(runs("zero2")), losses(run)  # the same job, started by Lightning on one node
-    assert sorted(got) == sorted(expected) == list(range(STEPS))
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
 
@@ -113,10 +113,10 @@ def test_an_elastic_job_loses_a_node_restarts_on_the_other_and_finishes(tmp_path
     assert "resuming from " in out + err
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["steps"], summary["world_size"], summary["accumulate_grad_batches"]) == (STEPS, 1, 2)
-    assert sorted(losses(run)) == list(range(STEPS))  # every step once in metrics.csv: no gap, no repeat
+    assert sorted(losses(run)) == list(range(1, STEPS + 1))  # every step once in metrics.csv: no gap, no repeat
     # validated at the steps the 2-process run validated at, though the accumulation changed
     reference = runs("ddp")
-    assert sorted(column(run, "val/loss")) == sorted(column(reference, "val/loss")) == [3, 7, 11]
+    assert sorted(column(run, "val/loss")) == sorted(column(reference, "val/loss")) == [4, 8, 12]
     # the data stream and the optimizer continued: the 2-process run's final weights (the validations
     # after the restart hold half its blocks: val_batches counts per process), up to the order of the
     # sums over 6 steps since the restart (measured 1.4e-5 at most, in an attention bias)

@@ -102,7 +102,7 @@ def test_make_train_runs_the_default_job_and_leaves_the_run_folder(tmp_path, dat
     assert len(saves) == 2 and summary["save_seconds_max"] == pytest.approx(max(saves), abs=1e-3)  # steps 2 and 4
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run"
     rows = metrics(run)
-    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [1, 3]  # every 2 steps and after the last
+    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [2, 4]  # every 2 steps and after the last
     config = (run / "config.yaml").read_text()
     assert "vocab_size: 8192" in config and "precision: 32-true" in config  # resolved values, not nulls
 
@@ -195,8 +195,8 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be_and_in_the
 
     whole = runs("single")
     expected, got = losses(whole), losses(run)
-    assert sorted(got) == sorted(expected) == list(range(STEPS)), "metrics.csv lost or repeated steps"
-    for step in range(STEPS):
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1)), "metrics.csv lost or repeated steps"
+    for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}"
     assert batches(run) == batches(whole), "a sample was repeated or skipped"
     assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
@@ -205,7 +205,7 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be_and_in_the
     run_id = (run / "wandb" / "run_id").read_text().strip()
     assert first.name.endswith(run_id) and resumed.name.endswith(run_id)
     steps = history_steps(resumed)
-    assert min(steps) >= 4 and max(steps) == STEPS - 1
+    assert min(steps) >= 5 and max(steps) == STEPS
 
 
 def warmup_cosine_expected(lr: float, warmup: int, total: int, min_ratio: float) -> list[float]:
@@ -227,7 +227,7 @@ def final_lr(run: Path) -> float:
 @pytest.mark.slow
 def test_learning_rate_warms_up_decays_to_its_minimum_and_follows_a_longer_resumed_run(tmp_path, runs, stopped):
     lr, warmup, ratio = 3e-3, 4, 0.1  # configs/experiment/default.yaml; support.CANONICAL_CADENCE
-    logged = [column(runs("single"), "train/lr")[s] for s in range(STEPS)]
+    logged = [column(runs("single"), "train/lr")[s] for s in range(1, STEPS + 1)]
     expected = warmup_cosine_expected(lr, warmup, STEPS, ratio)
     assert logged == pytest.approx(expected, rel=1e-6)
     assert logged[:warmup] == pytest.approx([lr / 4, lr * 7 / 16, lr * 5 / 8, lr * 13 / 16])  # warm-up
@@ -239,7 +239,7 @@ def test_learning_rate_warms_up_decays_to_its_minimum_and_follows_a_longer_resum
     longer = llm_here(*runs.args(run, "--resume=auto", "--trainer.max_steps=16", probes=()), env=QUIET)
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "warning: trainer.max_steps 12 -> 16: continuing from step 4" in longer.stdout
-    logged = [column(run, "train/lr")[s] for s in range(16)]
+    logged = [column(run, "train/lr")[s] for s in range(1, 17)]
     assert logged == pytest.approx(warmup_cosine_expected(lr, warmup, 16, ratio), rel=1e-6)
     assert final_lr(run) == pytest.approx(lr * ratio)
     assert json.loads((run / "summary.json").read_text())["steps"] == 16
@@ -377,8 +377,8 @@ def test_resuming_a_run_with_accumulation_is_exact(tmp_path, runs, accumulated):
     assert second.returncode == 0, second.stderr[-3000:]
     assert trained_steps(second.stdout) == list(range(6, STEPS + 1))
     expected, got = losses(accumulated), losses(run)
-    assert sorted(got) == sorted(expected) == list(range(STEPS))
-    for step in range(STEPS):
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
     assert batches(run) == batches(accumulated), "a micro-batch was repeated or skipped"
 
@@ -400,7 +400,7 @@ def continued_from_step_10(tmp_path, runs, reference: Path, *new_shape: str, pro
 
 def assert_same_model(reference: Path, run: Path) -> None:
     """The validation after step 12 (the same blocks) and the final weights."""
-    (step,) = [s for s in column(reference, "val/loss") if s == STEPS - 1]
+    (step,) = [s for s in column(reference, "val/loss") if s == STEPS]
     assert column(run, "val/loss")[step] == pytest.approx(column(reference, "val/loss")[step], abs=1e-5)
     weights = [
         torch.load(r / "checkpoints" / "step-000012.ckpt", weights_only=True)["state_dict"] for r in (reference, run)

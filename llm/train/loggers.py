@@ -22,8 +22,15 @@ from llm.redact import scrub, scrub_name, scrub_text
 from llm.wandb_settings import wandb_entity, wandb_mode, wandb_project
 
 
+def steps_done(lightning_step: int) -> int:
+    """The row a metric goes in: optimizer steps done, as the console's `step n/N` counts them.
+    Lightning hands its loggers the count before the step just taken (0 for the first)."""
+    return int(lightning_step) + 1
+
+
 class RunCSVLogger(Logger):
-    """`<run>/metrics.csv`, one row per optimizer step: the metrics logged at one step (train and
+    """`<run>/metrics.csv`, one row per optimizer step, numbered from 1 (the row of step n holds
+    what was measured when n steps were done): the metrics logged at one step (train and
     validation) share a row, and an existing file is continued rather than replaced, so a resumed
     run keeps the rows of the steps before it. Written on rank zero, whole and atomically, at each
     save (Lightning saves after each logging step)."""
@@ -53,7 +60,7 @@ class RunCSVLogger(Logger):
     @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         rows = self._rows()
-        step = len(rows) if step is None else int(step)
+        step = len(rows) + 1 if step is None else steps_done(step)
         values = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
         rows.setdefault(step, {}).update(values, step=step)
 
@@ -164,7 +171,7 @@ class RunWandbLogger(WandbLogger):
         if self.failed:
             return
         try:
-            super().log_metrics(metrics, step)
+            super().log_metrics(metrics, None if step is None else steps_done(step))
         except Exception as exc:
             self._give_up(exc)
 

@@ -200,7 +200,7 @@ class Checkpoints(Checkpoint):
         seconds = time.perf_counter() - started
         self.save_seconds.append(seconds)
         self._last_save = time.monotonic()
-        for logger in trainer.loggers:  # in the row of the step it saved (metrics.csv counts from 0)
+        for logger in trainer.loggers:  # in the row of the step it saved, in Lightning's count (from 0)
             logger.log_metrics({"perf/save_seconds": seconds}, step=max(step - 1, 0))
         return final
 
