@@ -97,7 +97,7 @@ def _bad_value(key: str, value: str, text: str) -> str:
         hint = f"did you mean {near}? " if near else ""
         return f"{key}={value}: not a valid value; {hint}(one of {', '.join(choices)})"
     expected = re.search(r"Expected a <class '(\w+)'>", text)
-    if expected:
+    if expected and "Union subtypes" not in text:  # one type expected (a union's reasons are its own)
         kinds = {"int": "a whole number", "float": "a number", "bool": "true or false"}
         kind = kinds.get(expected[1], f"a {expected[1]}")
         return f"{key}={value}: not {kind}"

@@ -90,12 +90,14 @@ def left_out(spec: str) -> str | None:
 
 
 SNIFF_BYTES = 1 << 16
-NOT_UTF8_SHARE = 0.05  # text with a stray byte or two passes; a PDF, an image or a program does not
+# text in another encoding passes (Latin-1 prose has a few percent of its bytes above 127, replaced
+# and counted by the preparation); the bytes of a PDF's streams, an image or a program do not
+NOT_UTF8_SHARE = 0.25
 
 
 def not_text(path: Path) -> str | None:
     """Why a file read as plain text is not text, from its first 64 KiB, or None: a NUL byte (no
-    text has one; every binary format has many), or more than 5% of it not UTF-8."""
+    text has one; every binary format has many), or more than a quarter of it not UTF-8."""
     with open(path, "rb") as f:
         head = f.read(SNIFF_BYTES)
     if b"\0" in head:
