@@ -138,7 +138,6 @@ def test_the_private_lightning_methods_the_strategy_and_progress_bar_override_st
         "self", "model", "optimizer", "lr_scheduler",
     ]  # fmt: skip
     assert callable(DeepSpeedStrategy._init_deepspeed_distributed)
-    assert "_refresh_rate" in vars(RichProgressBar())
     assert callable(RichProgressBar._get_train_description)
 
 

@@ -190,10 +190,22 @@ def test_activation_checkpointing_under_zero3_recomputes_and_changes_no_loss(run
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_overlap_comm_is_off_for_one_process_only(preset):
-    for world, overlap in ((1, False), (2, True), (None, True)):
-        strategy = build_strategy(preset, None, batch_size=4, on_gpu=False, world_size=world)
-        assert strategy.config["zero_optimization"]["overlap_comm"] is overlap, world
+def test_overlap_comm_is_off_where_nothing_can_overlap(preset):
+    # one process reduces nothing; a whole-model compile releases every gradient at the end of backward
+    stage = build_strategy(preset, None, batch_size=4, on_gpu=False).config["zero_optimization"]["stage"]
+    for world, compiled, overlap in ((1, False, False), (2, False, True), (None, False, True), (2, True, stage == 3)):
+        strategy = build_strategy(preset, None, batch_size=4, on_gpu=False, world_size=world, compiled=compiled)
+        assert strategy.config["zero_optimization"]["overlap_comm"] is overlap, (world, compiled)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_leave_out_deepspeeds_timer_and_say_how_bf16_steps_are_checked(preset):
+    # the throughput timer synchronises the device twice per micro-batch; the non-finite skip under
+    # DeepSpeed is its bf16 overflow check, whose default changed between releases
+    strategy = build_strategy(preset, None, batch_size=4, on_gpu=False, world_size=2, precision="bf16-mixed")
+    assert strategy.config["timers"] == {"throughput": {"enabled": False}}
+    assert strategy.config["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert "bf16" not in build_strategy(preset, None, batch_size=4, on_gpu=False, world_size=2).config
 
 
 # --- refusals, decided before any process group: checked in this process -------------------------------

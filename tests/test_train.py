@@ -422,3 +422,19 @@ def test_a_one_process_run_continues_on_two_processes_that_accumulate_half_as_mu
     two = ("--data.batch_size=2", "--tokens_per_step=256", "--data.val_batches=2", "--trainer.devices=2")
     run = continued_from_step_10(tmp_path, runs, accumulated, *two, process=run_llm)
     assert_same_model(accumulated, run)
+
+
+def test_between_logging_steps_a_run_reads_nothing_from_the_device(tmp_path, fixture_text, data_cache):
+    """One process with torch's fused AdamW, as on a GPU: no tensor read by the host and none made
+    from a Python value on non-logging steps (tests/helpers.py HostReads counts them), so that a GPU
+    never waits for the host between logging steps. Before: the loss read for the progress bar and
+    the learning rate made into a tensor, once per micro-batch each."""
+    run = tmp_path / "run"
+    args = ["fit", "--config", "configs/experiment/default.yaml", *TINY, f"--data.text={fixture_text}",
+            "--data.vocab_size=300", f"--data.cache_dir={data_cache}", f"--run={run}", "--trainer.max_steps=12",
+            "--trainer.log_every_n_steps=5", "--eval_every=100", "--model.optimizer.fused=true",
+            "--trainer.accumulate_grad_batches=2", callbacks("HostReads")]  # fmt: skip
+    result = llm_here(*args, env={"WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    # steps 3, 4, 6, 7, 8, 9 and 11 of 12 (5 and 10 log, 12 is the last), two micro-batches each
+    assert json.loads((run / "host-reads-rank0.json").read_text()) == {"counted_steps": 14, "reads": {}}

@@ -195,6 +195,8 @@ class LLMCLI(LightningCLI):
             run.world_size,
             options.collective_timeout,
             load_universal=universal.is_universal(self.resume_from),
+            precision=str(run.trainer.precision),
+            compiled=bool(cfg.model.compile),
         )
         if strategy == "auto" or (cfg.trainer.strategy not in ("auto", "ddp") and not options.deepspeed):
             strategy = cfg.trainer.strategy

@@ -128,9 +128,18 @@ class LanguageModel(L.LightningModule):
             loss = self._loss(batch)
             if self._teacher:
                 self.log("train/ce_loss", loss)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        # a tensor, kept on the device until a logging step reads it: not prog_bar, which Lightning
+        # reads from the device after every batch (the bars read it on logging steps)
+        self.log("train/loss", loss)
+        if self.logging_step():  # a Python float becomes a tensor on the device: only when it is logged
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss
+
+    def logging_step(self) -> bool:
+        """Whether the optimizer step under way is one Lightning logs (its `should_update_logs`:
+        every log_every_n_steps, and the last)."""
+        step = self.trainer.global_step + 1
+        return step % self.trainer.log_every_n_steps == 0 or step >= self.trainer.max_steps
 
     def on_validation_epoch_start(self) -> None:
         self._val_losses: list[torch.Tensor] = []
@@ -170,7 +179,7 @@ class LanguageModel(L.LightningModule):
         params = [p for p in self.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
-        if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        if self.logging_step():
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         if getattr(self.trainer.precision_plugin, "scaler", None) is None:
             self.nonfinite = skip_update_if_nonfinite(optimizer, norm)

@@ -12,18 +12,18 @@ from llm.bars import duration
 
 
 def progress_bar() -> ProgressBar:
-    return RichBar() if sys.stdout.isatty() else PlainLines()
+    return RichBar(refresh_rate=4) if sys.stdout.isatty() else PlainLines()  # redraws per second
 
 
 class RichBar(RichProgressBar):
     """Lightning's rich progress bar, counting the run's batches rather than epochs (a run here is
-    one pass of max_steps, so "Epoch 0/-2" would say nothing), and refreshed on logging steps only:
-    reading the shown loss is a device sync, which the other steps are spared. `_refresh_rate` and
-    `_get_train_description` are Lightning 2.6's own, without a public form (tests/test_compat.py)."""
+    one pass of max_steps, so "Epoch 0/-2" would say nothing), showing the loss read on logging
+    steps only: reading it is a device sync, which the other steps are spared.
+    `_get_train_description` is Lightning 2.6's own, without a public form (tests/test_compat.py)."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self._refresh_rate = max(1, trainer.log_every_n_steps * trainer.accumulate_grad_batches)
+        self._loss, self._loss_step = "", -1
 
     @property
     def total_train_batches(self):
@@ -35,8 +35,15 @@ class RichBar(RichProgressBar):
         return f"{'train':{len(self.validation_description)}}"
 
     def get_metrics(self, trainer, pl_module):
+        # called after every batch: the loss, a tensor on the device, is read only when the bar is
+        # refreshed (logging steps), and shown as read until the next
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and trainer.global_step != self._loss_step and pl_module.logging_step():
+            self._loss, self._loss_step = f"{float(loss):.3f}", trainer.global_step
+        if getattr(self, "_loss", None):
+            items["train/loss"] = self._loss
         items["step"] = str(trainer.global_step)  # a number would be shown as 500.000
         return items
 

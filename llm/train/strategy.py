@@ -211,6 +211,8 @@ def build_strategy(
     world_size: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     load_universal: bool = False,
+    precision: str | None = None,
+    compiled: bool = False,
 ) -> Strategy | str:
     """ "auto" for one device, DDP for several, a DeepSpeed strategy with a preset. The processes
     meet while they start with at least STARTUP_TIMEOUT seconds to spare (ranks started one after
@@ -222,10 +224,17 @@ def build_strategy(
     config = load_preset(preset, nvme_path)
     # Lightning derives the rest (accumulation, clipping, precision) from the trainer
     config["train_micro_batch_size_per_gpu"] = batch_size
-    if world_size == 1 and "zero_optimization" in config:
-        # one process reduces nothing: overlapping the reduction only adds synchronisation (a 20%
-        # cost measured on one H200, see configs/deepspeed/zero2.yaml)
-        config["zero_optimization"]["overlap_comm"] = False
+    zero = config.get("zero_optimization")
+    if zero and (world_size == 1 or (compiled and zero.get("stage") in (1, 2))):
+        # nothing to overlap, and overlapping adds a synchronisation at each reduction (a 20% cost
+        # measured on one H200, configs/deepspeed/zero2.yaml): one process reduces nothing, and under
+        # ZeRO-1/2 a whole-model compile hands DeepSpeed every gradient at once, at the end of the
+        # backward pass (ZeRO-3's per-module hooks break a compiled model into one graph per module)
+        zero["overlap_comm"] = False
+    if precision in ("bf16-mixed", "bf16-true") and "bf16" not in config:
+        # said, not left to the release's default (it changed between releases): a non-finite
+        # gradient skips the step, which llm/train/guards.py counts
+        config["bf16"] = {"enabled": True, "check_grad_overflow": True}
     if load_universal:  # resuming from a universal checkpoint (llm/train/universal.py)
         config.setdefault("checkpoint", {})["load_universal"] = True
     if on_gpu:
