@@ -45,10 +45,14 @@ class NonFiniteSteps(Callback):
     def __init__(self, max_in_a_row: int = 5):
         self.max_in_a_row = max_in_a_row
         self.total, self.in_a_row, self.worst = 0, 0, 0  # as of the last logging step
-        self._counts: torch.Tensor | None = None  # total, in a row, worst in a row: on the device
+        # total, in a row, worst in a row: on the device, or Python numbers under DeepSpeed
+        self._counts: torch.Tensor | list[int] | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._counts = torch.tensor([self.total, self.in_a_row, 0], device=pl_module.device)
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            self._counts = [self.total, self.in_a_row, 0]
+        else:
+            self._counts = torch.tensor([self.total, self.in_a_row, 0], device=pl_module.device)
         self._step_seen = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
@@ -59,19 +63,26 @@ class NonFiniteSteps(Callback):
         if bad is not None:
             counts = self._counts
             in_a_row = (counts[1] + 1) * bad
-            self._counts = torch.stack([counts[0] + bad, in_a_row, torch.maximum(counts[2], in_a_row)])
+            if isinstance(counts, list):  # Python numbers: DeepSpeed has already read its check
+                self._counts = [counts[0] + bad, in_a_row, max(counts[2], in_a_row)]
+            else:  # tensors on the device, read on logging steps only
+                self._counts = torch.stack([counts[0] + bad, in_a_row, torch.maximum(counts[2], in_a_row)])
         if trainer.global_step % trainer.log_every_n_steps == 0 or trainer.global_step >= trainer.max_steps:
             self._report(trainer, pl_module)
 
+    def _read(self) -> list[int]:
+        """The counts as numbers: a host read of the device's, once per logging step or checkpoint."""
+        counts = self._counts
+        return [int(v) for v in (counts if isinstance(counts, list) else counts.tolist())]
+
     @staticmethod
-    def _skipped(trainer, pl_module) -> torch.Tensor | None:
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            skipped = not trainer.strategy.deepspeed_engine.was_step_applied()
-            return torch.tensor(int(skipped), device=pl_module.device)
+    def _skipped(trainer, pl_module) -> torch.Tensor | int | None:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):  # a Python bool: no tensor to make of it
+            return int(not trainer.strategy.deepspeed_engine.was_step_applied())
         return None if pl_module.nonfinite is None else pl_module.nonfinite.long()
 
     def _report(self, trainer, pl_module) -> None:
-        total, in_a_row, worst = (int(v) for v in self._counts.tolist())
+        total, in_a_row, worst = self._read()
         self._counts[2] = 0
         if total > self.total and trainer.is_global_zero:
             print(
@@ -91,7 +102,7 @@ class NonFiniteSteps(Callback):
 
     def state_dict(self) -> dict:
         if self._counts is not None:  # a checkpoint between logging steps: the counts as of now
-            self.total, self.in_a_row = (int(v) for v in self._counts[:2].tolist())
+            self.total, self.in_a_row = self._read()[:2]
         return {"total": self.total, "in_a_row": self.in_a_row}
 
     def load_state_dict(self, state: dict) -> None:
