@@ -88,12 +88,21 @@ class Checkpoints(Checkpoint):
         self._saved_step = -1
         self._stop_pending = 0
         self._best: dict | None = None  # the lowest validation loss so far and its step, alike on every rank
+        self._control = None  # the process group the stop requests are agreed over (several processes)
 
     # --- when ----------------------------------------------------------------------------------
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # before Lightning's own handlers: it then leaves SIGUSR1 alone (no mid-step SLURM save)
         self.signals.install()
+        # the ranks agree on a stop at every optimizer step over a CPU (gloo) group: a reduction on
+        # the accelerator, read back, would make the host wait for every kernel queued so far. Made
+        # here, on every rank in the same order, before the strategy makes its own groups; given the
+        # collective timeout with the others (llm/launch/collectives.py)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and trainer.world_size > 1 and self._control is None:
+            on_host = torch.distributed.get_backend() == "gloo"
+            self._control = torch.distributed.group.WORLD if on_host else torch.distributed.new_group(backend="gloo")
         # every rank reads the best so far once, before rank 0 can change the file; from then on each
         # keeps it in memory. Deciding from the file at each validation made the ranks disagree when
         # rank 0 had already written this step's best: one waited at the barrier below, the other
@@ -144,12 +153,16 @@ class Checkpoints(Checkpoint):
     def _requested(self, trainer) -> tuple[int, bool]:
         """The signal any rank received (0: none), and whether a save is due by time on any rank:
         the same answers on every rank, from one reduction."""
-        strategy = trainer.strategy
         due = self.every_seconds is not None and time.monotonic() - self._last_save >= self.every_seconds
         if trainer.world_size == 1:
             return self.signals.received or 0, due
-        mine = torch.tensor([self.signals.received or 0, int(due)], device=strategy.root_device)
-        received, due = strategy.reduce(mine, reduce_op="max").tolist()
+        if self._control is None:  # no process group of our own to agree over: the strategy's
+            mine = torch.tensor([self.signals.received or 0, int(due)], device=trainer.strategy.root_device)
+            received, due = trainer.strategy.reduce(mine, reduce_op="max").tolist()
+            return int(received), bool(due)
+        mine = torch.tensor([self.signals.received or 0, int(due)])  # on the host, as the group is
+        torch.distributed.all_reduce(mine, op=torch.distributed.ReduceOp.MAX, group=self._control)
+        received, due = mine.tolist()
         return int(received), bool(due)
 
     def _stop(self, trainer, signum: int) -> None:
