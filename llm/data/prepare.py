@@ -268,8 +268,9 @@ def prepare(cfg: PrepareConfig, log=print) -> Path:
         if (out / "meta.json").is_file():  # prepared by another process (another node) while this one waited
             log(f"prepared data: {out} (cached, prepared by another process)")
             return out
-        if cfg.text and left_out(cfg.text):
-            log(left_out(cfg.text))
+        skipped = left_out(cfg.text) if cfg.text else None
+        if skipped:
+            log(skipped)
         try:
             meta = _prepare_atomically(out, cfg, source, log)
         except Exception as exc:
