@@ -76,8 +76,12 @@ def wait_in_log(slurm: SlurmCluster, job: str, log: Path, pattern: str, timeout:
 
 def restart_now(slurm: SlurmCluster, job: str) -> None:
     """SLURM holds a requeued job for 120 s before it may start again (its begin time); a test
-    brings that forward, as an administrator can, and leaves the rest to SLURM."""
+    brings that forward, as an administrator can, and leaves the rest to SLURM. Not within the
+    second in which slurmd revoked the credential of the run it ended (before the job is PENDING):
+    slurmd compares whole seconds and refuses a credential issued in that one, and the job then
+    FAILs without running (slurm's cred.c: ctime <= revoked), which a job waiting 120 s never meets."""
     slurm.wait_for(job, {"PENDING"}, timeout=120)
+    time.sleep(1.05 - time.time() % 1)  # into the next whole second
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
 
@@ -136,7 +140,8 @@ def test_a_preempted_job_saves_requeues_itself_and_continues_to_the_same_losses(
         restart_now(slurm, job)
         state = slurm.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300)
         text = log_text(log)
-        assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-3000:]
+        restarted = state["JobState"] == "COMPLETED" and state["Restarts"] == "1"
+        assert restarted, f"{state}\n{text[-3000:]}\n{slurm.logs()}"  # SLURM's own logs say why a start failed
         stopped = re.search(rf"^stopped: SIGUSR1 at step (\d+); saved (\S+); requeueing SLURM job {job}$", text, re.M)
         at = int(stopped.group(1))
         assert stopped.group(2) == f"runs/{experiment}-{job}/checkpoints/step-{at:06d}.ckpt"
