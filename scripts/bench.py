@@ -3,26 +3,29 @@ tokenizer loop, in one process; a table on the terminal and one JSON file.
 
 A path is a way to train: eager, compiled, or a ZeRO preset. Its reference is a plain PyTorch loop
 (scripts/raw_loop.py), or for a ZeRO preset DeepSpeed's own engine with the same config, driven
-by hand. The two sides of a path run the same model, data, optimizer, schedule, clipping and
-precision, interleaved in blocks (trainer, reference, then reference, trainer, ...) after warm-up,
+by hand. The two sides of a path run the same model, data, optimizer, schedule, clipping, precision
+and gradient accumulation, interleaved in blocks (trainer, reference, then reference, trainer, ...),
 because absolute times on a shared machine drift by 20% from one minute to the next and only a
-ratio taken side by side means anything. Step time is the wall time between the ends of
-consecutive optimizer steps, data loading included; compilation happens in the warm-up steps. The
-trainer side is Lightning's Trainer with the run's LanguageModel, strategy, TokenDataModule,
-PerformanceMonitor and CSV logging, without validation and checkpoints (they are not per-step
-costs).
+ratio taken side by side means anything. A block compiles afresh (Dynamo reset) in its warm-up
+steps; the device is synchronised only at the two edges of its measured steps, as a run waits for
+it only at logging steps, and the step time is the time between them per optimizer step, data
+loading included. Between the edges each side's host synchronisations are counted
+(llm/train/host_syncs.py) and reported per optimizer step, with the lines that asked for them.
+The trainer side is Lightning's Trainer with the run's LanguageModel, strategy, TokenDataModule,
+every callback of a run and CSV logging, without validation (not a per-step cost).
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +38,6 @@ import yaml  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as `python -m llm` sets it
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # lightning 2.6 on torch 2.13
 
 from bench_distill import compare_distill, distill_line  # noqa: E402
 from bench_paths import BenchPath, device, reference_block, trainer_block  # noqa: E402
@@ -55,14 +57,17 @@ def compare(
     name: str,
     precision: str,
     data_kwargs: dict,
+    data_folder: Path,
     vocab: int,
     rounds: int,
     steps: int,
     warmup: int,
+    accumulation: int,
     tmp: Path,
 ) -> dict:
-    """Median step time, tokens/s, MFU and peak memory of a path through the trainer and through its
-    reference, and their ratio."""
+    """Step time (the median over blocks of each block's time between its synchronised edges, per
+    step), tokens/s, MFU, peak memory and host synchronisations per optimizer step of a path through
+    the trainer and through its reference, and their ratio."""
     from llm.train.monitor import training_dtype
     from llm.train.peaks import find_peak
 
@@ -70,26 +75,32 @@ def compare(
     config = ModelConfig(**{**fields, "vocab_size": fields.get("vocab_size") or vocab})
     data_kwargs = {**data_kwargs, "block_size": config.block_size, "batch_size": batch}
     peak = find_peak(device(), training_dtype(precision))
-    times = {"trainer": [], "reference": []}
-    cpu_times = {"trainer": [], "reference": []}
-    memory = {"trainer": 0.0, "reference": 0.0}
+    sides = ("trainer", "reference")
+    blocks: dict[str, list[float]] = {side: [] for side in sides}  # each block's step time
+    times: dict[str, list[float]] = {side: [] for side in sides}  # each step's, as the host saw it
+    cpu_times: dict[str, list[float]] = {side: [] for side in sides}
+    memory = dict.fromkeys(sides, 0.0)
+    syncs = {side: collections.Counter() for side in sides}  # where the host waited, over every block
+    step_syncs: dict[str, list[int]] = {side: [] for side in sides}  # how often, in each measured step
     paired = []  # trainer / reference per round: the two blocks of a round ran next to each other in time
     for r in range(rounds):
-        medians = {}
-        for side in ("trainer", "reference") if r % 2 == 0 else ("reference", "trainer"):
+        for side in sides if r % 2 == 0 else sides[::-1]:
             if device().type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+            blocks_of = (warmup, steps, accumulation)
             if side == "trainer":
-                clock = trainer_block(path, config, data_kwargs, precision, steps + warmup, tmp)
+                clock = trainer_block(path, config, data_kwargs, data_folder, precision, *blocks_of, tmp)
             else:
-                clock = reference_block(path, config, data_kwargs, precision, steps + warmup)
-            times[side] += clock.step_times(warmup)
-            cpu_times[side] += clock.step_times(warmup, cpu=True)
-            medians[side] = statistics.median(clock.step_times(warmup))
+                clock = reference_block(path, config, data_kwargs, precision, *blocks_of)
+            blocks[side].append(clock.block_step_seconds())
+            times[side] += clock.step_times()
+            cpu_times[side] += clock.step_times(cpu=True)
             memory[side] = max(memory[side], clock.peak)
-        paired.append(medians["trainer"] / medians["reference"])
-    tokens_per_step = batch * config.block_size
+            syncs[side].update(clock.syncs.counts)
+            step_syncs[side] += clock.step_syncs
+        paired.append(blocks["trainer"][-1] / blocks["reference"][-1])
+    tokens_per_step = batch * config.block_size * accumulation
     fpt = flops_per_token(config)
     result = {
         "path": path.name,
@@ -100,6 +111,7 @@ def compare(
         "params": count_params(config),
         "precision": precision,
         "batch": batch,
+        "accumulation": accumulation,
         "block_size": config.block_size,
         "tokens_per_step": tokens_per_step,
         "flops_per_token": fpt,
@@ -107,17 +119,21 @@ def compare(
         "peak_flops_source": peak.source,
         "steps_measured": len(times["trainer"]),
     }
-    for side, values in times.items():
-        median = statistics.median(values)
-        q = statistics.quantiles(values, n=10) if len(values) > 1 else [median] * 9
+    for side in sides:
+        median = statistics.median(blocks[side])
+        q = statistics.quantiles(times[side], n=10) if len(times[side]) > 1 else times[side] * 9
         result[side] = {
             "median_step_seconds": median,
+            "block_step_seconds": blocks[side],
             "p10_step_seconds": q[0],
             "p90_step_seconds": q[-1],
             "tokens_per_sec": tokens_per_step / median,
             "mfu": tokens_per_step / median * fpt / peak.flops,
             "peak_memory_gib": memory[side] / 2**30,
             "median_cpu_seconds_per_step": statistics.median(cpu_times[side]),
+            "host_syncs_per_step": syncs[side].total() / len(times[side]),
+            "host_syncs": {where: n / len(times[side]) for where, n in sorted(syncs[side].items())},
+            "host_syncs_each_step": step_syncs[side],
         }
     trainer, reference = result["trainer"], result["reference"]
     result["ratio_trainer_to_reference"] = trainer["median_step_seconds"] / reference["median_step_seconds"]
@@ -210,6 +226,7 @@ def bench(
     rounds: int | None = None,
     steps: int | None = None,
     warmup: int = 2,
+    accumulation: int | None = None,
     num_workers: int = 0,
     distill: bool = True,
 ) -> dict:
@@ -224,8 +241,10 @@ def bench(
         models: which of tiny, 10m, gpt2-124m (default: tiny and 10m; tiny alone when quick)
         precisions: 32-true and/or bf16-mixed (default: both on CPU, bf16-mixed on GPU)
         rounds: blocks per side, alternating which side goes first (default 4 on CPU, 2 on GPU; 1 when quick)
-        steps: measured steps per block (default 10; 3 when quick)
-        warmup: steps per block before measuring
+        steps: measured optimizer steps per block (default 10 on a GPU, 4 on CPU; 3 when quick)
+        warmup: optimizer steps per block before measuring (compilation happens there)
+        accumulation: micro-batches per optimizer step on both sides (default 8, as the recipes
+            accumulate; 2 when quick)
         num_workers: DataLoader workers on both sides
         distill: time the tiny model's step distilled from the 10m one against its plain step
     """
@@ -236,6 +255,7 @@ def bench(
     from llm.train.loggers import quiet_lightning
 
     quiet_lightning()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # not the devices' lines, per block
     datasets.disable_progress_bars()  # the bench prints its own lines
     gpu = torch.cuda.is_available()
     paths = paths or (["eager", "compiled", "zero1", "zero2", "zero3"] if gpu else ["eager"])
@@ -243,7 +263,9 @@ def bench(
     models = models or (["tiny"] if quick else ["gpt2-124m"] if gpu else ["tiny", "10m"])
     precisions = precisions or (["bf16-mixed"] if gpu else ["32-true", "bf16-mixed"])
     # a GPU's step times vary far less than those of a shared 2-core VM: fewer rounds say as much
-    rounds, steps = rounds or (1 if quick else 2 if gpu else 4), steps or (3 if quick else 10)
+    # each step is `accumulation` micro-batches: on a 2-core CPU 4 steps a block take what 10 take on a GPU
+    rounds, steps = rounds or (1 if quick else 2 if gpu else 4), steps or (3 if quick else 10 if gpu else 4)
+    accumulation = accumulation or (2 if quick else 8)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if quick:  # a small text and a small BPE
@@ -271,6 +293,7 @@ def bench(
                 "rounds": rounds,
                 "steps_per_block": steps,
                 "warmup_steps": warmup,
+                "accumulation": accumulation,
                 "num_workers": data["num_workers"],
                 "data": str(folder),
             },
@@ -283,7 +306,7 @@ def bench(
             for name in models:
                 for precision in precisions:
                     print(f"bench: {path.name} {name} {precision} ...", file=sys.stderr, flush=True)
-                    row = compare(path, name, precision, data, vocab, rounds, steps, warmup, tmp)
+                    row = compare(path, name, precision, data, folder, vocab, rounds, steps, warmup, accumulation, tmp)
                     results["training"].append(row)
         if distill:
             print("bench: distillation ...", file=sys.stderr, flush=True)
@@ -294,7 +317,10 @@ def bench(
                 for f in (student, teacher)
             ]
             precision = "bf16-mixed" if gpu else "32-true"
-            results["distillation"] = compare_distill(*configs, batch, data, precision, rounds, steps, warmup, tmp)
+            # a ratio of two step times, which accumulation does not change: one micro-batch a step
+            results["distillation"] = compare_distill(
+                *configs, batch, data, folder, precision, rounds, steps, warmup, 1, tmp
+            )
         print("bench: data preparation ...", file=sys.stderr, flush=True)
         results["data_preparation"] = prepare_bench(quick, tmp)
     eager = [r for r in results["training"] if r["path"] == "eager"]
@@ -314,8 +340,9 @@ def print_table(results: dict, out: str) -> None:
 
     table = Table(
         title="each path through the trainer and through its reference (a plain torch loop, or DeepSpeed's engine "
-        "with the same config): median step, p10-p90; overhead of the medians, and the median of the per-round "
-        "ratios (paired)",
+        "with the same config): median step over blocks, p10-p90 of the steps as the host ended them; overhead of "
+        "the medians, and the median of the per-round ratios (paired); host synchronisations per optimizer step "
+        "(bench.json names where)",
         title_justify="left",
     )
     for column in (
@@ -330,6 +357,7 @@ def print_table(results: dict, out: str) -> None:
         "peak GiB",
         "overhead",
         "paired",
+        "syncs/step",
     ):
         table.add_column(column, justify="left" if column in ("path", "model", "precision", "side") else "right")
     for r in results["training"]:
@@ -347,6 +375,7 @@ def print_table(results: dict, out: str) -> None:
                 f"{s['peak_memory_gib']:.2f}",
                 f"{r['overhead_percent']:+.1f}%" if side == "trainer" else "",
                 f"{r['overhead_percent_paired_median']:+.1f}%" if side == "trainer" else "",
+                f"{s['host_syncs_per_step']:.2f}",
             )
     console = Console(width=max(Console().width, 110))
     console.print(table)

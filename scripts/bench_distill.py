@@ -17,10 +17,12 @@ def compare_distill(
     teacher: ModelConfig,
     batch: int,
     data_kwargs: dict,
+    data_folder: Path,
     precision: str,
     rounds: int,
     steps: int,
     warmup: int,
+    accumulation: int,
     tmp: Path,
 ) -> dict:
     data_kwargs = {**data_kwargs, "block_size": student.block_size, "batch_size": batch}
@@ -29,8 +31,10 @@ def compare_distill(
     for r in range(rounds):
         for side in ("plain", "distilled") if r % 2 == 0 else ("distilled", "plain"):
             with_teacher = teacher if side == "distilled" else None
-            clock = trainer_block(eager, student, data_kwargs, precision, steps + warmup, tmp, teacher=with_teacher)
-            times[side] += clock.step_times(warmup)
+            clock = trainer_block(
+                eager, student, data_kwargs, data_folder, precision, warmup, steps, accumulation, tmp, with_teacher
+            )
+            times[side].append(clock.block_step_seconds())
     plain, distilled = (statistics.median(times[side]) for side in ("plain", "distilled"))
     # a teacher's forward pass is a third of its training FLOPs (6N + attention, llm/model.py)
     predicted = (flops_per_token(student) + flops_per_token(teacher) / 3) / flops_per_token(student)
@@ -38,7 +42,7 @@ def compare_distill(
         "precision": precision,
         "student_params": count_params(student),
         "teacher_params": count_params(teacher),
-        "tokens_per_step": batch * student.block_size,
+        "tokens_per_step": batch * student.block_size * accumulation,
         "plain_step_seconds": plain,
         "distilled_step_seconds": distilled,
         "measured_ratio": distilled / plain,

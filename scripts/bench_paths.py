@@ -1,5 +1,5 @@
-"""The two sides of a `make bench` path, each a block of optimizer steps timed one by one: the
-project's trainer (Lightning, with the run's module, strategy, data module and monitor), and its
+"""The two sides of a `make bench` path, each a block of optimizer steps: the project's trainer
+(Lightning, with the run's module, strategy, data module and every callback of a run), and its
 reference (scripts/raw_loop.py: a plain torch loop, or DeepSpeed's engine driven by hand)."""
 
 from __future__ import annotations
@@ -17,25 +17,48 @@ from llm.model import ModelConfig, flops_per_token
 
 
 class StepClock:
-    """Wall-clock times at the end of each optimizer step (after a device sync on GPU)."""
+    """The ends of a block's optimizer steps. The device is synchronised only at the two edges of the
+    measured part, the end of the warm-up and the last step, as a run waits for it only at logging
+    steps: the block's step time is the time between the edges over the steps, and each step's own
+    time is when the host finished it (on a GPU: queued it). Between the edges `syncs` counts where
+    the host waited for the device (llm/train/host_syncs.py)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device, warmup: int, steps: int):
+        from llm.train.host_syncs import HostSyncs
+
+        assert warmup >= 1, "the measured part starts at the end of a warm-up step"
+        self.device, self.warmup, self.steps = device, warmup, steps
+        self.syncs = HostSyncs(device, skip=(__file__,))
+        self.step_syncs: list[int] = []  # host synchronisations in each measured step
         self.times: list[float] = []
         self.cpu: list[float] = []  # process CPU seconds (all threads): what steal time on a shared host leaves alone
         self.peak = 0.0
 
-    def tick(self, device: torch.device) -> None:
+    def tick(self) -> None:
         from llm.train.monitor import memory_bytes
 
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        done = len(self.times) + 1
+        if done > self.warmup + self.steps:  # past the measured steps (the trainer's last one)
+            return
+        if self.syncs.counting:  # the end of a measured step: what it synchronised since the last end
+            self.step_syncs.append(self.syncs.total() - sum(self.step_syncs))
+        edge = done in (self.warmup, self.warmup + self.steps)
+        if edge:
+            self.syncs.counting = False  # the clock's own wait is not the path's
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.peak = max(self.peak, memory_bytes(self.device)[2 if self.device.type == "cuda" else 0])
         self.times.append(time.perf_counter())
         self.cpu.append(time.process_time())
-        self.peak = max(self.peak, memory_bytes(device)[2 if device.type == "cuda" else 0])
+        self.syncs.counting = self.warmup <= done < self.warmup + self.steps
 
-    def step_times(self, warmup: int, cpu: bool = False) -> list[float]:
-        ticks = self.cpu if cpu else self.times
-        return [b - a for a, b in zip(ticks[warmup:], ticks[warmup + 1 :], strict=False)]
+    def block_step_seconds(self) -> float:
+        """Between the synchronised edges, per optimizer step."""
+        return (self.times[self.warmup + self.steps - 1] - self.times[self.warmup - 1]) / self.steps
+
+    def step_times(self, cpu: bool = False) -> list[float]:
+        ticks = (self.cpu if cpu else self.times)[self.warmup - 1 : self.warmup + self.steps]
+        return [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
 
 
 @dataclass(frozen=True)
@@ -74,7 +97,9 @@ def device() -> torch.device:
 def optimizer_config():
     from llm.config import OptimizerConfig
 
-    return OptimizerConfig(lr=3e-3, warmup_steps=2)
+    # torch's fused AdamW, as a GPU run uses it, on a CPU too: there the unfused one reads its step
+    # counters and the skip flag on the host, which a GPU run does not, and the count would say so
+    return OptimizerConfig(lr=3e-3, warmup_steps=2, fused=True)
 
 
 def strategy_for(path: BenchPath, batch: int):
@@ -88,41 +113,59 @@ def trainer_block(
     path: BenchPath,
     config: ModelConfig,
     data_kwargs: dict,
+    data_folder: Path,
     precision: str,
+    warmup: int,
     steps: int,
+    accumulation: int,
     tmp: Path,
     teacher: ModelConfig | None = None,
-):
-    """A block of steps through the trainer; with `teacher`, distilled from a frozen model of that
-    architecture (its weights do not change the step's time)."""
+) -> StepClock:
+    """A block of steps through the trainer with every callback of a run (llm/train/callbacks.py
+    run_callbacks: the monitor, the skip of non-finite steps, the collective timeout, the checkpoints
+    and their stop on signals, the progress lines) and CSV logging. Validation is off and the one
+    save comes after the last step: neither is a cost of every step. Logging is every 10 steps, as
+    `make train` logs; the run takes one step past the measured ones, so that the last of those is
+    not the run's final step, which always logs. With `teacher`, distilled from a frozen model of
+    that architecture (its weights do not change the step's time)."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
+    from llm.checkpoint import CheckpointFolder
+    from llm.config import RunOptions
     from llm.data.datamodule import TokenDataModule
+    from llm.train.callbacks import RunInfo, run_callbacks
     from llm.train.loggers import RunCSVLogger
     from llm.train.module import LanguageModel
     from llm.train.monitor import PerformanceMonitor
+    from llm.train.saving import Checkpoints
 
-    clock = StepClock()
+    clock = StepClock(device(), warmup, steps)
 
     class Tick(Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
-            clock.tick(pl_module.device)
+            if trainer.global_step > len(clock.times):  # the end of an optimizer step, not an accumulating batch
+                clock.tick()
 
+    folder = tmp / f"trainer-{time.monotonic_ns()}"
+    checkpoints = Checkpoints(CheckpointFolder(folder / "checkpoints"), save_every=10**9, keep_last=1)
+    callbacks = run_callbacks(
+        PerformanceMonitor(flops_per_token(config)), checkpoints, RunInfo({}, data_folder), RunOptions()
+    )
+    torch.compiler.reset()  # a fresh compile per block: Dynamo's recompile limit would fall back to eager
     trainer = L.Trainer(
         accelerator="auto",
         devices=1,
         strategy=strategy_for(path, data_kwargs["batch_size"]),
         precision=precision,
-        max_steps=steps,
+        max_steps=warmup + steps + 1,
+        accumulate_grad_batches=accumulation,
         gradient_clip_val=1.0,
-        logger=RunCSVLogger(str(tmp / f"csv-{time.monotonic_ns()}")),
+        logger=RunCSVLogger(str(folder)),
         log_every_n_steps=10,
-        callbacks=[Tick(), PerformanceMonitor(flops_per_token(config))],
+        callbacks=[Tick(), *callbacks],
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
@@ -131,34 +174,41 @@ def trainer_block(
         from llm.model import Transformer
 
         model.use_teacher(Transformer(teacher))
-    with contextlib.redirect_stdout(io.StringIO()):  # the monitor's line about the peak, once per block
+    # the progress lines and the monitor's line about the peak go to stdout, once per block
+    with clock.syncs, contextlib.redirect_stdout(io.StringIO()):
         trainer.fit(model, datamodule=TokenDataModule(**data_kwargs))
     return clock
 
 
-def reference_block(path: BenchPath, config: ModelConfig, data_kwargs: dict, precision: str, steps: int):
+def reference_block(
+    path: BenchPath, config: ModelConfig, data_kwargs: dict, precision: str, warmup: int, steps: int, accumulation: int
+) -> StepClock:
     from raw_loop import deepspeed_engine_steps, engine_config, raw_training_steps
 
     from llm.data.datamodule import TokenDataModule
     from llm.model import Transformer
 
-    clock = StepClock()
+    clock = StepClock(device(), warmup, steps)
+    total = warmup + steps
     data = TokenDataModule(**data_kwargs)
     data.setup("fit")
-    loader = data.train_loader(rank=0, world_size=1, start_batch=0, end_batch=steps)
+    loader = data.train_loader(rank=0, world_size=1, start_batch=0, end_batch=total * accumulation)
     model = Transformer(config)
-    tick = lambda step: clock.tick(device())  # noqa: E731
-    if path.deepspeed is None:
-        raw_training_steps(
-            model, loader, optimizer_config(), precision, steps, device(), steps, compile=path.compile, on_step=tick
-        )
-        return clock
-    ensure_process_group()
-    preset = strategy_for(path, data_kwargs["batch_size"]).config  # with the trainer's one-process changes
-    ds_config = engine_config(preset, data_kwargs["batch_size"], precision)
-    if path.compile:
-        model.compile()  # as the trainer compiles it: the Transformer and its loss, before the engine wraps it
-    deepspeed_engine_steps(model, loader, optimizer_config(), ds_config, steps, device(), steps, on_step=tick)
+    torch.compiler.reset()
+    tick = lambda step: clock.tick()  # noqa: E731
+    with clock.syncs:
+        if path.deepspeed is None:
+            raw_training_steps(
+                model, loader, optimizer_config(), precision, total, device(), total, accumulation,
+                compile=path.compile, on_step=tick,
+            )  # fmt: skip
+            return clock
+        ensure_process_group()
+        preset = strategy_for(path, data_kwargs["batch_size"]).config  # with the trainer's one-process changes
+        ds_config = engine_config(preset, data_kwargs["batch_size"], accumulation, precision)
+        if path.compile:
+            model.compile()  # as the trainer compiles it: the Transformer and its loss, before the engine wraps it
+        deepspeed_engine_steps(model, loader, optimizer_config(), ds_config, total, device(), total, on_step=tick)
     return clock
 
 

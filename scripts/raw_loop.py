@@ -27,11 +27,13 @@ def raw_training_steps(
     steps: int,
     device: torch.device,
     max_steps: int,
+    accumulation: int = 1,
     clip: float = 1.0,
     compile: bool = False,
     on_step: Callable[[int], None] | None = None,
 ) -> None:
-    """Train `steps` optimizer steps; call on_step(step) after each one (the caller times it)."""
+    """Train `steps` optimizer steps of `accumulation` micro-batches each; call on_step(step) after
+    each one (the caller times it)."""
     model.to(device).train()
     if compile:
         model.compile()
@@ -42,10 +44,11 @@ def raw_training_steps(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed", cache_enabled=False)
     batches = iter(loader)
     for step in range(steps):
-        batch = next(batches).to(device, non_blocking=True)
-        with autocast:
-            loss = model(batch[:, :-1], targets=batch[:, 1:])
-        loss.backward()
+        for _ in range(accumulation):
+            batch = next(batches).to(device, non_blocking=True)
+            with autocast:
+                loss = model(batch[:, :-1], targets=batch[:, 1:])
+            (loss / accumulation).backward()  # the mean over the micro-batches, as Lightning scales it
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -54,13 +57,13 @@ def raw_training_steps(
             on_step(step)
 
 
-def engine_config(preset: dict, micro_batch: int, precision: str, clip: float = 1.0) -> dict:
+def engine_config(preset: dict, micro_batch: int, accumulation: int, precision: str, clip: float = 1.0) -> dict:
     """The DeepSpeed config the trainer's strategy hands to DeepSpeed for this preset: the preset, and
     the micro batch, accumulation, clipping and precision that Lightning fills in from the trainer."""
     config = {
         **preset,
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": clip,
         "zero_allow_untested_optimizer": True,
     }
@@ -79,7 +82,9 @@ def deepspeed_engine_steps(
     max_steps: int,
     on_step: Callable[[int], None] | None = None,
 ) -> None:
-    """Train `steps` optimizer steps with DeepSpeed's engine alone (the process group must exist)."""
+    """Train `steps` optimizer steps with DeepSpeed's engine alone (the process group must exist), of
+    the config's gradient_accumulation_steps micro-batches each: the engine steps the optimizer at
+    the last of them."""
     import deepspeed
 
     groups = param_groups(model, optim.weight_decay)
@@ -90,10 +95,11 @@ def deepspeed_engine_steps(
     )
     batches = iter(loader)
     for step in range(steps):
-        batch = next(batches).to(engine.device, non_blocking=True)
-        loss = engine(batch[:, :-1], targets=batch[:, 1:])
-        engine.backward(loss)
-        engine.step()
+        for _ in range(engine.gradient_accumulation_steps()):
+            batch = next(batches).to(engine.device, non_blocking=True)
+            loss = engine(batch[:, :-1], targets=batch[:, 1:])
+            engine.backward(loss)  # the engine scales the loss by the accumulation
+            engine.step()
         if on_step is not None:
             on_step(step)
     engine.destroy()

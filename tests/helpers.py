@@ -279,83 +279,36 @@ class StepSleep(Callback):
 
 
 class HostReads(Callback):
-    """Counts the reads of a tensor's value by the host, and the tensors made from Python values on
-    a device, between the start of a batch and the start of the next, for every batch whose
-    optimizer step is not a logging step (nor the last): there a run should not wait for the
-    device. Writes {"counted_steps": batches counted, "reads": {what and where: count}} to
-    <run>/host-reads-rank<r>.json.
-    Lightning's own per-batch broadcast of a stop flag (multi-process runs) is named apart."""
-
-    READS = ("item", "tolist", "cpu", "__float__", "__int__", "__bool__", "__index__")
+    """Counts the host's reads of tensors and the tensors made from Python values on a device
+    (llm/train/host_syncs.py) between the start of a batch and the start of the next, for every
+    batch whose optimizer step is not a logging step (nor the last): there a run should not wait
+    for the device. Writes {"counted_steps": batches counted, "reads": {what and where: count}} to
+    <run>/host-reads-rank<r>.json. On a CPU every read counts, as the one a GPU run would make."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        import collections
+        from llm.train.host_syncs import HostSyncs
 
-        self.reads, self.counting, self.counted_steps = collections.Counter(), False, 0
+        self.syncs, self.counted_steps = HostSyncs(trainer.strategy.root_device, skip=(__file__,)), 0
 
     def on_train_start(self, trainer, pl_module) -> None:
-        import traceback
-
-        import torch
-
-        probe = self
-        self.originals = {name: getattr(torch.Tensor, name) for name in self.READS}
-        self.tensor = torch.tensor
-
-        def where() -> str:
-            frames = [f for f in traceback.extract_stack()[:-2] if "tests/helpers.py" not in f.filename]
-            frame = frames[-1]
-            repository = str(Path(__file__).resolve().parents[1]) + "/"  # wherever the clone is
-            return f"{frame.filename.split('site-packages/')[-1].removeprefix(repository)}:{frame.lineno}"
-
-        def counted(name):
-            original = self.originals[name]
-
-            def read(tensor, *args, **kwargs):
-                if probe.counting:
-                    probe.counting = False  # the reads inside this one are not counted again
-                    try:
-                        probe.reads[f"{name} {where()}"] += 1
-                    finally:
-                        probe.counting = True
-                return original(tensor, *args, **kwargs)
-
-            return read
-
-        def made(*args, **kwargs):
-            if probe.counting and kwargs.get("device") is not None:
-                probe.counting = False
-                try:
-                    probe.reads[f"torch.tensor(device=) {where()}"] += 1
-                finally:
-                    probe.counting = True
-            return probe.tensor(*args, **kwargs)
-
-        for name in self.READS:
-            setattr(torch.Tensor, name, counted(name))
-        torch.tensor = made
+        self.syncs.__enter__()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step + 1  # the optimizer step this batch belongs to
-        if self.counting:
+        if self.syncs.counting:
             self.counted_steps += 1
         # not a logging step, not the last, and past the first two (which build what the run keeps)
-        self.counting = bool(step % trainer.log_every_n_steps) and 2 < step < trainer.max_steps
+        self.syncs.counting = bool(step % trainer.log_every_n_steps) and 2 < step < trainer.max_steps
 
     def teardown(self, trainer, pl_module, stage: str) -> None:  # also after a failure: torch as it was
-        import torch
-
-        self.counting = False
-        for name, original in getattr(self, "originals", {}).items():
-            setattr(torch.Tensor, name, original)
-        if hasattr(self, "tensor"):
-            torch.tensor = self.tensor
+        self.syncs.__exit__(None, None, None)
 
     def on_train_end(self, trainer, pl_module) -> None:
         import json
 
-        self.teardown(trainer, pl_module, "fit")
-        result = {"counted_steps": self.counted_steps, "reads": dict(self.reads)}
+        self.syncs.__exit__(None, None, None)
+        result = {"counted_steps": self.counted_steps, "reads": dict(self.syncs.counts)}
         path = f"{trainer.default_root_dir}/host-reads-rank{trainer.global_rank}.json"
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
+

@@ -50,3 +50,30 @@ def test_between_logging_steps_two_processes_read_only_what_lightning_and_the_ho
         assert [(k.split(" ")[0], k.split(" ")[1].split(":")[0], v) for k, v in ours.items()] == [
             ("tolist", "llm/train/saving.py", 7)
         ], reads  # the stop flag, once per optimizer step, made without device=
+
+
+def test_the_counter_names_each_read_of_a_device_tensor_and_leaves_torch_as_it_was():
+    """llm/train/host_syncs.py, which the probe above and `make bench` count with: a read of a tensor
+    on the counted device's type, or a tensor made there from Python values, counts once, named by
+    the line that asked; not while counting is off; on a GPU, not a read of a host tensor."""
+    import inspect
+
+    import torch
+
+    from llm.train.host_syncs import HostSyncs
+
+    originals = (torch.Tensor.item, torch.Tensor.__bool__, torch.tensor)
+    x = torch.arange(4.0)
+    with HostSyncs(torch.device("cpu")) as cpu:
+        cpu.counting = True
+        x.sum().item(), bool(x[0]), x.tolist(), torch.tensor([1.0], device="cpu")
+        line = inspect.currentframe().f_lineno - 1
+        cpu.counting = False
+        x.sum().item()  # not counted
+    here = f"tests/test_host_reads.py:{line}"
+    assert dict(cpu.counts) == {f"{w} {here}": 1 for w in ("item", "__bool__", "tolist", "torch.tensor(device=)")}
+    assert (torch.Tensor.item, torch.Tensor.__bool__, torch.tensor) == originals
+    with HostSyncs(torch.device("cuda")) as gpu:  # a host tensor's read waits for no GPU
+        gpu.counting = True
+        x.sum().item(), torch.tensor([1.0], device="cpu")
+    assert gpu.total() == 0 and torch.tensor is originals[2]

@@ -314,11 +314,21 @@ def test_make_bench_quick_writes_json(tmp_path, gpt2_tokenizer):  # bench's data
     bench = json.loads(out.read_text())
     rows = {(r["path"], r["precision"]): r for r in bench["training"]}
     assert set(rows) == {(p, q) for p in ("eager", "compiled", "zero2") for q in ("32-true", "bf16-mixed")}
+    assert bench["settings"]["accumulation"] == 2  # quick: 2 micro-batches per optimizer step (8 otherwise)
     for (path, _), r in rows.items():
         assert r["reference_kind"] == ("deepspeed engine" if path == "zero2" else "torch loop")
         assert r["compile"] is (path == "compiled") and r["deepspeed"] == ("zero2" if path == "zero2" else None)
+        assert r["accumulation"] == 2 and r["tokens_per_step"] == r["batch"] * r["block_size"] * 2
         for side in ("trainer", "reference"):
             assert r[side]["median_step_seconds"] > 0 and r[side]["tokens_per_sec"] > 0 and 0 < r[side]["mfu"] < 1
+            each = r[side]["host_syncs_each_step"]  # the measured steps 3, 4 and 5, none a logging step
+            assert len(each) == 3 and sum(each) / 3 == pytest.approx(r[side]["host_syncs_per_step"])
+            assert sum(r[side]["host_syncs"].values()) == pytest.approx(r[side]["host_syncs_per_step"])
+        # between logging steps the trainer waits for the device no more than its reference does: not
+        # at all on the plain paths, only DeepSpeed's own waits under ZeRO
+        trainer, reference = r["trainer"]["host_syncs_each_step"], r["reference"]["host_syncs_each_step"]
+        assert trainer == reference, (path, r["trainer"]["host_syncs"], r["reference"]["host_syncs"])
+        assert reference == ([0, 0, 0] if path != "zero2" else [reference[0]] * 3) and (path != "zero2" or reference[0])
         assert r["ratio_trainer_to_reference"] == pytest.approx(
             r["trainer"]["median_step_seconds"] / r["reference"]["median_step_seconds"]
         )

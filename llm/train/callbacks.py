@@ -1,5 +1,6 @@
 """The run's own Lightning callbacks: validate at the last step, log resumed steps under their own
-number, and make every checkpoint self-contained (config, tokenizer, random states)."""
+number, and make every checkpoint self-contained (config, tokenizer, random states); and the whole
+set a training run uses, in order (`run_callbacks`: `make train` and `make bench` alike)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,31 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from llm import compat
-from llm.config import CHECKPOINT_FORMAT
+from llm.config import CHECKPOINT_FORMAT, RunOptions
+from llm.launch.collectives import CollectiveTimeout
 from llm.redact import scrub, scrub_text
 from llm.train import universal
+from llm.train.guards import NonFiniteSteps
+from llm.train.monitor import PerformanceMonitor
+from llm.train.progress import progress_bar
+from llm.train.saving import Checkpoints
+
+
+def run_callbacks(
+    monitor: PerformanceMonitor, checkpoints: Checkpoints, run_info: RunInfo, options: RunOptions
+) -> list[Callback]:
+    """Every callback of a training run besides the user's, in the order Lightning calls them: the
+    monitor first, so that the progress lines of a logging step show what it has just measured."""
+    return [
+        monitor,
+        NonFiniteSteps(options.max_skipped_steps),
+        CollectiveTimeout(options.collective_timeout),
+        checkpoints,
+        ValidateAtEnd(),
+        LoggingStepOnResume(),
+        run_info,
+        progress_bar(),
+    ]
 
 
 class ValidateAtEnd(Callback):

@@ -12,7 +12,6 @@ import os
 import sys
 import time
 import typing
-import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -28,16 +27,13 @@ from llm.data.datamodule import TokenDataModule
 from llm.data.prepare import load_meta
 from llm.errors import ConfigError, OneLineErrors
 from llm.launch import agreement
-from llm.launch.collectives import CollectiveTimeout
 from llm.model import count_params, flops_per_token
 from llm.redact import scrub
 from llm.train import distill, preflight, resume, run_folder, universal
-from llm.train.callbacks import LoggingStepOnResume, RunInfo, ValidateAtEnd
-from llm.train.guards import NonFiniteSteps
+from llm.train.callbacks import RunInfo, run_callbacks
 from llm.train.loggers import RunWandbLogger, make_loggers, quiet_lightning
 from llm.train.module import LanguageModel
 from llm.train.monitor import PerformanceMonitor, tokens_per_optimizer_step
-from llm.train.progress import progress_bar
 from llm.train.saving import Checkpoints
 from llm.train.strategy import build_strategy
 from llm.train.summary import strategy_label, write_summary
@@ -173,16 +169,7 @@ class LLMCLI(LightningCLI):
         folder = CheckpointFolder(self.run_dir / "checkpoints")
         self.checkpoints = Checkpoints(folder, every, options.keep_last, options.save_every_minutes)
         self.run_info = RunInfo(resolved, self.data_folder, self.resume_from)
-        callbacks += [  # the monitor first: the progress lines of a logging step show what it has just measured
-            self.monitor,
-            NonFiniteSteps(options.max_skipped_steps),
-            CollectiveTimeout(options.collective_timeout),
-            self.checkpoints,
-            ValidateAtEnd(),
-            LoggingStepOnResume(),
-            self.run_info,
-            progress_bar(),
-        ]
+        callbacks += run_callbacks(self.monitor, self.checkpoints, self.run_info, options)
         loggers = make_loggers(
             self.run_dir, options.experiment, options.wandb_project, options.wandb_entity, run_tags(run, cfg)
         )
@@ -313,18 +300,6 @@ def fit_main() -> None:
     it is in the processes it starts."""
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them; no effect on CPU
     quiet_lightning()
-    # lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; nothing for a user to do
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    # LanguageModel.configure_gradient_clipping clips under bf16 autocast only and defers to Lightning
-    # otherwise; under DeepSpeed the engine clips, at trainer.gradient_clip_val, as Lightning sets it
-    warnings.filterwarnings("ignore", message=r"Since DeepSpeed handles gradient clipping internally")
-    # a machine with SLURM's commands, where a run outside a job is what was asked (make slurm submits one)
-    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
-    # torch 2.13 deprecates collectives that DeepSpeed (ZeRO's gathers) and Lightning (all_gather,
-    # for the memory of every rank) still call: each says so once per process, and nothing in this
-    # project calls them; the libraries' next releases move
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
     try:
         LLMCLI()
     finally:

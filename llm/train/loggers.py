@@ -9,6 +9,7 @@ import os
 import secrets
 import string
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
@@ -232,12 +233,25 @@ class _DropNoise(logging.Filter):
 
 
 def quiet_lightning() -> None:
+    """Leave out what the libraries print that says nothing to a user of this project."""
     for name in (
         "lightning.pytorch.utilities.rank_zero",
         "lightning.fabric.utilities.rank_zero",
         "lightning.fabric.utilities.seed",
     ):
         logging.getLogger(name).addFilter(_DropNoise())
+    # lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; nothing for a user to do
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # LanguageModel.configure_gradient_clipping clips under bf16 autocast only and defers to Lightning
+    # otherwise; under DeepSpeed the engine clips, at trainer.gradient_clip_val, as Lightning sets it
+    warnings.filterwarnings("ignore", message=r"Since DeepSpeed handles gradient clipping internally")
+    # a machine with SLURM's commands, where a run outside a job is what was asked (make slurm submits one)
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
+    # torch 2.13 deprecates collectives that DeepSpeed (ZeRO's gathers) and Lightning (all_gather,
+    # for the memory of every rank) still call: each says so once per process, and nothing in this
+    # project calls them; the libraries' next releases move
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 
 def make_loggers(
