@@ -312,3 +312,18 @@ class HostReads(Callback):
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
 
+
+class AccumulationProbe(Callback):
+    """Writes <run>/accumulation.json at the start of training: the optimizer DeepSpeed built (its
+    ZeRO optimizer, or another one it chose instead) and the dtype it sums the micro-batches'
+    gradients in."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import json
+
+        optimizer = trainer.optimizers[0]
+        dtype = getattr(optimizer, "gradient_accumulation_dtype", None)
+        result = {"optimizer": type(optimizer).__name__, "accumulation_dtype": str(dtype)}
+        result["parameters_dtype"] = str(next(pl_module.parameters()).dtype)
+        with open(f"{trainer.default_root_dir}/accumulation.json", "w") as f:
+            json.dump(result, f)

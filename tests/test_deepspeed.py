@@ -35,7 +35,9 @@ from support import (
     COMPILE,
     RUN_ENV,
     STEPS,
+    TINY,
     assert_refused,
+    callbacks,
     column,
     llm_here,
     losses,
@@ -206,6 +208,36 @@ def test_presets_leave_out_deepspeeds_timer_and_say_how_bf16_steps_are_checked(p
     assert strategy.config["timers"] == {"throughput": {"enabled": False}}
     assert strategy.config["bf16"] == {"enabled": True, "check_grad_overflow": True}
     assert "bf16" not in build_strategy(preset, None, batch_size=4, on_gpu=False, world_size=2).config
+
+
+@pytest.mark.parametrize(
+    "preset, optimizer, summed_in",
+    [
+        ("zero2", "DeepSpeedZeroOptimizer", "torch.float32"),
+        pytest.param("zero3", "DeepSpeedZeroOptimizer_Stage3", "torch.float32", marks=pytest.mark.long),
+        # ZeRO-1 keeps its ZeRO optimizer, and with it bf16 sums (llm/train/strategy.py says why)
+        pytest.param("zero1", "DeepSpeedZeroOptimizer", "torch.bfloat16", marks=pytest.mark.long),
+    ],
+)
+def test_bf16_runs_sum_the_micro_batches_gradients_in_float32(
+    tmp_path, fixture_text, data_cache, preset, optimizer, summed_in
+):
+    """DeepSpeed sums the gradients of accumulated micro-batches in the model's dtype unless told
+    otherwise: 32 of them summed in bf16 lose the small terms. Under ZeRO-2 and ZeRO-3 the real
+    engine sums them in float32 while the parameters it trains are bf16, and the run trains."""
+    run = tmp_path / "run"
+    result = run_llm(
+        "fit", "--config", "configs/experiment/default.yaml", *TINY, f"--data.text={fixture_text}",
+        "--data.vocab_size=300", f"--data.cache_dir={data_cache}", f"--run={run}", "--trainer.max_steps=2",
+        "--eval_every=100", "--trainer.precision=bf16-mixed", f"--deepspeed={preset}",
+        "--trainer.accumulate_grad_batches=4", callbacks("AccumulationProbe"),
+        env={**RUN_ENV, "WANDB_MODE": "disabled"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    probe = json.loads((run / "accumulation.json").read_text())
+    assert probe == {"optimizer": optimizer, "accumulation_dtype": summed_in, "parameters_dtype": "torch.bfloat16"}
+    logged = losses(run)  # the last step logs
+    assert list(logged) == [2] and math.isfinite(logged[2])
 
 
 # --- refusals, decided before any process group: checked in this process -------------------------------

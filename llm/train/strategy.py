@@ -235,6 +235,12 @@ def build_strategy(
         # said, not left to the release's default (it changed between releases): a non-finite
         # gradient skips the step, which llm/train/guards.py counts
         config["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    if precision in ("bf16-mixed", "bf16-true") and zero and zero.get("stage") in (2, 3):
+        # the micro-batches' gradients summed in float32, as without DeepSpeed, not in the model's
+        # bf16 (DeepSpeed's default), whose 8 bits of mantissa lose the small terms of a long sum.
+        # Not under ZeRO-1: there DeepSpeed 0.19 answers fp32 by swapping its ZeRO optimizer for
+        # BF16_Optimizer, another optimizer with another checkpoint layout
+        config.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     if load_universal:  # resuming from a universal checkpoint (llm/train/universal.py)
         config.setdefault("checkpoint", {})["load_universal"] = True
     if on_gpu:
