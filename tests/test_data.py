@@ -128,11 +128,12 @@ def test_vocabulary_over_65535_is_stored_as_uint32(tmp_path):
     assert {1, 65_535, 65_536, 69_998} <= set(ids.tolist())  # nothing wrapped around at 2^16
 
 
-def test_same_inputs_are_prepared_once_and_changed_inputs_again(tmp_path):
+def test_same_inputs_are_prepared_once_and_changed_inputs_again(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
     cfg = PrepareConfig(text=str(text), vocab_size=300, cache_dir=str(tmp_path / "c"))
     first = prepare(cfg)
+    assert "reading 1 file: 100%" in capsys.readouterr().err  # one file, in the singular
     stamp = (first / "train.bin").stat().st_mtime_ns
     assert prepare(cfg) == first
     assert (first / "train.bin").stat().st_mtime_ns == stamp, "a cached preparation rewrote its shard"

@@ -195,7 +195,8 @@ def load_documents(
     where = "data.text" if source.kind == "local" else "corpus"
     total = sum(f.stat().st_size for f in source.files)
     parts = []
-    bar = bars.bar(total=total, unit="B", unit_scale=True, desc=f"reading {len(source.files):,} files")
+    files = f"{len(source.files):,} file{'s' * (len(source.files) != 1)}"
+    bar = bars.bar(total=total, unit="B", unit_scale=True, desc=f"reading {files}")
     with quiet_datasets(), bar:
         # one reader per file type; a plain-text file is one document
         for builder in dict.fromkeys(BUILDERS.get(f.suffix, "text") for f in source.files):
