@@ -8,6 +8,7 @@ TORCH ?= torch==2.13.0
 # the exact versions the test suite passed with (torch aside: TORCH= pins it); CONSTRAINTS= installs
 # the newest that pyproject.toml's ranges allow instead
 CONSTRAINTS ?= constraints.txt
+# PY= and STAMP= are the tests' hooks (tests/test_make.py)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -57,10 +58,20 @@ NAME ?=
 # `q`, so no shell reads it as code either.
 USER_VARIABLES := MODEL CONFIG TEXT HF TOKENIZER DS NVME_PATH DEVICES NNODES NODE_RANK MASTER_ADDR \
 	MASTER_PORT HOSTFILE PARTITION TIME ACCOUNT SIGNAL_LEAD LAUNCH_TIMEOUT MAX_RESTARTS PRECISION MAX_STEPS RUN RESUME INIT TEACHER FORCE \
-	QUANT CKPT PROMPT OUT GPU_MEM CPU_MEM ARGS PYTEST_ARGS STRESS_RUNS TEST_WORKERS NAME TORCH CONSTRAINTS PYTHON VENV
+	QUANT CKPT PROMPT OUT GPU_MEM CPU_MEM ARGS PYTEST_ARGS STRESS_RUNS TEST_WORKERS NAME TORCH CONSTRAINTS PYTHON VENV \
+	PY STAMP
 $(foreach v,$(USER_VARIABLES),$(if $(filter command environment,$(firstword $(origin $(v)))),\
 	$(eval override $(v) := $$(value $(v)))))
 q = '$(subst ','\'',$(1))'
+# the interpreters as a shell receives them: one quoted word each, so that PYTHON='true; rm x' names a
+# program (which is not found) rather than running two commands
+python = $(call q,$(PYTHON))
+venv_python = $(call q,$(PY))
+# .venv and its stamp are Make targets, which are words: a space (or a quote, a colon) in VENV= would
+# name other files, and `make clean` would remove them; refused in one line instead
+$(foreach v,VENV PY STAMP,$(if $(shell [[ $(call q,$($(v))) =~ ^[A-Za-z0-9_./+@,=~-]+$$ ]] && echo ok),,\
+	$(error $(v)=$($(v)): not a path Make can use (a space, a quote or a colon in it); give one of letters, \
+	digits and ._/+@,=~- (default VENV=.venv))))
 # A variable on the command line that this Makefile never reads (MAX_STEP=5 for MAX_STEPS=5) would
 # be ignored without a word: refused, with the nearest name it knows (those it assigns), or the
 # name that replaced it (GPUS=, make plan's, is DEVICES= as for every other target)
@@ -68,7 +79,7 @@ KNOWN_VARIABLES := $(shell sed -n 's/^\([A-Z][A-Z0-9_]*\) *[?:]*=.*/\1/p' $(firs
 UNKNOWN_VARIABLES := $(filter-out $(KNOWN_VARIABLES),$(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
 ifneq ($(UNKNOWN_VARIABLES),)
 UNKNOWN := $(firstword $(UNKNOWN_VARIABLES))
-$(error $(shell $(PYTHON) -c 'import difflib, sys; given, known = sys.argv[1], sys.argv[2:]; RENAMED = {"GPUS": "DEVICES"}; \
+$(error $(shell $(python) -c 'import difflib, sys; given, known = sys.argv[1], sys.argv[2:]; RENAMED = {"GPUS": "DEVICES"}; \
 	near = [RENAMED[given.split("=")[0]]] if given.split("=")[0] in RENAMED else \
 	difflib.get_close_matches(given.split("=")[0], known, 1); \
 	print(f"{given}: not a variable of this Makefile" + (f"; did you mean {near[0]}?" if near else "") + " (make help lists them)")' \
@@ -76,9 +87,9 @@ $(error $(shell $(PYTHON) -c 'import difflib, sys; given, known = sys.argv[1], s
 endif
 # ARGS= travels in LLM_ARGS, which the program splits into words as a shell would (llm/argv.py)
 WITH_ARGS = $(if $(ARGS),LLM_ARGS=$(call q,$(ARGS)))
-LLM = $(WITH_ARGS) $(PY) -m llm
+LLM = $(WITH_ARGS) $(venv_python) -m llm
 # pytest splits PYTEST_ADDOPTS as a shell would (quotes kept: PYTEST_ARGS='-k "a and b"') and runs nothing
-PYTEST = $(if $(PYTEST_ARGS),PYTEST_ADDOPTS=$(call q,$(PYTEST_ARGS))) $(PY) -m pytest
+PYTEST = $(if $(PYTEST_ARGS),PYTEST_ADDOPTS=$(call q,$(PYTEST_ARGS))) $(venv_python) -m pytest
 
 # an experiment states what differs from the default one, which comes first (configs/experiment/*.yaml)
 DEFAULT_CONFIG := configs/experiment/default.yaml
@@ -146,14 +157,16 @@ help: ## this list: a target's `##` lines above it are its help
 	@echo "                   sample and eval without CKPT= take the newest checkpoint under runs/"
 	@echo "  QUANT=           int8, int4 or fp8 (a GPU of compute capability 8.9+): make export quantized by torchao (Llama family)"
 	@echo "  GPU_MEM=, CPU_MEM= GiB per GPU and GiB of CPU memory per node, for make plan (with DEVICES=, NNODES=)"
+	@echo "  VENV=, PYTHON=   the virtual environment (default .venv: a path without spaces or quotes; make clean removes it"
+	@echo "                   only when it is one) and the python that makes it (default python3)"
 	@echo "  TORCH=           the torch requirement installed first (default "$(call q,$(TORCH))")"
 	@echo "  CONSTRAINTS=     the pinned versions make install uses (default constraints.txt, what the tests passed with;"
 	@echo "                   empty: the newest pyproject.toml allows; give it with another TORCH=, whose own pins differ)"
 
 $(STAMP): pyproject.toml $(wildcard $(CONSTRAINTS))
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(call q,$(TORCH))
-	$(PY) -m pip install -q -e ".[dev]" $(if $(CONSTRAINTS),-c $(call q,$(CONSTRAINTS)))
+	test -x $(venv_python) || $(python) -m venv $(call q,$(VENV))
+	$(venv_python) -m pip install -q $(call q,$(TORCH))
+	$(venv_python) -m pip install -q -e ".[dev]" $(if $(CONSTRAINTS),-c $(call q,$(CONSTRAINTS)))
 	touch $@
 
 ## .venv with the project and its dev extras (every target does this first)
@@ -196,7 +209,8 @@ slurm: $(STAMP)
 sample: $(STAMP)
 	$(LLM) sample --ckpt=$(call q,$(CKPT)) --prompt=$(call q,$(PROMPT))
 
-## loss, perplexity and bits per byte of CKPT= on its run's validation split, or TEXT= / HF= (CKPT= may be an exported folder)
+## loss, perplexity and bits per byte of CKPT= on its run's validation split, or TEXT= / HF= (CKPT= may be an exported folder;
+## ARGS=--max_tokens=N bounds it)
 eval: $(STAMP)
 	$(LLM) eval --ckpt=$(call q,$(CKPT)) $(if $(TEXT),--text=$(call q,$(TEXT))) $(if $(HF),--hf=$(call q,$(HF)))
 
@@ -217,7 +231,7 @@ plan: $(STAMP)
 ## each path (eager, compiled, zero1-3) through the trainer and through a plain loop or
 ## DeepSpeed's own engine, and data preparation: a table and bench.json (ARGS="--paths=[...]")
 bench: $(STAMP)
-	$(WITH_ARGS) $(PY) scripts/bench.py
+	$(WITH_ARGS) $(venv_python) scripts/bench.py
 
 ## PNG charts of a run's loss, optimizer, throughput and memory: make plot RUN=runs/<name>
 plot: $(STAMP)
@@ -263,23 +277,26 @@ cluster-test: $(STAMP)
 ## in time (default 10), the stacks of a hung one printed
 stress: $(STAMP)
 	$(PYTEST) -m stress
-	$(WITH_ARGS) $(PY) scripts/stress.py --runs=$(call q,$(STRESS_RUNS))
+	$(WITH_ARGS) $(venv_python) scripts/stress.py --runs=$(call q,$(STRESS_RUNS))
 
 ## ruff check and format check; the package's import layers (import-linter)
 lint: $(STAMP)
-	$(PY) -m ruff check llm tests scripts
-	$(PY) -m ruff format --check llm tests scripts
-	$(VENV)/bin/lint-imports
+	$(venv_python) -m ruff check llm tests scripts
+	$(venv_python) -m ruff format --check llm tests scripts
+	$(call q,$(VENV)/bin/lint-imports)
 
 ## ruff: fix what it can and format
 format: $(STAMP)
-	$(PY) -m ruff check --fix llm tests scripts
-	$(PY) -m ruff format llm tests scripts
+	$(venv_python) -m ruff check --fix llm tests scripts
+	$(venv_python) -m ruff format llm tests scripts
 
 ## give a fork its own package name: make rename NAME=mylm (docs/extending.md)
 rename:
-	$(PYTHON) scripts/rename.py $(call q,$(NAME))
+	$(python) scripts/rename.py $(call q,$(NAME))
 
 ## remove .venv and the tool caches; never data/ or runs/
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache  # never data/ or runs/: they hold work
+	@if [ -e $(call q,$(VENV)) ] && [ ! -f $(call q,$(VENV)/pyvenv.cfg) ]; then \
+		echo "VENV="$(call q,$(VENV))": not a virtual environment (no pyvenv.cfg in it), so not removed; give the one make install made (default .venv)" >&2; \
+		exit 2; fi
+	rm -rf -- $(call q,$(VENV)) .pytest_cache .ruff_cache  # never data/ or runs/: they hold work

@@ -160,3 +160,43 @@ def test_a_variable_the_makefile_does_not_know_is_refused_with_the_nearest_name(
     assert result.returncode == 2 and result.stdout == ""
     assert re.fullmatch(rf"Makefile:\d+: \*\*\* {re.escape(line)}\.  Stop\.\n", result.stderr), result.stderr
     assert not (REPO / "x").exists()
+
+
+def make_answer(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_a_venv_with_a_space_is_refused_before_make_clean_removes_anything(tmp_path):
+    # `rm -rf $(VENV)` would have read it as two folders, the second one the victim
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("mine")
+    result = make_answer("clean", f"VENV=nonexistent {victim}")
+    assert result.returncode == 2 and result.stdout == ""
+    assert re.fullmatch(
+        rf"Makefile:\d+: \*\*\* VENV=nonexistent {re.escape(str(victim))}: not a path Make can use .*\.  Stop\.\n",
+        result.stderr,
+    ), result.stderr
+    assert (victim / "precious").read_text() == "mine"
+
+
+def test_make_clean_removes_a_virtual_environment_and_nothing_else(tmp_path):
+    folder = tmp_path / "work"  # a folder of the user's, named by mistake
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    result = make_answer("clean", f"VENV={folder}")
+    assert result.returncode == 2, result.stderr
+    assert f"VENV={folder}: not a virtual environment (no pyvenv.cfg in it), so not removed" in result.stderr
+    assert (folder / "notes.txt").read_text() == "mine"
+    venv = tmp_path / "venv"  # what `python -m venv` makes: removed
+    venv.mkdir()
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    assert make_answer("clean", f"VENV={venv}").returncode == 0 and not venv.exists()
+
+
+def test_python_names_a_program_and_never_runs_code(tmp_path):
+    marker = tmp_path / "ran"
+    result = make_answer("rename", f"PYTHON=true; touch {marker};", "NAME=renamed")
+    assert result.returncode == 2 and not marker.exists()
+    assert f"true; touch {marker};: " in result.stderr  # one program's name, which does not exist
+    assert not (REPO / "renamed").exists() and (REPO / "llm").is_dir()
