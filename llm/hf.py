@@ -217,6 +217,17 @@ def read_config(folder: Path, field: str) -> dict:
     return config
 
 
+def refuse_quantized(config: dict, folder: str | Path, field: str) -> None:
+    """A quantized export (make export QUANT=) holds torchao's tensors, which inference reads but
+    training cannot start from or distill with: refused before anything is prepared or loaded."""
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise ConfigError(
+            f"{field}={folder}: a quantized export ({method}), which only inference reads; give the unquantized "
+            "one (make export without QUANT=)"
+        )
+
+
 def load_weights(folder: Path, field: str = "init") -> dict:
     """The state dict of a transformers folder: model.safetensors, its shards, or pytorch_model.bin
     (read weights-only)."""

@@ -327,3 +327,11 @@ class AccumulationProbe(Callback):
         result["parameters_dtype"] = str(next(pl_module.parameters()).dtype)
         with open(f"{trainer.default_root_dir}/accumulation.json", "w") as f:
             json.dump(result, f)
+
+
+class CrashAtStart(Callback):
+    """A run that fails once its run folder exists and before its first step, as a library's error
+    in building the trainer's parts would."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        raise RuntimeError("crashed at the start, on purpose")

@@ -192,3 +192,69 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused_before_anything_is_wr
 )
 def test_a_refused_option_or_value_suggests_the_nearest_valid_one(existing, option, answer):
     assert_refused(fit_into(existing, option), answer)
+
+
+def fit_args(run, cache, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        "configs/experiment/default.yaml",
+        *TINY,
+        f"--run={run}",
+        f"--data.cache_dir={cache}",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("devices", ["abc", "0,1", "-1"])
+def test_devices_that_are_no_number_are_refused_before_any_folder_is_made(tmp_path, devices):
+    # Lightning's CPU accelerator would end in a TypeError, after the run folder was made
+    run = tmp_path / "run"
+    answer = llm_here(*fit_args(run, tmp_path / "data", f"--trainer.devices={devices}", "--trainer.max_steps=2"))
+    assert_refused(answer, f"trainer.devices={devices}: not a number of devices; give a whole number (DEVICES=2)")
+    assert not run.exists()
+
+
+def test_a_start_that_crashed_does_not_block_the_next(tmp_path, fixture_text, fixture_tokenizer):
+    """A run that fails after its folder exists (config.yaml and W&B's files written) and before its
+    first step leaves nothing of a run: the same RUN= starts again, without RESUME=."""
+    run, cache = tmp_path / "run", tmp_path / "data"
+    args = fit_args(run, cache, f"--data.text={fixture_text}", f"--data.tokenizer={fixture_tokenizer}")
+    args += ["--trainer.max_steps=2", "--data.val_batches=1", "--eval_every=2"]
+    quiet = {"WANDB_MODE": "offline"}
+    with pytest.raises(RuntimeError, match="crashed at the start, on purpose"):
+        llm_here(*args, '--trainer.callbacks=[{"class_path": "tests.helpers.CrashAtStart"}]', env=quiet)
+    assert {"config.yaml", "wandb"} <= {p.name for p in run.iterdir()}
+    again = llm_here(*args, env=quiet)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run / "summary.json").is_file()
+    # the finished run is a run: the next start into it is refused
+    assert_refused(llm_here(*args, env=quiet), f"run={run}: already holds a run")
+
+
+@pytest.mark.parametrize("where", ["other", "repository"])
+def test_a_folder_of_other_files_is_not_taken_for_a_run(tmp_path, where):
+    run = tmp_path / "mine" if where == "other" else REPO
+    if where == "other":
+        run.mkdir()
+        (run / "notes.txt").write_text("mine")
+    before = snapshot(run) if where == "other" else None
+    answer = llm_here(*fit_args(run, tmp_path / "data", "--trainer.max_steps=2"))
+    assert_refused(answer, f"run={run}: a folder of other files (", "not a run's", "choose another RUN")
+    assert where != "other" or snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    ("option", "env", "shown"),
+    [
+        ("--wandb_project=sk-" + "a1" * 12, {}, "wandb_project=<redacted>"),
+        ("", {"WANDB_ENTITY": "hf_" + "Ab3" * 8}, "WANDB_ENTITY=<redacted>"),
+    ],
+)
+def test_a_wandb_project_or_entity_shaped_like_a_secret_is_refused(tmp_path, option, env, shown):
+    # W&B keeps the project and entity as given in its own files and sends them with every sync
+    args = fit_args(tmp_path / "run", tmp_path / "data", "--trainer.max_steps=2", *([option] if option else []))
+    answer = llm_here(*args, env=env)
+    line = assert_refused(answer, shown, "shaped like a secret", "WANDB_API_KEY")
+    assert "a1a1" not in line and "Ab3Ab3" not in line
+    assert not (tmp_path / "run").exists()

@@ -77,3 +77,22 @@ def test_a_file_that_is_not_text_is_refused_naming_it(tmp_path, content, reason)
         match=rf"^data.text={tmp_path}/corpus: {tmp_path}/corpus/b.txt is not text \({reason}\); give text files",
     ):
         prepare(PrepareConfig(text=str(tmp_path / "corpus"), vocab_size=300, cache_dir=str(tmp_path / "c")))
+
+
+def test_a_fifo_or_a_link_that_leads_nowhere_is_named_for_what_it_is(tmp_path):
+    import os
+
+    from llm.data.sources import resolve_source
+
+    fifo, loop, dangling = tmp_path / "pipe", tmp_path / "loop", tmp_path / "dangling"
+    os.mkfifo(fifo)
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    dangling.symlink_to(tmp_path / "gone.txt")
+    with pytest.raises(ConfigError, match=rf"^data.text={fifo}: not a regular file \(a FIFO, a socket or a device\)"):
+        resolve_source(str(fifo), None)
+    for link in (loop, dangling):
+        with pytest.raises(ConfigError, match=rf"^data.text={link}: a symbolic link that leads to no file"):
+            resolve_source(str(link), None)
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        resolve_source(str(tmp_path / "absent.txt"), None)

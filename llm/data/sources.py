@@ -67,6 +67,16 @@ def _local_files(spec: str) -> list[Path]:
         return files
     if path.is_file():
         return [path]
+    if path.is_symlink():  # is_file() and is_dir() follow it, and found nothing at its end
+        raise ConfigError(
+            f"data.text={spec}: a symbolic link that leads to no file (its target is gone, or the links form a "
+            f"loop); {TEXT_HINT}"
+        )
+    if path.exists():
+        raise ConfigError(
+            f"data.text={spec}: not a regular file (a FIFO, a socket or a device), and preparation reads a file "
+            f"more than once; {TEXT_HINT}"
+        )
     raise ConfigError(f"data.text={spec}: no such file or folder; {TEXT_HINT}")
 
 

@@ -5,6 +5,7 @@ Each bad input raises ConfigError with one line that names the field, the value 
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -16,13 +17,17 @@ from llm.data.prepare import load_meta, prepare, prepared_dir
 from llm.data.sources import resolve_source
 from llm.data.tokenizer import tokenizer_vocab_size
 from llm.errors import ConfigError
-from llm.hf import check_weights, from_hf_config, read_config
+from llm.hf import check_weights, from_hf_config, read_config, refuse_quantized
 from llm.launch.agreement import nodes_from_torchrun
 from llm.launch.commands import available_devices
 from llm.model import count_params
+from llm.redact import scrub_text
 from llm.train import autosize, distill, float8, run_folder
 from llm.train.strategy import load_preset
+from llm.wandb_settings import wandb_entity, wandb_project
 
+# what Lightning reads as devices in a string besides a count and "auto": -1 (all), or indices "0,1"
+DEVICE_LIST = re.compile(r"\s*-1\s*|\s*\d+\s*(,\s*\d+\s*)+,?\s*|\s*\d+\s*,\s*")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
@@ -120,6 +125,7 @@ def check(run: RunConfig, command: str, logger=None) -> None:
         return
     check_trainer(run.trainer)
     check_loggers(logger)
+    check_wandb_names(run.options)
     options = run.options
     if not options.collective_timeout > 0:
         raise ConfigError(
@@ -145,6 +151,21 @@ def check_loggers(logger) -> None:
         )
 
 
+def check_wandb_names(options) -> None:
+    """A W&B project or entity shaped like a secret (an API key pasted in the wrong place) would
+    leave the machine with every sync, in the clear: W&B's own files keep the name as given."""
+    for name, value in (
+        ("wandb_project", wandb_project(options.wandb_project)),
+        ("wandb_entity", wandb_entity(options.wandb_entity)),
+    ):
+        if value and scrub_text(value) != value:
+            source = f"{name}=" if getattr(options, name) else f"WANDB_{name.split('_')[1].upper()}="
+            raise ConfigError(
+                f"{source}{scrub_text(value)}: shaped like a secret (an API key or token), which W&B would send "
+                "with every sync; give the W&B project's or team's name, and the key in WANDB_API_KEY"
+            )
+
+
 def extra_loggers(logger) -> list:
     """The instantiated trainer.logger of the config (none, one or a list), added to the run's own."""
     if logger in (None, True):
@@ -159,7 +180,9 @@ def take_architecture(cfg) -> None:
     folder = cfg.model.init
     if not Path(folder).is_dir():
         raise ConfigError(f"model.init={folder}: no such folder; give a Hugging Face model folder (GPT-2 or Llama)")
-    config = from_hf_config(read_config(Path(folder), "model.init"), f"model.init={folder}")
+    raw = read_config(Path(folder), "model.init")
+    refuse_quantized(raw, folder, "model.init")
+    config = from_hf_config(raw, f"model.init={folder}")
     check_weights(folder, config, "model.init")
     preset_dropout = cfg.model.config.dropout
     for key, value in asdict(config).items():
@@ -188,8 +211,17 @@ def check_trainer(trainer: TrainerConfig) -> None:
             "trainer.precision=16-mixed: fp16 mixed precision needs a GPU; on CPU use 32-true or bf16-mixed"
         )
     devices = trainer.devices
-    if isinstance(devices, str) and devices.isdigit():
+    if isinstance(devices, str) and devices.strip().isdigit():
         devices = int(devices)
+    elif isinstance(devices, str) and devices != "auto" and not (on_gpu and DEVICE_LIST.fullmatch(devices)):
+        raise ConfigError(
+            f"trainer.devices={devices}: not a number of devices; give a whole number (DEVICES=2) or auto"
+            + (", -1 (every GPU) or GPU indices such as 0,1" if on_gpu else "")
+        )
+    if isinstance(devices, list) and not on_gpu:
+        raise ConfigError(
+            f"trainer.devices={devices}: device indices are for GPUs; on the CPU give a number (DEVICES=2)"
+        )
     if isinstance(devices, int):
         available, kind = available_devices(on_gpu)
         if devices < 1 or devices > available:

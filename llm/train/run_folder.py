@@ -44,10 +44,8 @@ def decide(cfg) -> Path:
     if ranks.is_first_process():
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(f"run={run_dir}: is a file; a run is a folder, choose another RUN")
-        if holds_run(run_dir) and cfg.resume is None:
-            raise ConfigError(
-                f"run={run_dir}: already holds a run; continue it with RESUME=auto, or choose another RUN"
-            )
+        if cfg.resume is None:
+            refuse_taken(run_dir)
         if cfg.resume == "auto" and not named:
             raise ConfigError("resume=auto: no run to continue was named; give RUN=runs/<name> as well")
         if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
@@ -55,12 +53,56 @@ def decide(cfg) -> Path:
     return run_dir
 
 
+def refuse_taken(run_dir: Path) -> None:
+    """A new run goes into a new or empty folder, or one that a start which never trained a step left
+    behind (its config.yaml and W&B files: a refused or crashed start must not block the next)."""
+    kind = contents(run_dir)
+    if kind == "run":
+        raise ConfigError(f"run={run_dir}: already holds a run; continue it with RESUME=auto, or choose another RUN")
+    if kind == "other":
+        names = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES)
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ConfigError(
+            f"run={run_dir}: a folder of other files ({shown}), not a run's; a run goes into a new or empty "
+            "folder: choose another RUN, e.g. runs/<name>"
+        )
+
+
+# what a run writes into its folder; a start that ends before its first logged step leaves only START_FILES
+RUN_FILES = {".writer", "config.yaml", "config.yaml.tmp", "wandb", "checkpoints", "metrics.csv", "summary.json", "eval"}
+START_FILES = {".writer", "config.yaml", "config.yaml.tmp", "wandb", "checkpoints"}
+
+
+def contents(run_dir: Path) -> str:
+    """What a folder holds: "empty" (or missing), "started" (what a start that never trained a step
+    leaves: its config.yaml, W&B's files, an empty checkpoints/), "run" (a run's work: a checkpoint,
+    metrics or a summary) or "other" (files that no run wrote)."""
+    if not run_dir.is_dir():
+        return "empty"
+    names = {p.name for p in run_dir.iterdir()}
+    checkpoints = run_dir / "checkpoints"
+    if names & {"metrics.csv", "summary.json"} or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return "run"
+    if names - START_FILES or ("config.yaml" in names and not is_run_config(run_dir / "config.yaml")):
+        return "other"
+    return "started" if names - {WRITER_LOCK} else "empty"
+
+
+def is_run_config(path: Path) -> bool:
+    """No config.yaml (the folder is new or empty), or the config of a training run."""
+    if not path.exists():
+        return True
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(config, dict) and {"model", "data", "trainer"} <= config.keys()
+
+
 WRITER_LOCK = ".writer"  # in the run folder: flock-ed by the one training that writes into it
 _writer_lock = None  # its open file, held until the process ends (the kernel then releases the lock)
-
-
-def holds_run(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(p.name != WRITER_LOCK for p in run_dir.iterdir())
 
 
 def create(options) -> Path:
@@ -87,8 +129,8 @@ def create(options) -> Path:
     lock.write(f"{socket.gethostname()} {os.getpid()}")
     lock.flush()
     _writer_lock = lock
-    if options.resume is None and holds_run(run_dir):  # filled since `decide`, by a training that has ended
-        raise ConfigError(f"run={run_dir}: already holds a run; continue it with RESUME=auto, or choose another RUN")
+    if options.resume is None:  # filled since `decide`, by a training that has ended
+        refuse_taken(run_dir)
     return run_dir
 
 
