@@ -21,6 +21,7 @@ file of it since (`Checkpoint.complete` looks).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -40,7 +41,17 @@ from llm.model import Transformer
 
 # what this project reads from rank 0's model-states file of a ZeRO checkpoint: what train.callbacks.RunInfo
 # adds, and Lightning's step; the rest there is DeepSpeed's own (its partition, optimizer, ...)
-CLIENT_KEYS = ("llm_config", "llm_format", "tokenizer_json", "data_meta", "global_step", "world_size", "command")
+CLIENT_KEYS = (
+    "llm_config",
+    "llm_format",
+    "tokenizer_json",
+    "data_meta",
+    "global_step",
+    "world_size",
+    "command",
+    "teacher_digest",
+    "validation",
+)
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch reads it at every load
 STEP_NAME = re.compile(r"^step-(\d+)\.ckpt$")
 HINT = "give runs/<name>/checkpoints/last.ckpt (a file, or a DeepSpeed folder)"
@@ -82,6 +93,7 @@ class Header:
     step: int
     world_size: int | None
     format: int  # CHECKPOINT_FORMAT of the version that wrote it (1: 0.1.0)
+    teacher_digest: str | None = None  # a distillation's: its teacher's content (llm/train/distill.py)
 
     @property
     def run_config(self) -> RunConfig:
@@ -149,7 +161,26 @@ class Checkpoint:
         """Its config, step and world size, through the memory map: no tensor is read."""
         self._check_exists()
         ckpt = safe_load(self.client_state_file(), self.field, mmap=True)
-        return Header(ckpt["llm_config"], ckpt.get("global_step", 0), ckpt.get("world_size"), ckpt.get("llm_format", 1))
+        return Header(
+            ckpt["llm_config"],
+            ckpt.get("global_step", 0),
+            ckpt.get("world_size"),
+            ckpt.get("llm_format", 1),
+            ckpt.get("teacher_digest"),
+        )
+
+    def digest(self) -> str:
+        """What identifies its contents, from the CRC-32 and size of every member of its zip files
+        (their central directories: no tensor is read): another checkpoint, or this one changed,
+        has another digest."""
+        self._check_exists()
+        files = sorted(p for p in self.path.rglob("*.pt") if p.is_file()) if self.path.is_dir() else [self.path]
+        digest = hashlib.sha256()
+        for file in files:
+            with zipfile.ZipFile(file) as archive:
+                for info in archive.infolist():
+                    digest.update(f"{info.filename} {info.CRC} {info.file_size}\n".encode())
+        return digest.hexdigest()[:16]
 
     def verify(self, objects_read: bool = False) -> None:
         """Every file against the CRC-32s its zip records, which torch.load does not check: a changed

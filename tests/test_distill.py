@@ -13,7 +13,7 @@ from llm.config import DistillConfig
 from llm.metrics import logged_keys
 from llm.model import ModelConfig, Transformer
 from llm.train import distill
-from support import CANONICAL_MODEL, assert_refused, column, llm_here, metrics_rows, word_tokenizer
+from support import CANONICAL_MODEL, assert_refused, column, llm_here, metrics_rows, snapshot, word_tokenizer
 
 pytestmark = pytest.mark.xdist_group("distill")
 
@@ -177,6 +177,33 @@ def test_a_student_with_another_tokenizer_than_the_teachers_is_refused(runs, tea
     assert_refused(result, f"data.tokenizer={other}: not the tokenizer distill.teacher={teacher} was trained with")
     result = refused_fit(runs, tmp_path, f"--distill.teacher={teacher}", "--data.vocab_size=600")
     assert_refused(result, "the student's data would train a new tokenizer", "TOKENIZER=")
+
+
+def test_a_distillation_resumes_only_with_the_teacher_it_was_distilled_from(distilled, runs, teacher, tmp_path):
+    """Without its teacher (make train RESUME=auto) it would go on as plain training, with another one
+    on another KL, both silently: refused. The teacher is known by its contents, not its path."""
+    import shutil
+
+    run = tmp_path / "distilled"
+    shutil.copytree(distilled, run, symlinks=True)
+    same = (*STUDENT, "--distill.chunk_tokens=100", "--resume=auto", "--trainer.max_steps=14")
+    other = runs("single") / "checkpoints" / "step-000010.ckpt"
+    plain = ("--model.config.n_layer=1", "--resume=auto", "--trainer.max_steps=14")  # make train RESUME=auto's
+    before = snapshot(run)
+    answer = llm_here(*runs.args(run, *plain, probes=()))
+    assert_refused(answer, "distill.teacher=None: the checkpoint", f"from {teacher}", f"make distill TEACHER={teacher}")
+    cases = [
+        ((f"--distill.teacher={other}",), [f"distill.teacher={other}: not the teacher the checkpoint"]),
+        ((f"--distill.teacher={teacher}", "--distill.alpha=0.5"), ["distill.alpha=0.5: the checkpoint", "with 0.3"]),
+    ]
+    for extra, fragments in cases:
+        assert_refused(llm_here(*runs.args(run, *same, *extra, probes=())), *fragments)
+    assert snapshot(run) == before
+    moved = tmp_path / "teacher.ckpt"  # the same teacher, somewhere else: it continues
+    shutil.copy(teacher, moved)
+    resumed = llm_here(*runs.args(run, *same, f"--distill.teacher={moved}", probes=()), env={"WANDB_MODE": "disabled"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(column(run, "train/kd_loss")) == 14
 
 
 # --- make test-long: the same losses under every strategy, and a distilled student that learns more ------

@@ -212,16 +212,36 @@ def test_sigterm_saves_at_the_step_boundary_then_resume_continues(tmp_path, runs
     process = start(args)
     out, err = signal_at(process, 3, lambda p: p.send_signal(signal.SIGTERM))
     assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
-    # the command that continues it names the data and steps it was started with, not only its folder
-    resume = f"make train RUN={run} TEXT={runs.corpus} MAX_STEPS={STEPS} RESUME=auto"
+    # the command that continues it: over the run's own config.yaml, which holds every setting it was
+    # started with (its model, data, cadence and callbacks here, all given as options)
+    resume = f"make train RUN={run} CONFIG={run}/config.yaml MAX_STEPS={STEPS} RESUME=auto"
     stopped = re.search(rf"^stopped: SIGTERM at step (\d+); saved (\S+); {re.escape(resume)}$", err, re.M)
     assert stopped, err[-3000:]
     at, saved = int(stopped.group(1)), Path(stopped.group(2))
     assert saved.name == f"step-{at:06d}.ckpt" and saved.is_file() and trained_steps(out)[-1] == at
     first = {0: batches(run)}
-    resumed = llm_here(*args, "--resume=auto", env=RUN_ENV)
+    # run as printed, through make, as a user pastes it
+    resumed = subprocess.run(
+        ["bash", "-c", resume], cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **RUN_ENV}
+    )
     assert resumed.returncode == 0 and resumed_step(resumed.stdout) == at, resumed.stderr[-3000:]
     assert_continues_exactly(runs("single"), run, first, at, ranks=1, tol=1e-6)
+
+
+@pytest.mark.long  # a distillation stopped, then continued through make
+def test_the_command_a_stopped_distillation_prints_continues_it_with_its_teacher(tmp_path, runs):
+    run, teacher = tmp_path / "run", runs("single") / "checkpoints" / "last.ckpt"
+    args = runs.args(run, "--model.config.n_layer=1", f"--distill.teacher={teacher}", probes=())
+    process = start(args)
+    _, err = signal_at(process, 3, lambda p: p.send_signal(signal.SIGTERM))
+    resume = f"make distill RUN={run} CONFIG={run}/config.yaml TEACHER={teacher} MAX_STEPS={STEPS} RESUME=auto"
+    stopped = re.search(rf"^stopped: SIGTERM at step (\d+); saved \S+; {re.escape(resume)}$", err, re.M)
+    assert process.returncode == 128 + signal.SIGTERM and stopped, err[-3000:]
+    env = {**os.environ, **QUIET}
+    resumed = subprocess.run(["bash", "-c", resume], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0 and resumed_step(resumed.stdout) == int(stopped.group(1)), resumed.stderr[-3000:]
+    kd = [step for step, row in metrics_rows(run).items() if row.get("train/kd_loss")]
+    assert kd == list(range(1, STEPS + 1))  # the teacher's term at every step, before the stop and after
 
 
 @pytest.mark.slow  # a run with a DataLoader worker process, or two processes

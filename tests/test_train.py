@@ -422,3 +422,22 @@ def test_a_one_process_run_continues_on_two_processes_that_accumulate_half_as_mu
     two = ("--data.batch_size=2", "--tokens_per_step=256", "--data.val_batches=2", "--trainer.devices=2")
     run = continued_from_step_10(tmp_path, runs, accumulated, *two, process=run_llm)
     assert_same_model(accumulated, run)
+
+
+def test_the_tokenizer_printed_is_the_one_this_run_was_given(tmp_path, fixture_text, fixture_tokenizer):
+    # prepared data is cached by content: a second run with the same tokenizer at another path finds
+    # the first one's folder, whose meta.json names the first path
+    cache, lines = tmp_path / "data", []
+    for name in ("first", "second"):
+        tokenizer = tmp_path / name / "tokenizer.json"
+        tokenizer.parent.mkdir()
+        shutil.copy(fixture_tokenizer, tokenizer)
+        args = ["fit", "--config", "configs/experiment/default.yaml", *TINY, f"--data.text={fixture_text}"]
+        args += [f"--data.tokenizer={tokenizer}", f"--data.cache_dir={cache}", f"--run={tmp_path / name / 'run'}"]
+        result = llm_here(*args, "--trainer.max_steps=1", "--data.val_batches=1", env={"WANDB_MODE": "disabled"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines += [line for line in result.stdout.splitlines() if line.startswith("tokenizer: ")]
+    assert [line.split(";")[0] for line in lines] == [
+        f"tokenizer: {tmp_path}/{n}/tokenizer.json" for n in ("first", "second")
+    ]
+    assert len(list(cache.iterdir())) == 1

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 
 from llm import compat
 from llm.config import RunOptions
+from llm.launch.commands import continue_command
 
 DEFAULT_TIMEOUT = RunOptions.collective_timeout  # --collective_timeout's default (llm/config.py)
 # while the processes start and meet (imports, DeepSpeed's engine), before CollectiveTimeout applies the
@@ -91,7 +92,7 @@ def failed_collective(exc: BaseException) -> str | None:
         what = f"a collective ({caller})"
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", 0))
     run = os.environ.get("LLM_RUN_DIR")
-    resume = f"; then continue with make train RUN={run} RESUME=auto" if run else ""
+    resume = f"; then continue with {continue_command(run)}" if run else ""
     if timed_out:
         limit = f"{active_timeout:.0f} s (collective_timeout)" if active_timeout else "the start-up timeout"
         return (

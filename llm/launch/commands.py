@@ -38,6 +38,21 @@ LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 # --- checks shared by the launchers ---------------------------------------------------------------
 
 
+def continue_command(run: str | Path, teacher: str | None = None, max_steps: int | None = None) -> str:
+    """The command that continues the run in folder `run`: make over the run's own config.yaml, the
+    resolved config it was started with (its model, data, strategy, processes, teacher and every
+    ARGS= override), so that nothing given at the start has to be typed again; make distill for a
+    distillation (`teacher`)."""
+    run = Path(run)
+    words = ["make", "distill" if teacher else "train", f"RUN={shlex.quote(str(run))}"]
+    words.append(f"CONFIG={shlex.quote(str(run / 'config.yaml'))}")
+    if teacher:
+        words.append(f"TEACHER={shlex.quote(teacher)}")
+    if max_steps:
+        words.append(f"MAX_STEPS={max_steps}")
+    return " ".join([*words, "RESUME=auto"])
+
+
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """(the launcher's options, the training options after `--`)."""
     if "--" in argv:

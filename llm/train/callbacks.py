@@ -69,13 +69,23 @@ class LoggingStepOnResume(Callback):
 
 class RunInfo(Callback):
     """Make every checkpoint self-contained and resumable exactly: the resolved config, the
-    tokenizer, the world size, and every rank's random-number generator states."""
+    tokenizer, the world size, every rank's random-number generator states, a distillation's
+    teacher (its content's digest, which a resume must match) and the latest validation loss."""
 
-    def __init__(self, config: dict, data_folder: Path, resumed_from: str | None = None):
+    def __init__(
+        self, config: dict, data_folder: Path, resumed_from: str | None = None, teacher_digest: str | None = None
+    ):
         self.config = config
         self.data_folder = Path(data_folder)
         self.resumed_from = resumed_from  # the checkpoint this session continues, if any
+        self.teacher_digest = teacher_digest
         self.start_step, self.train_seconds = 0, 0.0
+        self.validated_step: int | None = None  # the optimizer step of the latest validation
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        # before any callback's on_validation_end, where a checkpoint of this step is written
+        if not trainer.sanity_checking:
+            self.validated_step = trainer.global_step
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start_step, self._started = trainer.global_step, time.perf_counter()
@@ -91,6 +101,11 @@ class RunInfo(Callback):
         checkpoint["world_size"] = trainer.world_size
         checkpoint["command"] = scrub_text(" ".join(["python -m llm", *sys.argv[1:]]))
         checkpoint["rng_states"] = all_ranks(trainer, rng_states())
+        if self.teacher_digest:
+            checkpoint["teacher_digest"] = self.teacher_digest
+        loss = trainer.callback_metrics.get("val/loss")
+        if self.validated_step is not None and loss is not None:  # what a model card says of it
+            checkpoint["validation"] = {"step": self.validated_step, "loss": float(loss)}
         if isinstance(trainer.strategy, DeepSpeedStrategy):  # so that it can be re-partitioned
             checkpoint.update(universal.client_state())
 

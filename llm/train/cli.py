@@ -168,7 +168,8 @@ class LLMCLI(LightningCLI):
         every = options.save_every or options.eval_every
         folder = CheckpointFolder(self.run_dir / "checkpoints")
         self.checkpoints = Checkpoints(folder, every, options.keep_last, options.save_every_minutes)
-        self.run_info = RunInfo(resolved, self.data_folder, self.resume_from)
+        digest = distill.teacher_digest(run.distill.teacher) if run.distill.teacher else None
+        self.run_info = RunInfo(resolved, self.data_folder, self.resume_from, digest)
         callbacks += run_callbacks(self.monitor, self.checkpoints, self.run_info, options)
         loggers = make_loggers(
             self.run_dir, options.experiment, options.wandb_project, options.wandb_entity, run_tags(run, cfg)
@@ -240,9 +241,10 @@ class LLMCLI(LightningCLI):
         print(f"model: {count_params(c):,} parameters, {c.n_layer} layers, {c.n_embd} wide, vocab {c.vocab_size}")
         meta = load_meta(self.data_folder)
         tokens = ", ".join(f"{split} {info['tokens']:,}" for split, info in meta["splits"].items())
-        source = meta["tokenizer_source"]  # the file given (TOKENIZER=), or "trained ..."
-        if source.startswith("trained"):
-            source = f"byte-level BPE trained on the train split ({self.data_folder / meta['tokenizer']})"
+        # the file this run was given: the cache is keyed by content, so meta.json names the path of
+        # whichever run prepared it first
+        given = self.run_config.data.tokenizer
+        source = given or f"byte-level BPE trained on the train split ({self.data_folder / meta['tokenizer']})"
         print(f"data: {self.data_folder} ({tokens} tokens)")
         print(f"tokenizer: {source}; vocabulary {meta['vocab_size']:,}, {meta['eot_token']} = {meta['eot_id']}")
         print(

@@ -17,6 +17,7 @@ it, is refused (its engine gathers only the parameters of the model it wraps).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from llm.checkpoint import Checkpoint, safe_load
 from llm.config import DistillConfig, RunConfig, datamodule_args
 from llm.data.prepare import prepared_dir
 from llm.errors import ConfigError
-from llm.hf import from_hf_config, load_pretrained, read_config
+from llm.hf import from_hf_config, load_pretrained, read_config, refuse_quantized
 from llm.model import ModelConfig, Transformer
 from llm.train.strategy import load_preset
 
@@ -114,8 +115,23 @@ def is_folder(teacher: str) -> bool:
 def teacher_config(teacher: str) -> ModelConfig:
     """The teacher's architecture, read without its weights."""
     if is_folder(teacher):
-        return from_hf_config(read_config(Path(teacher), FIELD), f"{FIELD}={teacher}")
+        config = read_config(Path(teacher), FIELD)
+        refuse_quantized(config, teacher, FIELD)
+        return from_hf_config(config, f"{FIELD}={teacher}")
     return Checkpoint(teacher, FIELD).header().run_config.model
+
+
+def teacher_digest(teacher: str) -> str:
+    """What identifies the teacher's contents, which a resumed distillation must find unchanged: a
+    checkpoint's (Checkpoint.digest), or a transformers folder's config and weights, hashed."""
+    if not is_folder(teacher):
+        return Checkpoint(teacher, FIELD).digest()
+    folder = Path(teacher)
+    digest = hashlib.sha256()
+    for file in sorted([folder / "config.json", *folder.glob("*.safetensors"), *folder.glob("*.bin")]):
+        with open(file, "rb") as f:
+            digest.update(file.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
 
 
 def teacher_tokenizer(teacher: str) -> Tokenizer:

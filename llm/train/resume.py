@@ -5,13 +5,15 @@ continue on another number of processes that keeps its tokens per step)."""
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import asdict, fields
 from pathlib import Path
 
 from llm.checkpoint import Checkpoint, CheckpointFolder
-from llm.config import CHECKPOINT_FORMAT, OptimizerConfig, PrepareConfig, RunConfig
+from llm.config import CHECKPOINT_FORMAT, DistillConfig, OptimizerConfig, PrepareConfig, RunConfig
 from llm.errors import ConfigError
 from llm.redact import scrub
+from llm.train import distill, run_folder
 from llm.train.run_folder import say
 
 
@@ -27,26 +29,13 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
     if newest:
         say(f"resuming from {newest}")
         return str(newest)
-    if (run_dir / "summary.json").is_file() or not _is_run_config(run_dir / "config.yaml"):
+    if (run_dir / "summary.json").is_file() or run_folder.contents(run_dir) == "other":
         raise ConfigError(
             f"resume=auto: {run_dir} holds no checkpoint to continue, and files of something else than a run "
             "that stopped before its first save; choose another RUN"
         )
     say(f"resume=auto: no checkpoint in {folder.path} yet, starting from scratch")
     return None
-
-
-def _is_run_config(path: Path) -> bool:
-    """No config.yaml (the folder is new or empty), or the config of a training run."""
-    if not path.exists():
-        return True
-    import yaml
-
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return False
-    return isinstance(config, dict) and {"model", "data", "trainer"} <= config.keys()
 
 
 def check_resume(now: RunConfig, path: str) -> bool:
@@ -78,6 +67,7 @@ def check_resume(now: RunConfig, path: str) -> bool:
             raise ConfigError(f"{key}={new}: the checkpoint {path} was trained with {old}; {hint}")
     check_resume_data(then.data, now.data, path)
     check_resume_optimizer(then.optimizer, now.optimizer, path)
+    check_resume_teacher(then.distill, header.teacher_digest, now.distill, path)
     max_steps = now.trainer.max_steps
     if max_steps == step and not (Path(now.options.run) / "summary.json").is_file():
         # stopped during its final validation, after the last step's checkpoint: finish that
@@ -89,10 +79,17 @@ def check_resume(now: RunConfig, path: str) -> bool:
             "give more steps (MAX_STEPS=) to continue it"
         )
     if max_steps != then.trainer.max_steps:
-        say(
-            f"warning: trainer.max_steps {then.trainer.max_steps} -> {max_steps}: "
-            f"continuing from step {step}, the learning rate now decays to its minimum at step {max_steps}"
+        # the schedule goes on from the rate it has reached (WarmupCosine.retarget): a run that had
+        # finished its decay stays at the minimum
+        o = now.optimizer
+        then_steps = then.trainer.max_steps
+        lr = (
+            f"the schedule ended at step {then_steps}: the learning rate stays at its minimum, "
+            f"{o.lr * o.min_lr_ratio:.3g} (lr x min_lr_ratio)"
+            if step >= then_steps
+            else f"the learning rate now decays to its minimum at step {max_steps}"
         )
+        say(f"warning: trainer.max_steps {then_steps} -> {max_steps}: continuing from step {step}; {lr}")
     return repartition
 
 
@@ -146,6 +143,36 @@ def check_resume_data(then: PrepareConfig, now: PrepareConfig, path: str) -> Non
             raise ConfigError(
                 f"data.{name}={new}: the checkpoint {path} was trained with {old}; continue it on its own data "
                 f"({give}), or start a new RUN"
+            )
+
+
+def check_resume_teacher(then: DistillConfig, digest: str | None, now: DistillConfig, path: str) -> None:
+    """A distillation continues with the teacher it was distilled from (the same contents, wherever
+    they lie now) and the same weighting of it; a plain run continues without one. Otherwise the
+    loss it minimises would change at the resume without a word."""
+    if then.teacher and not now.teacher:
+        raise ConfigError(
+            f"distill.teacher=None: the checkpoint {path} was distilled from {then.teacher}; continue it with that "
+            f"teacher (make distill TEACHER={shlex.quote(then.teacher)} ... RESUME=auto), or start a new RUN"
+        )
+    if now.teacher and not then.teacher:
+        raise ConfigError(
+            f"distill.teacher={now.teacher}: the checkpoint {path} was trained without a teacher; distill in a new "
+            "RUN (INIT= the make export of this one starts the student from its weights)"
+        )
+    if not now.teacher:
+        return
+    if (digest and distill.teacher_digest(now.teacher) != digest) or (not digest and now.teacher != then.teacher):
+        raise ConfigError(
+            f"distill.teacher={now.teacher}: not the teacher the checkpoint {path} was distilled from "
+            f"({then.teacher}, as it was then); resume with that teacher, or start a new RUN"
+        )
+    for name in ("alpha", "temperature", "until"):
+        old, new = getattr(then, name), getattr(now, name)
+        if old != new:
+            raise ConfigError(
+                f"distill.{name}={new}: the checkpoint {path} was distilled with {old}; resume with it, or start a "
+                "new RUN"
             )
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
 import signal
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from llm import ranks
 from llm.checkpoint import CheckpointFolder, remove
 from llm.errors import RunStopped
+from llm.launch.commands import continue_command
 
 PARTIAL = ".partial"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C
@@ -222,12 +222,6 @@ class Checkpoints(Checkpoint):
 
 
 def resume_command(trainer) -> str:
-    """The command that continues this run: its folder, and the data and steps it was started with,
-    which a bare RESUME=auto would take from the defaults instead (and be refused, in one line)."""
-    words = [f"make train RUN={shlex.quote(str(trainer.default_root_dir))}"]
-    data = getattr(trainer.datamodule, "prepare_config", None)
-    for field, variable in (("text", "TEXT"), ("hf", "HF"), ("tokenizer", "TOKENIZER")):
-        value = getattr(data, field, None)
-        if value:
-            words.append(f"{variable}={shlex.quote(str(value))}")
-    return " ".join([*words, f"MAX_STEPS={trainer.max_steps}", "RESUME=auto"])
+    """The command that continues this run (launch.commands.continue_command)."""
+    teacher = getattr(getattr(trainer.lightning_module, "distill", None), "teacher", None)
+    return continue_command(trainer.default_root_dir, teacher, trainer.max_steps)
