@@ -30,7 +30,11 @@ class Lines(tqdm):
             return
         self._written_n = self.n
         counts = "{percentage:3.0f}% {n_fmt}/{total_fmt}" if self.total else "{n_fmt}"
-        meter = {**self.format_dict, "bar_format": "{desc}: " + counts + " [{elapsed}, {rate_fmt}{postfix}]"}
+        left = "<{remaining}" if self.total and self.n < self.total else ""  # tqdm's estimate of the time left
+        meter = {
+            **self.format_dict,
+            "bar_format": "{desc}: " + counts + " [{elapsed}" + left + ", {rate_fmt}{postfix}]",
+        }
         self.fp.write(self.format_meter(**meter) + "\n")
         self.fp.flush()
 

@@ -10,13 +10,26 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import RunsCode
 
 from llm.config import PrepareConfig, datamodule_args
 from llm.data.prepare import prepared_dir
 from llm.errors import ConfigError
 from llm.redact import scrub, scrub_text
-from support import RUN_ENV, assert_refused, corpus_fit, llm_here, program_stderr, run_llm, snapshot, word_tokenizer
+from support import (
+    RUN_ENV,
+    assert_refused,
+    corpus_fit,
+    llm_here,
+    metrics_rows,
+    program_stderr,
+    run_llm,
+    snapshot,
+    word_tokenizer,
+)
+
+QUIET = {"WANDB_MODE": "disabled"}
 
 
 @pytest.fixture
@@ -116,6 +129,19 @@ def test_a_checkpoint_of_0_1_0_is_read_by_the_tools_and_its_resume_refused_in_on
     args = canonical_args(runs, run, cache, "--resume=auto", "--trainer.max_steps=14")
     line = assert_refused(unchanged(run, lambda: llm_here(*args)), f"resume={last}: written by llm 0.1.0")
     assert line.endswith("start a new RUN (INIT= from its make export starts from its weights)")
+
+
+def test_extending_a_finished_run_says_its_learning_rate_stays_at_the_minimum(trained, runs):
+    # its cosine ended at step 12: the two steps more go on at lr x min_lr_ratio, and say so
+    run, cache = trained
+    resumed = llm_here(*canonical_args(runs, run, cache, "--resume=auto", "--trainer.max_steps=14"), env=QUIET)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        "warning: trainer.max_steps 12 -> 14: continuing from step 12; the schedule ended at step 12: the learning "
+        "rate stays at its minimum, 0.0003 (lr x min_lr_ratio)" in resumed.stdout
+    ), resumed.stdout[-3000:]
+    lrs = {step: float(row["train/lr"]) for step, row in metrics_rows(run).items() if row.get("train/lr")}
+    assert lrs[13] == lrs[14] == pytest.approx(3e-4) and lrs[12] > 3e-4  # step 12 was the last to decay
 
 
 def test_resume_on_other_text_is_refused_with_the_runs_own(tmp_path, trained, runs):
@@ -257,7 +283,7 @@ def test_eval_on_a_split_shorter_than_one_block(tmp_path, trained):
     data.update(text=str(small), cache_dir=str(tmp_path / "data"), val_fraction=0.05)
     run = tmp_path / "other-data"  # a run folder of its own: eval follows its data there only
     (run / "checkpoints").mkdir(parents=True)
-    shutil.copy(trained[0] / "config.yaml", run / "config.yaml")
+    (run / "config.yaml").write_text(yaml.safe_dump(ckpt["llm_config"]))  # as its training wrote it
     path = run / "checkpoints" / "last.ckpt"
     torch.save(ckpt, path)
     result = llm_here("eval", f"--ckpt={path}", "--wandb=false")  # prepares that text first, with progress bars
@@ -388,3 +414,25 @@ def test_ckpt_may_be_a_run_folder_or_left_out(tmp_path, trained, monkeypatch):
         ConfigError, match="ckpt=runs/unfinished: no complete checkpoint in runs/unfinished/checkpoints"
     ):
         choose_checkpoint("runs/unfinished")
+
+
+def tamper(ckpt_path: Path, secret: Path, cache: Path) -> None:
+    """The checkpoint's saved config made to name a file to read and a cache to write, in place."""
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    datamodule_args(ckpt["llm_config"]["data"]).update(text=str(secret), cache_dir=str(cache))
+    target = ckpt_path.resolve()
+    target.unlink()
+    torch.save(ckpt, target)
+
+
+def test_eval_in_a_run_folder_takes_its_data_from_the_folders_config_not_the_checkpoint(tmp_path, trained):
+    """A checkpoint placed in a run folder (or edited there) cannot make make eval read another file
+    or write another cache: the folder's config.yaml, which the user's own training wrote, names the data."""
+    run, cache = trained
+    secret, evil = tmp_path / "id_rsa", tmp_path / "evilcache"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n" + "x" * 4000)
+    tamper(run / "checkpoints" / "last.ckpt", secret, evil)
+    before = snapshot(run)
+    answer = llm_here("eval", f"--ckpt={run / 'checkpoints' / 'last.ckpt'}", "--wandb=false")
+    assert_refused(answer, "its data.text", f"({secret}) is not its run folder's", "give TEXT= or HF=")
+    assert not evil.exists() and snapshot(run) == before

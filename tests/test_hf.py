@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -425,3 +426,38 @@ def test_sampling_seed_top_k_and_temperature(runs):
     hot = sample_text(ckpt, prompt, "--temperature=2.0", "--top_k=null", "--top_p=null", "--seed=1")
     cool = sample_text(ckpt, prompt, "--temperature=0.5", "--top_k=null", "--top_p=null", "--seed=1")
     assert hot != cool
+
+
+def test_eval_of_a_text_shows_its_progress_in_lines_with_an_estimate_and_stops_at_max_tokens(evaluated_run, tmp_path):
+    # stderr is no terminal here: lines, as in a log file; the first after five batches says the time left
+    text = tmp_path / "notes.txt"
+    text.write_text("def greet(name):\n    return f'hello {name}'\n" * 3000)
+    args = (f"--ckpt={evaluated_run}/checkpoints/last.ckpt", f"--text={text}", "--max_tokens=3000", "--json=true")
+    answer = llm_here("eval", *args, "--wandb=false")
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    result = json.loads(answer.stdout.splitlines()[-1])
+    assert 3000 <= result["tokens_evaluated"] < 3000 + 8 * 64  # the batch that passed it is the last
+    progress = [line for line in answer.stderr.splitlines() if line.startswith("evaluating text=notes (1 file(s)): ")]
+    assert len(progress) == 2 and "\r" not in answer.stderr, answer.stderr
+    first, last = (re.search(r": +(\d+)% (\S+)/(\S+) \[(\S+?)(<\S+)?, ", line).groups() for line in progress)
+    assert first[4] and first[2] == last[2] == f"{len(text.read_bytes()) / 1024:.3g}k"  # bytes: of the whole text
+    assert int(first[0]) < int(last[0]) < 100
+    assert_refused(llm_here("eval", *args[:2], "--max_tokens=0"), "max_tokens=0: out of range")
+
+
+def test_the_model_card_gives_the_validation_loss_of_the_checkpoint_it_exports(exported, runs, tmp_path):
+    # the canonical run validates after steps 4, 8 and 12 and saves every 2: step 10's checkpoint
+    # was last validated at step 8, and the run went on to step 12
+    ckpt, out = exported("gpt2")
+    logged = {step: float(row["val/loss"]) for step, row in metrics_rows(runs("single")).items() if row.get("val/loss")}
+    assert (
+        f"| validation loss | {logged[12]:.4f} nats per token, at this checkpoint's step |"
+        in (out / "README.md").read_text()
+    )
+    earlier = tmp_path / "step10"
+    answer = llm_here("export", f"--ckpt={ckpt.parent / 'step-000010.ckpt'}", f"--out={earlier}")
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    card = (earlier / "README.md").read_text()
+    assert f"| validation loss | {logged[8]:.4f} nats per token, at step 8 (the latest validation before it) |" in card
+    assert f"{logged[12]:.4f}" not in card
+    assert "tokens trained | 2,560 (10 optimizer steps of 256 tokens)" in card

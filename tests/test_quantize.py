@@ -158,3 +158,56 @@ def test_a_checkpoint_outside_its_run_folder_is_quantized_without_reading_its_da
     assert answer.returncode == 0, answer.stderr[-3000:]
     assert "not measured against the unquantized export: the checkpoint lies outside a run folder" in answer.stdout
     assert "KL" not in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_quantized_export_measures_on_the_run_folders_data_not_the_checkpoints(llama, tmp_path):
+    # as make eval: the data paths inside a checkpoint in a run folder are not followed (test_bad_input.py)
+    import torch
+
+    from llm.config import datamodule_args
+
+    ckpt, _, _ = llama
+    run = tmp_path / "run"
+    shutil.copytree(ckpt.parent.parent, run, symlinks=True)
+    secret, evil = tmp_path / "id_rsa", tmp_path / "evilcache"
+    secret.write_text("x" * 4000)
+    saved = (run / "checkpoints" / "last.ckpt").resolve()
+    contents = torch.load(saved, weights_only=False)
+    datamodule_args(contents["llm_config"]["data"]).update(text=str(secret), cache_dir=str(evil))
+    saved.unlink()
+    torch.save(contents, saved)
+    answer = llm_here("export", f"--ckpt={saved}", f"--out={tmp_path / 'out'}", "--quant=int8")
+    assert_refused(answer, f"its data.text ({secret}) is not its run folder's")
+    assert not evil.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["--distill.teacher", "--model.init"])
+def test_a_quantized_export_as_teacher_or_start_is_refused_before_any_preparation(llama, runs, tmp_path, option):
+    _, folders, _ = llama
+    cache = tmp_path / "data"
+    args = runs.args(tmp_path / "run", f"--data.cache_dir={cache}", f"{option}={folders['int8']}", probes=())
+    field = option.removeprefix("--")
+    assert_refused(llm_here(*args), f"{field}={folders['int8']}: a quantized export (torchao)", "unquantized one")
+    assert not cache.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_kl_below_what_float64_resolves_is_printed_as_such_never_negative(llama, tmp_path):
+    """Two exports a rounding apart (one weight moved by 1e-7): their KL is of the order of 1e-14,
+    below what float32 log-probabilities resolve, where a negative mean was once printed."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from llm.tools import quantize
+    from llm.tools.export import quantized_lines
+
+    _, folders, _ = llama
+    nudged = tmp_path / "nudged"
+    shutil.copytree(folders["plain"], nudged)
+    tensors = load_file(str(nudged / "model.safetensors"))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1e-7
+    save_file(tensors, str(nudged / "model.safetensors"), metadata={"format": "pt"})
+    blocks = [torch.randint(0, 512, (4, 65), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    measured = quantize.compare(folders["plain"], nudged, blocks, tokens=1000, nbytes=3000, quant="int8")
+    assert 0 <= measured["kl"] < 1e-10, measured
+    lines = quantized_lines({**measured, "quant": "int8", "bytes": 1, "bytes_unquantized": 1, "evaluated": "x"})
+    assert re.search(r"mean KL divergence (below 1e-12|\d\.\d+e-1[1-9]) nats per token", lines), lines

@@ -10,7 +10,7 @@ import math
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from llm import bars
 from llm.checkpoint import Checkpoint, Loaded, choose_checkpoint
+from llm.config import PrepareConfig, RunConfig
 from llm.data.datamodule import TokenBlocks
 from llm.data.prepare import load_meta, prepare
 from llm.data.sources import resolve_source
@@ -56,6 +57,7 @@ def evaluate(
     blocks: str = "all",
     batch_size: int = 8,
     max_batches: int | None = None,
+    max_tokens: int | None = None,
     device: str = "auto",
     json: bool = False,
     wandb: bool = True,
@@ -75,6 +77,8 @@ def evaluate(
             run validated on, which reproduces the val/loss it logged at the checkpoint's step
         batch_size: sequences per forward pass
         max_batches: stop after this many batches (none: everything)
+        max_tokens: stop once this many tokens are evaluated (none: everything); bounds the time a large
+            TEXT= takes, which the first progress line estimates
         device: cpu, cuda, or auto
         json: print one JSON object instead of a table (--json=true)
         wandb: add the result (eval/ keys) to the W&B run of the run folder the checkpoint lies in
@@ -103,21 +107,30 @@ def evaluate(
             "used; give TEXT= or HF= to evaluate on"
         )
     T = loaded.model.config.block_size
+    stream = None
     if text or hf:
         stream = TextStream(loaded, text, hf, hf_split, text_field)
         evaluated, batches, counts = stream.describe(), stream.batches(T, batch_size), stream.counts
     else:
-        evaluated, batches, counts = validation_blocks(loaded, blocks, batch_size, ckpt)
+        evaluated, batches, counts = validation_blocks(loaded, blocks, batch_size, ckpt, run_dir)
+    if max_tokens is not None and max_tokens < 1:
+        raise ConfigError(f"max_tokens={max_tokens}: out of range; use a positive number of tokens, e.g. 100000")
     loss_sum, count = 0.0, 0
-    progress = _progress(evaluated)
+    # a local text's progress is its bytes read, whose total is known; the others' their sequences
+    by_bytes = stream is not None and stream.total_bytes is not None
+    progress = _progress(evaluated, stream.total_bytes if stream else counts.blocks, by_bytes)
     for i, batch in enumerate(batches):
-        if max_batches and i >= max_batches:
+        if (max_batches and i >= max_batches) or (max_tokens and count >= max_tokens):
             break
         batch = batch.to(device)
         logits = loaded.model(batch[:, :-1])
         loss_sum += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
         count += batch[:, 1:].numel()
-        progress.update(batch.size(0))
+        # a text's bytes evaluated so far: its tokens evaluated, at the bytes per token of what was read
+        done = round(count * counts.bytes / max(1, counts.tokens)) if by_bytes else progress.n + batch.size(0)
+        progress.update(min(done, progress.total or done) - progress.n)
+        if i == 4:  # a first line soon, with the rate and the time left: the estimate, past the start's costs
+            progress.refresh()
     progress.close()
     if count == 0:
         raise ConfigError(
@@ -181,11 +194,30 @@ class Counts:
 
     tokens: int = 0
     bytes: int = 0
+    blocks: int | None = None  # the sequences to evaluate, where known before reading them
 
 
-def validation_blocks(loaded: Loaded, blocks: str, batch_size: int, ckpt: str):
+def run_folder_data(loaded: Loaded, run_dir: Path, ckpt: str) -> PrepareConfig:
+    """The data a checkpoint's run trained on, as the run folder's config.yaml (which the user's own
+    training wrote) names it: the paths inside a checkpoint are never followed, as a checkpoint
+    copied into a run folder could name any file to read and any folder to write into. The two must
+    agree but for where the cache lies and how it is prepared."""
+    ours = RunConfig.from_yaml(run_dir / "config.yaml").data
+    theirs = loaded.run_config.data
+    for name in (f.name for f in fields(PrepareConfig) if f.name not in ("cache_dir", "num_proc", "hf_streaming")):
+        if getattr(ours, name) != getattr(theirs, name) and scrub(getattr(ours, name)) != getattr(theirs, name):
+            raise ConfigError(
+                f"ckpt={ckpt}: its data.{name} ({getattr(theirs, name)}) is not its run folder's "
+                f"({getattr(ours, name)}, {run_dir / 'config.yaml'}), so it is not that run's checkpoint; give "
+                "TEXT= or HF= to evaluate on"
+            )
+    return ours
+
+
+def validation_blocks(loaded: Loaded, blocks: str, batch_size: int, ckpt: str, run_dir: Path):
     run = loaded.run_config
-    folder = prepare(run.data, log=lambda *_: None)  # verifies a cached folder, prepares a missing one
+    data = run_folder_data(loaded, run_dir, ckpt)
+    folder = prepare(data, log=lambda *_: None)  # verifies a cached folder, prepares a missing one
     meta = load_meta(folder)
     info = meta["splits"]["val"]
     counts = Counts()
@@ -200,11 +232,12 @@ def validation_blocks(loaded: Loaded, blocks: str, batch_size: int, ckpt: str):
     if blocks == "run":  # as the datamodule placed them: val_batches x batch x processes, spread evenly
         n = run.loader.val_batches * run.loader.batch_size * loaded.world_size
         dataset = TokenBlocks(path, dtype, info["tokens"], T, offsets="spread", length=n)
-        what = f"the run's {n} validation blocks (those of its val/loss)"
+        what, counts.blocks = f"the run's {n} validation blocks (those of its val/loss)", n
         return what, _batched((dataset[i] for i in range(n)), batch_size), counts
     tokens = np.memmap(path, dtype=dtype, mode="r")[: info["tokens"]]
     starts = range(0, len(tokens) - T - 1, T)  # non-overlapping blocks, in order
     rows = (torch.from_numpy(tokens[s : s + T + 1].astype(np.int64)) for s in starts)
+    counts.blocks = len(starts)
     return f"the whole validation split, {len(starts)} blocks", _batched(rows, batch_size), counts
 
 
@@ -217,6 +250,11 @@ class TextStream:
         self.tokenizer, self.eot = ordinary(loaded.tokenizer), loaded.eot_id
         self.hf_split, self.text_field, self.documents = hf_split, text_field, 0
         self.counts = Counts()
+        # the plain-text files' bytes are what the progress counts (a .jsonl's or .parquet's are not text)
+        plain = self.source.kind != "hf" and all(
+            p.suffix not in (".jsonl", ".json", ".parquet") for p in self.source.files
+        )
+        self.total_bytes = sum(p.stat().st_size for p in self.source.files) if plain else None
 
     def describe(self) -> str:
         if self.source.kind == "hf":
@@ -286,8 +324,10 @@ def _batched(rows, batch_size: int) -> Iterator[torch.Tensor]:
         yield torch.stack(batch)
 
 
-def _progress(what: str):
-    return bars.bar(desc=f"evaluating {what}", unit="seq", leave=False)
+def _progress(what: str, total: int | None, by_bytes: bool):
+    """Progress on stderr, in lines where it is no terminal: sequences, or a local text's bytes."""
+    unit = {"unit": "B", "unit_scale": True, "unit_divisor": 1024} if by_bytes else {"unit": "seq"}
+    return bars.bar(desc=f"evaluating {what}", total=total, **unit)
 
 
 def add_to_wandb_run(loaded: Loaded, result: dict, run_dir: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import csv
 import os
 import shutil
 import tempfile
@@ -51,13 +51,14 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False, q
     name = family(c, field=f"ckpt={ckpt}")  # refuses before anything is written
     if quant is None:
         architecture = write_folder(target, loaded, dtype, f"ckpt={ckpt}")
-        (target / "README.md").write_text(model_card(whole, c, architecture, dtype))
+        (target / "README.md").write_text(model_card(whole, c, architecture, dtype, run_dir=checkpoint.run_folder))
         print(f"wrote {target} ({architecture}, {dtype})")
         return
     quantize.check(quant, name, f"ckpt={ckpt}")
     # the blocks it is measured on, found before anything is written: data that is gone is one line.
     # A checkpoint's data paths are followed only inside its run folder (as make eval does)
-    blocks = validation_blocks(loaded, "run", 4, ckpt) if checkpoint.run_folder else None
+    run_dir = checkpoint.run_folder
+    blocks = validation_blocks(loaded, "run", 4, ckpt, run_dir) if run_dir else None
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".unquantized-", dir=target) as folder:
         plain = Path(folder)  # the unquantized export: what is quantized, and what it is measured against
@@ -68,7 +69,7 @@ def export(ckpt: str, out: str = "", dtype: str = "fp32", force: bool = False, q
             if file.name not in ("model.safetensors", "config.json"):
                 shutil.copy(file, target / file.name)
         measured = measure(plain, target, quant, blocks)
-    (target / "README.md").write_text(model_card(whole, c, architecture, dtype, measured))
+    (target / "README.md").write_text(model_card(whole, c, architecture, dtype, measured, run_dir))
     print(f"wrote {target} ({architecture}, {dtype}, {quant} by torchao)")
     print(quantized_lines(measured))
 
@@ -123,7 +124,7 @@ def quantized_lines(m: dict) -> str:
     if "kl" in m:
         lines += [
             f"against the unquantized export on {m['evaluated']} ({m['tokens_compared']:,} tokens):",
-            f"  mean KL divergence {m['kl']:.3g} nats per token, top-1 agreement {m['top1_agreement']:.2%}",
+            f"  mean KL divergence {kl_text(m['kl'])} nats per token, top-1 agreement {m['top1_agreement']:.2%}",
             f"  bits per byte {m['bpb_unquantized']:.4f} -> {m['bpb']:.4f}",
         ]
     else:
@@ -131,13 +132,45 @@ def quantized_lines(m: dict) -> str:
     return "\n".join(lines)
 
 
-def model_card(ckpt: dict, c: ModelConfig, architecture: str, dtype: str, quantized: dict | None = None) -> str:
+def kl_text(kl: float) -> str:
+    """A KL as measured, or "below" the resolution of its float64 sums (rounding, not a measurement)."""
+    return f"below {quantize.KL_RESOLUTION:.0e}" if kl < quantize.KL_RESOLUTION else f"{kl:.3g}"
+
+
+def validation_of(ckpt: dict, run_dir: Path | None) -> tuple[int, float] | None:
+    """(step, validation loss) of the checkpoint exported: its own step's, from the metrics.csv of the
+    run folder it lies in (a checkpoint is written before the validation of its step), else the
+    latest validation it recorded itself; None where neither has one."""
+    step = ckpt.get("global_step", 0)
+    metrics = run_dir / "metrics.csv" if run_dir else None
+    if metrics and metrics.is_file():
+        with open(metrics, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("step") == str(step) and row.get("val/loss"):
+                    return step, float(row["val/loss"])
+    recorded = ckpt.get("validation")  # train.callbacks.RunInfo
+    return (recorded["step"], recorded["loss"]) if recorded else None
+
+
+def model_card(
+    ckpt: dict,
+    c: ModelConfig,
+    architecture: str,
+    dtype: str,
+    quantized: dict | None = None,
+    run_dir: Path | None = None,
+) -> str:
     run = RunConfig.from_checkpoint(ckpt)
     world = ckpt.get("world_size") or 1
     per_step = run.trainer.accumulate_grad_batches * run.loader.batch_size * c.block_size * world
     step = ckpt.get("global_step", 0)
-    summary = Path(run.options.run or ".") / "summary.json"
-    val = json.loads(summary.read_text()).get("final_val_loss") if summary.is_file() else None
+    validated = validation_of(ckpt, run_dir)
+    if validated is None:
+        val = "not recorded"
+    elif validated[0] == step:
+        val = f"{validated[1]:.4f} nats per token, at this checkpoint's step"
+    else:
+        val = f"{validated[1]:.4f} nats per token, at step {validated[0]:,} (the latest validation before it)"
     shape = f"{c.n_layer} layers, {c.n_head} heads ({c.kv_heads} key/value), width {c.n_embd}, MLP {c.mlp_hidden}"
     weights = f"model.safetensors, {dtype}"
     if quantized:
@@ -158,7 +191,7 @@ A decoder-only Transformer pretrained with this project's template, exported as 
 | vocabulary | {c.vocab_size} |
 | parameters | {count_params(c):,} |
 | tokens trained | {step * per_step:,} ({step:,} optimizer steps of {per_step:,} tokens) |
-| final validation loss | {f"{val:.4f} nats per token" if val is not None else "not recorded"} |
+| validation loss | {val} |
 | weights | {weights} |
 | trained with | `{ckpt.get("command") or "not recorded"}` |
 {measured}
