@@ -26,6 +26,21 @@ from llm.model import ModelConfig
 
 EOT = "<|endoftext|>"  # the end-of-text token a trained BPE writes after every document
 
+# Lightning's precisions a run takes (trainer.precision), and the dtype each computes its matmuls in:
+# what MFU's peak is the peak of, an activation's size, and the dtype a frozen teacher is kept in
+PRECISION_DTYPES = {
+    "32-true": torch.float32,
+    "bf16-mixed": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "bf16-true": torch.bfloat16,
+    "64-true": torch.float64,
+}
+
+
+def compute_dtype(precision) -> torch.dtype:
+    """The dtype a Lightning precision computes in (float32 for one it does not know)."""
+    return PRECISION_DTYPES.get(str(precision), torch.float32)
+
 
 @dataclass
 class OptimizerConfig:
@@ -253,10 +268,15 @@ class RunConfig:
         return world_size_of(self.trainer.devices, self.trainer.num_nodes)
 
 
+def device_count(devices) -> int | None:
+    """trainer.devices as a number of processes per node, when it is one ("auto", "-1" and a list
+    of GPU indices are not: Lightning resolves them)."""
+    if isinstance(devices, str) and devices.strip().isdigit():
+        return int(devices)
+    return devices if isinstance(devices, int) and not isinstance(devices, bool) else None
+
+
 def world_size_of(devices, num_nodes) -> int | None:
-    """Processes of the job, when the config says how many (devices may be "auto" or a list)."""
-    if isinstance(devices, str) and devices.isdigit():
-        devices = int(devices)
-    if isinstance(devices, int) and isinstance(num_nodes, int):
-        return devices * num_nodes
-    return None
+    """Processes of the job, when the config says how many."""
+    count = device_count(devices)
+    return count * num_nodes if count is not None and isinstance(num_nodes, int) else None

@@ -68,13 +68,13 @@ def compare(
     """Step time (the median over blocks of each block's time between its synchronised edges, per
     step), tokens/s, MFU, peak memory and host synchronisations per optimizer step of a path through
     the trainer and through its reference, and their ratio."""
-    from llm.train.monitor import training_dtype
+    from llm.config import compute_dtype
     from llm.train.peaks import find_peak
 
     fields, batch = MODELS[name]
     config = ModelConfig(**{**fields, "vocab_size": fields.get("vocab_size") or vocab})
     data_kwargs = {**data_kwargs, "block_size": config.block_size, "batch_size": batch}
-    peak = find_peak(device(), training_dtype(precision))
+    peak = find_peak(device(), compute_dtype(precision))
     sides = ("trainer", "reference")
     blocks: dict[str, list[float]] = {side: [] for side in sides}  # each block's step time
     times: dict[str, list[float]] = {side: [] for side in sides}  # each step's, as the host saw it

@@ -335,3 +335,13 @@ class CrashAtStart(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         raise RuntimeError("crashed at the start, on purpose")
+
+
+class CallbackOrder(Callback):
+    """Writes the class names of the trainer's callbacks, in the order Lightning calls them, to
+    callback-order.txt in the run folder."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            names = [type(c).__name__ for c in trainer.callbacks]
+            Path(trainer.default_root_dir, "callback-order.txt").write_text("\n".join(names) + "\n")

@@ -441,3 +441,27 @@ def test_the_tokenizer_printed_is_the_one_this_run_was_given(tmp_path, fixture_t
         f"tokenizer: {tmp_path}/{n}/tokenizer.json" for n in ("first", "second")
     ]
     assert len(list(cache.iterdir())) == 1
+
+
+def test_the_last_step_is_logged_and_the_callbacks_run_in_their_stated_order(tmp_path, fixture_text):
+    # steps 5 and 7 are logged: every 5, and the last (llm/train/clock.py); 7 once lacked perf/ and its line
+    run = tmp_path / "run"
+    args = corpus_fit(fixture_text, run, tmp_path / "data", "--trainer.max_steps=7")
+    args += ["--trainer.log_every_n_steps=5", "--eval_every=100", "--data.val_batches=1", callbacks("CallbackOrder")]
+    result = llm_here(*args, env={"WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert trained_steps(result.stdout) == [5, 7]
+    logged = {int(row["step"]): row for row in metrics(run) if row.get("train/loss")}
+    assert sorted(logged) == [5, 7]
+    for step in (5, 7):
+        assert float(logged[step]["perf/tokens_per_sec"]) > 0 and float(logged[step]["mem/peak_max"]) > 0
+        assert logged[step]["train/skipped_steps"] == "0.0"
+    # the user's callbacks first, then the run's as run_callbacks lists them, and Lightning moves the
+    # Checkpoint subclass to the end: a validation's line is printed before its checkpoint is written
+    order = (run / "callback-order.txt").read_text().split()
+    assert order == ["CallbackOrder", "PerformanceMonitor", "NonFiniteSteps", "CollectiveTimeout", "ValidateAtEnd"] + [
+        "LoggingStepOnResume",
+        "RunInfo",
+        "PlainLines",
+        "Checkpoints",
+    ]

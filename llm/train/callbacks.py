@@ -28,17 +28,21 @@ from llm.train.saving import Checkpoints
 def run_callbacks(
     monitor: PerformanceMonitor, checkpoints: Checkpoints, run_info: RunInfo, options: RunOptions
 ) -> list[Callback]:
-    """Every callback of a training run besides the user's, in the order Lightning calls them: the
-    monitor first, so that the progress lines of a logging step show what it has just measured."""
+    """Every callback of a training run besides the user's (which come first), in the order Lightning
+    calls them: the monitor before the progress lines, so that a logging step's line shows what it
+    has just measured. Lightning moves every `Checkpoint` subclass to the end of the list, wherever
+    it is given, so Checkpoints runs last: a validation is printed and recorded (RunInfo) before its
+    checkpoint is written. Whether a batch ended an optimizer step does not depend on this order
+    (llm/train/clock.py). tests/test_train.py checks the order a run gets."""
     return [
         monitor,
         NonFiniteSteps(options.max_skipped_steps),
         CollectiveTimeout(options.collective_timeout),
-        checkpoints,
         ValidateAtEnd(),
         LoggingStepOnResume(),
         run_info,
         progress_bar(),
+        checkpoints,  # where Lightning would put it anyway
     ]
 
 
@@ -46,8 +50,8 @@ class ValidateAtEnd(Callback):
     """Validate (and so checkpoint) after the final step too, not only every `eval_every` steps.
     Lightning validates when a run is asked to stop, so ask at the last step."""
 
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= trainer.max_steps:
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if pl_module.clock.last_step(trainer):
             trainer.should_stop = True
 
 

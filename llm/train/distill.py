@@ -155,15 +155,6 @@ def load_teacher(teacher: str) -> Transformer:
     return model.requires_grad_(False).eval()
 
 
-def precision_dtype(precision: str) -> torch.dtype:
-    """The dtype the frozen teacher is kept in: the one the student computes in."""
-    if precision.startswith("bf16"):
-        return torch.bfloat16
-    if precision.startswith("16"):
-        return torch.float16
-    return torch.float64 if precision.startswith("64") else torch.float32
-
-
 def teacher_layers(student: int, teacher: int) -> list[int]:
     """The teacher's blocks a student of `student` blocks starts from: every k-th, spread evenly."""
     return [i * teacher // student for i in range(student)]

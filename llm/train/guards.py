@@ -53,12 +53,10 @@ class NonFiniteSteps(Callback):
             self._counts = [self.total, self.in_a_row, 0]
         else:
             self._counts = torch.tensor([self.total, self.in_a_row, 0], device=pl_module.device)
-        self._step_seen = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        if trainer.global_step == self._step_seen:
+        if not pl_module.clock.stepped(trainer):
             return  # accumulating: no optimizer step yet
-        self._step_seen = trainer.global_step
         bad = self._skipped(trainer, pl_module)
         if bad is not None:
             counts = self._counts
@@ -67,7 +65,7 @@ class NonFiniteSteps(Callback):
                 self._counts = [counts[0] + bad, in_a_row, max(counts[2], in_a_row)]
             else:  # tensors on the device, read on logging steps only
                 self._counts = torch.stack([counts[0] + bad, in_a_row, torch.maximum(counts[2], in_a_row)])
-        if trainer.global_step % trainer.log_every_n_steps == 0 or trainer.global_step >= trainer.max_steps:
+        if pl_module.clock.logging_step(trainer):
             self._report(trainer, pl_module)
 
     def _read(self) -> list[int]:

@@ -10,12 +10,13 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from llm import compat
-from llm.config import DistillConfig, OptimizerConfig
+from llm.config import DistillConfig, OptimizerConfig, compute_dtype
 from llm.hf import load_pretrained
 from llm.metrics import bits_per_byte
 from llm.model import ModelConfig, Transformer
 from llm.train import distill as kd
 from llm.train import float8
+from llm.train.clock import StepClock
 from llm.train.guards import skip_update_if_nonfinite
 from llm.train.optim import make_optimizer, param_groups, warmup_cosine
 from llm.train.strategy import reinit_partitioned
@@ -58,6 +59,7 @@ class LanguageModel(L.LightningModule):
         # set after each backward (configure_gradient_clipping): whether this step is skipped, a 0-dim bool
         # tensor on the device; None where DeepSpeed or fp16's grad scaler decide (guards.NonFiniteSteps reads it)
         self.nonfinite: torch.Tensor | None = None
+        self.clock = StepClock()  # what the run's callbacks ask whether a batch ended an optimizer step
 
     def configure_model(self) -> None:
         # built here rather than in __init__ so that DeepSpeed ZeRO-3 can partition it as it is created
@@ -102,7 +104,7 @@ class LanguageModel(L.LightningModule):
     def teacher_ready(self) -> Transformer:
         """The frozen teacher, on this module's device and in the training precision (moved once)."""
         (teacher,) = self._teacher
-        dtype = kd.precision_dtype(str(self.trainer.precision))
+        dtype = compute_dtype(self.trainer.precision)  # the teacher's: the one the student computes in
         head = teacher.lm_head.weight
         if head.device != self.device or head.dtype != dtype:
             teacher.to(device=self.device, dtype=dtype)
@@ -136,10 +138,11 @@ class LanguageModel(L.LightningModule):
         return loss
 
     def logging_step(self) -> bool:
-        """Whether the optimizer step under way is one Lightning logs (its `should_update_logs`:
-        every log_every_n_steps, and the last)."""
-        step = self.trainer.global_step + 1
-        return step % self.trainer.log_every_n_steps == 0 or step >= self.trainer.max_steps
+        """Whether the optimizer step under way is one Lightning logs (llm/train/clock.py)."""
+        return self.clock.logging_step_under_way(self.trainer)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self.clock.batch_start(self.trainer)  # after every callback's, before the forward pass
 
     def on_validation_epoch_start(self) -> None:
         self._val_losses: list[torch.Tensor] = []

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from llm.bars import duration
+from llm.config import compute_dtype
 from llm.train.peaks import Peak, find_peak
 
 GiB = 2**30
@@ -28,17 +29,6 @@ GiB = 2**30
 # (35 to 45%); the progress line then shows the real rate
 ESTIMATE_MFU = 0.4
 SLOW_STEP_SECONDS = 600  # a step longer than this is announced as a warning
-PRECISION_DTYPES = {
-    "bf16-mixed": torch.bfloat16,
-    "bf16-true": torch.bfloat16,
-    "16-mixed": torch.float16,
-    "16-true": torch.float16,
-}
-
-
-def training_dtype(precision: str) -> torch.dtype:
-    """The dtype the matmuls run in: what MFU's peak must be the peak of."""
-    return PRECISION_DTYPES.get(str(precision), torch.float32)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -150,7 +140,7 @@ class PerformanceMonitor(Callback):
         # every rank finds its own device's peak; the first says which one MFU is measured against
         if stage == "fit" and self.peak is None:
             device = trainer.strategy.root_device  # the module itself moves there later
-            self.peak = find_peak(device, training_dtype(trainer.precision), self.peak_override)
+            self.peak = find_peak(device, compute_dtype(trainer.precision), self.peak_override)
             if trainer.is_global_zero:
                 print(f"MFU against {self.peak.describe()}")
                 print(self.estimate(trainer))
@@ -190,7 +180,7 @@ class PerformanceMonitor(Callback):
         self.throughput = Throughput(available_flops=self.peak.flops, world_size=trainer.world_size, window_size=2)
         self.train_time = 0.0
         self.samples = 0  # sequences this rank trained on in this session
-        self.start_step = self.last_logged_step = self.last_step = trainer.global_step
+        self.start_step = self.last_logged_step = trainer.global_step
         self.throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
         self.logged_time, self.logged_tokens = 0.0, 0  # as of the previous logging step (the rates' window)
         self.waited_until = self._loader_wait(trainer)
@@ -214,9 +204,7 @@ class PerformanceMonitor(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.samples += len(batch)
-        stepped = trainer.global_step != self.last_step
-        self.last_step = trainer.global_step
-        if stepped and trainer.global_step % trainer.log_every_n_steps == 0:
+        if pl_module.clock.logging_step(trainer):
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize(pl_module.device)  # the clock must see the finished work
             self._log(trainer, pl_module, time.perf_counter())

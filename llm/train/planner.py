@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import yaml
 
+from llm.config import compute_dtype
 from llm.model import ModelConfig, Transformer, count_params
 from llm.paths import configs
 from llm.train.strategy import preset_names
@@ -154,9 +155,9 @@ def model_sizes(config: ModelConfig) -> dict:
     return {"psi": count_params(config), "largest": largest_layer_params(config)}
 
 
-def value_bytes(precision: str) -> int:
-    """Bytes of one activation under a Lightning precision."""
-    return {"32-true": 4, "32": 4, "64-true": 8, "64": 8}.get(str(precision), 2)
+def value_bytes(precision: str | None) -> int:
+    """Bytes of one activation under a Lightning precision (None: a GPU's default, bf16-mixed)."""
+    return compute_dtype(precision or "bf16-mixed").itemsize
 
 
 def run_row(

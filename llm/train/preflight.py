@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from llm import ranks
-from llm.config import PrepareConfig, RunConfig, TrainerConfig, datamodule_args
+from llm.config import PRECISION_DTYPES, PrepareConfig, RunConfig, TrainerConfig, datamodule_args, device_count
 from llm.data.prepare import load_meta, prepare, prepared_dir
 from llm.data.sources import resolve_source
 from llm.data.tokenizer import tokenizer_vocab_size
@@ -28,7 +28,7 @@ from llm.wandb_settings import wandb_entity, wandb_project
 
 # what Lightning reads as devices in a string besides a count and "auto": -1 (all), or indices "0,1"
 DEVICE_LIST = re.compile(r"\s*-1\s*|\s*\d+\s*(,\s*\d+\s*)+,?\s*|\s*\d+\s*,\s*")
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+PRECISIONS = tuple(PRECISION_DTYPES)
 
 
 def prepare_config(cfg) -> PrepareConfig:
@@ -210,10 +210,9 @@ def check_trainer(trainer: TrainerConfig) -> None:
         raise ConfigError(
             "trainer.precision=16-mixed: fp16 mixed precision needs a GPU; on CPU use 32-true or bf16-mixed"
         )
-    devices = trainer.devices
-    if isinstance(devices, str) and devices.strip().isdigit():
-        devices = int(devices)
-    elif isinstance(devices, str) and devices != "auto" and not (on_gpu and DEVICE_LIST.fullmatch(devices)):
+    count = device_count(trainer.devices)
+    devices = trainer.devices if count is None else count
+    if isinstance(devices, str) and devices != "auto" and not (on_gpu and DEVICE_LIST.fullmatch(devices)):
         raise ConfigError(
             f"trainer.devices={devices}: not a number of devices; give a whole number (DEVICES=2) or auto"
             + (", -1 (every GPU) or GPU indices such as 0,1" if on_gpu else "")

@@ -40,7 +40,7 @@ class RichBar(RichProgressBar):
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
         loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None and trainer.global_step != self._loss_step and pl_module.logging_step():
+        if loss is not None and trainer.global_step != self._loss_step and pl_module.clock.logging_step(trainer):
             self._loss, self._loss_step = f"{float(loss):.3f}", trainer.global_step
         if getattr(self, "_loss", None):
             items["train/loss"] = self._loss
@@ -67,13 +67,12 @@ class PlainLines(ProgressBar):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._started = time.perf_counter()
-        self._last_step = self._first_step = trainer.global_step
+        self._first_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step == self._last_step or step % trainer.log_every_n_steps or not self._show(trainer):
+        if not pl_module.clock.logging_step(trainer) or not self._show(trainer):
             return
-        self._last_step = step
         m = trainer.callback_metrics
         parts = [f"step {step}/{trainer.max_steps}"]
         for key, shown in (

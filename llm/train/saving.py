@@ -111,16 +111,14 @@ class Checkpoints(Checkpoint):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.signals.install()  # again: Lightning has added its SIGTERM handler since setup
-        self._step_seen = trainer.global_step
         self._last_save = time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        step = trainer.global_step
-        if step == self._step_seen:  # a micro-batch that accumulated; no optimizer step yet
+        if not pl_module.clock.stepped(trainer):  # a micro-batch that accumulated; no optimizer step yet
             return
-        self._step_seen = step
+        step = trainer.global_step
         received, due = self._requested(trainer)
-        if step % self.save_every == 0 or step >= trainer.max_steps or received or due:
+        if step % self.save_every == 0 or pl_module.clock.last_step(trainer) or received or due:
             self.save(trainer)
         if received and step < trainer.max_steps:
             self._stop_pending = received  # at the next batch: this step's metrics reach the logs first
