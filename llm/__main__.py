@@ -11,16 +11,16 @@ import threading
 # when torch first allocates, so it is set before torch is imported.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from llm import ranks  # noqa: E402
-from llm.argv import with_make_args  # noqa: E402
-from llm.errors import (  # noqa: E402
+from llm import ranks
+from llm.argv import with_make_args
+from llm.errors import (
     ConfigError,
-    OneLineErrors,  # noqa: E402
+    OneLineErrors,
     RunStopped,
 )
-from llm.launch.collectives import end_child_processes, failed_collective  # noqa: E402
+from llm.launch.collectives import end_child_processes, failed_collective
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning

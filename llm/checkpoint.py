@@ -92,7 +92,7 @@ class Header:
     config: dict  # the run's resolved config, as config.yaml holds it
     step: int
     world_size: int | None
-    format: int  # CHECKPOINT_FORMAT of the version that wrote it (1: 0.1.0)
+    format: int  # CHECKPOINT_FORMAT of the version that wrote it
     teacher_digest: str | None = None  # a distillation's: its teacher's content (llm/train/distill.py)
 
     @property

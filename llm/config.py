@@ -138,11 +138,8 @@ class DistillConfig:
     init: Literal["teacher_layers"] | None = None
 
 
-# the names a checkpoint's pickle holds (the module's hyperparameters): the present ones, and those of
-# 0.1.0's flat package
-torch.serialization.add_safe_globals(
-    [ModelConfig, OptimizerConfig, DistillConfig, (OptimizerConfig, "llm.module.OptimizerConfig")]
-)
+# the classes a checkpoint's pickle holds (the module's hyperparameters)
+torch.serialization.add_safe_globals([ModelConfig, OptimizerConfig, DistillConfig])
 
 
 @dataclass(frozen=True)
@@ -183,26 +180,25 @@ class RunOptions:
     memory_gib: float | None = None
 
 
-# what a checkpoint's `llm_format` says its layout is; absent: 0.1.0's, whose learning-rate schedule
-# (a SequentialLR) this version cannot continue, though its weights still load for sample, eval, export
+# the layout of what this version writes into a checkpoint (its `llm_format`): a later version that
+# changes it can tell the two apart
 CHECKPOINT_FORMAT = 2
-LEGACY_MODEL_KEYS = {"reference"}  # 0.1.0 kept a preset's published parameter count in ModelConfig
 
 
-def _fields_of(cls, values: Mapping, ignore=frozenset()) -> dict:
-    """The values of `cls`'s fields in `values`; jsonargparse's own keys (`__path__`) and `ignore` are
-    dropped, anything else unknown is a ValueError naming it."""
+def _fields_of(cls, values: Mapping) -> dict:
+    """The values of `cls`'s fields in `values`; jsonargparse's own keys (`__path__`) are dropped,
+    anything else unknown is a ValueError naming it."""
     known = {f.name for f in fields(cls)}
-    unknown = {k for k in values if k not in known and k not in ignore and not k.startswith("__")}
+    unknown = {k for k in values if k not in known and not k.startswith("__")}
     if unknown:
         raise ValueError(f"{sorted(unknown)[0]}: no such field of {cls.__name__}")
     return {k: v for k, v in values.items() if k in known}
 
 
 def model_config_of(values: Mapping) -> ModelConfig:
-    """The architecture from a parsed config's model.config or a checkpoint's (0.1.0's `reference`
-    dropped). ValueError names a field that does not fit."""
-    return ModelConfig(**_fields_of(ModelConfig, values, LEGACY_MODEL_KEYS))
+    """The architecture from a parsed config's model.config or a checkpoint's. ValueError names a
+    field that does not fit."""
+    return ModelConfig(**_fields_of(ModelConfig, values))
 
 
 def datamodule_args(section):

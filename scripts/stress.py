@@ -71,7 +71,7 @@ def one_run(index: int, root: Path, text: Path, extra: list[str], bound: float, 
     command = [sys.executable, "-m", "llm", "fit", "--config", "configs/experiment/default.yaml", *MODEL]
     command += [f"--data.text={text}", f"--data.cache_dir={root / 'data'}", f"--run={run}"]
     command += ["--trainer.devices=2", f"--collective_timeout={timeout}", *extra]
-    log = open(root / f"run{index}.log", "w")  # noqa: SIM115  (closed below, after the process)
+    log = open(root / f"run{index}.log", "w")  # closed below, after the process
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -99,38 +99,6 @@ def test_a_deepspeed_checkpoint_on_another_split_needs_deepspeed_and_its_univers
     assert_refused(result, f"resume={ckpt}: written without DeepSpeed's universal_checkpoint_info", "continue it on")
 
 
-def written_by_0_1_0(path: Path, monkeypatch) -> None:
-    """Rewrite a checkpoint as llm 0.1.0 wrote it: no llm_format, the architecture's `reference`
-    field, and its OptimizerConfig pickled under the flat package's module name."""
-    import sys
-    import types
-
-    from llm.config import OptimizerConfig
-
-    ckpt = torch.load(path, weights_only=True)
-    del ckpt["llm_format"]
-    ckpt["llm_config"]["model"]["config"]["reference"] = None
-    flat = types.ModuleType("llm.module")
-    flat.OptimizerConfig = OptimizerConfig
-    monkeypatch.setitem(sys.modules, "llm.module", flat)
-    monkeypatch.setattr(OptimizerConfig, "__module__", "llm.module")
-    torch.save(ckpt, path)
-
-
-def test_a_checkpoint_of_0_1_0_is_read_by_the_tools_and_its_resume_refused_in_one_line(trained, runs, monkeypatch):
-    from llm.checkpoint import Checkpoint
-
-    run, cache = trained
-    last = (run / "checkpoints" / "last.ckpt").resolve()
-    with monkeypatch.context() as patch:
-        written_by_0_1_0(last, patch)
-    assert b"llm.module" in last.read_bytes() and b"llm_format" not in last.read_bytes()
-    assert Checkpoint(last).load().step == 12  # sample, eval and export read it
-    args = canonical_args(runs, run, cache, "--resume=auto", "--trainer.max_steps=14")
-    line = assert_refused(unchanged(run, lambda: llm_here(*args)), f"resume={last}: written by llm 0.1.0")
-    assert line.endswith("start a new RUN (INIT= from its make export starts from its weights)")
-
-
 def test_extending_a_finished_run_says_its_learning_rate_stays_at_the_minimum(trained, runs):
     # its cosine ended at step 12: the two steps more go on at lr x min_lr_ratio, and say so
     run, cache = trained

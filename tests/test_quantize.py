@@ -88,7 +88,7 @@ def test_the_quantized_linear_weights_take_under_a_third_of_their_fp32_bytes(lla
 
     def tensors(folder: Path) -> dict:
         with safe_open(str(folder / "model.safetensors"), "pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+            return {key: f.get_tensor(key) for key in f.keys()}  # safe_open has no iterator
 
     plain, quantized = tensors(folders["plain"]), tensors(folders[quant])
     layers = {key.rsplit(".", 1)[0] for key in quantized if key.endswith("._weight_qdata")}

@@ -21,7 +21,6 @@ import shutil
 import socket
 import sys
 import time
-import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,7 +35,6 @@ from llm.errors import ConfigError
 from llm.redact import scrub, scrub_name
 
 FORMAT_VERSION = 3  # 2: text quoting the end-of-text token is encoded as text; 3: shard checksums
-CHECKSUM_CHUNKS, CHECKSUM_CHUNK_BYTES = 64, 1 << 16  # the sampled checksum of caches prepared before sha256
 MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 100  # fewer documents: each one's tail goes to validation
 
 
@@ -85,20 +83,8 @@ def shard_checksum(path: Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def sampled_checksum(path: Path) -> str:
-    """What caches prepared before the full checksum hold: CRC-32 of 64 pieces of 64 KiB and the size."""
-    size = path.stat().st_size
-    span = max(size - CHECKSUM_CHUNK_BYTES, 0)
-    crc = 0
-    with open(path, "rb") as f:
-        for start in sorted({span * i // (CHECKSUM_CHUNKS - 1) for i in range(CHECKSUM_CHUNKS)}):
-            f.seek(start)
-            crc = zlib.crc32(f.read(CHECKSUM_CHUNK_BYTES), crc)
-    return f"crc32:{crc:08x}:{size}"
-
-
 def _matches(path: Path, checksum: str) -> bool:
-    return (sampled_checksum if checksum.startswith("crc32:") else shard_checksum)(path) == checksum
+    return shard_checksum(path) == checksum
 
 
 VERIFIED = ".verified"  # the (size, mtime) of each file when its checksum last matched: read once, not every run

@@ -10,7 +10,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from llm.checkpoint import Checkpoint, CheckpointFolder
-from llm.config import CHECKPOINT_FORMAT, DistillConfig, OptimizerConfig, PrepareConfig, RunConfig
+from llm.config import DistillConfig, OptimizerConfig, PrepareConfig, RunConfig
 from llm.errors import ConfigError
 from llm.redact import scrub
 from llm.train import distill, run_folder
@@ -46,11 +46,6 @@ def check_resume(now: RunConfig, path: str) -> bool:
     checkpoint = Checkpoint(path, field="resume")
     header = checkpoint.header()  # a file that is no checkpoint, or holds a payload: refused unread
     checkpoint.verify()  # every other shard too, and each file against its checksums
-    if header.format < CHECKPOINT_FORMAT:
-        raise ConfigError(
-            f"resume={path}: written by llm 0.1.0, whose learning-rate schedule this version cannot continue; "
-            "start a new RUN (INIT= from its make export starts from its weights)"
-        )
     then, step = header.run_config, header.step
     hint = "resume with the checkpoint's settings, or start a new RUN"
     for key, old in asdict(then.model).items():

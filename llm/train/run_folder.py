@@ -115,7 +115,7 @@ def create(options) -> Path:
     if not ranks.is_first_process():
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(run_dir / WRITER_LOCK, "a+")  # noqa: SIM115 (held open for the process's lifetime)
+    lock = open(run_dir / WRITER_LOCK, "a+")  # held open for the process's lifetime
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
