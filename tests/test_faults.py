@@ -93,6 +93,7 @@ def assert_continues_exactly(whole: Path, run: Path, first_batches: dict, resume
         assert before + after == batches(whole, rank), f"rank {rank}: a sample was repeated or skipped {why}"
 
 
+@pytest.mark.slow  # a run in a process of its own, killed or stopped (make test runs it; test-fast not)
 def test_kill_9_at_a_random_step_resumes_exactly(tmp_path, runs):
     step = random.Random(SEED).randint(3, STEPS - 1)
     why = f"(killed after step {step}; LLM_TEST_SEED={SEED} repeats it)"
@@ -136,6 +137,7 @@ def breaks_save(step: int, how: str = "kill") -> str:
     return json.dumps({"class_path": "tests.helpers.BreakSave", "init_args": {"step": step, "how": how}})
 
 
+@pytest.mark.slow  # a run in a process of its own, killed or stopped (make test runs it; test-fast not)
 def test_kill_during_a_save_leaves_the_previous_checkpoints_to_resume(tmp_path, runs):
     run = tmp_path / "run"
     first = start(runs.args(run, callbacks("BatchRecord", breaks_save(6)), probes=()))  # kills its group
@@ -206,6 +208,7 @@ def test_kill_9_of_a_two_process_zero2_job_inside_a_save_resumes_exactly(tmp_pat
     assert_continues_exactly(runs("zero2"), run, first, at, ranks=2, tol=1e-6, why=why)
 
 
+@pytest.mark.slow  # a run in a process of its own, killed or stopped (make test runs it; test-fast not)
 def test_sigterm_saves_at_the_step_boundary_then_resume_continues(tmp_path, runs):
     run = tmp_path / "run"
     args = runs.args(run, probes=RECORD)
@@ -293,6 +296,7 @@ def test_a_stop_signal_during_preparation_ends_with_a_stopped_line(tmp_path, sha
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # a run in a process of its own, killed or stopped (make test runs it; test-fast not)
 def test_a_second_signal_exits_at_once(tmp_path, runs):
     def twice(process):  # two different signals: the kernel merges a pending signal with its repeat
         process.send_signal(signal.SIGTERM)

@@ -18,7 +18,19 @@ import pytest
 import torch
 
 from llm.train.strategy import SHM, SHM_PREFIX
-from support import REPO, STEPS, callbacks, column, data_args, finish, llm_here, losses, make, program_stderr
+from support import (
+    REPO,
+    STEPS,
+    assert_refused,
+    callbacks,
+    column,
+    data_args,
+    finish,
+    llm_here,
+    losses,
+    make,
+    program_stderr,
+)
 
 
 def free_port_pair() -> int:
@@ -260,11 +272,19 @@ def test_an_unknown_master_host():
     ],
 )
 def test_a_bad_hostfile(tmp_path, text, fragment):
+    # the launcher's arguments as make train-deepspeed gives them, in this process (the same refusal
+    # through make is test_a_bad_hostfile_through_make's)
     hostfile = tmp_path / "hostfile"
     if text is not None:
         hostfile.write_text(text)
-    line, _ = refused("train-deepspeed", f"HOSTFILE={hostfile}")
+    answer = llm_here("deepspeed", f"--hostfile={hostfile}", "--master_port=29500", "--timeout=300", "--")
+    line = assert_refused(answer, f"HOSTFILE={hostfile}: ")
     assert line.startswith(f"error: HOSTFILE={hostfile}: ") and fragment in line, line
+
+
+def test_a_bad_hostfile_through_make(tmp_path):
+    line, _ = refused("train-deepspeed", f"HOSTFILE={tmp_path / 'none'}")
+    assert line.startswith(f"error: HOSTFILE={tmp_path / 'none'}: ") and "no such file" in line, line
 
 
 @pytest.mark.parametrize(

@@ -125,13 +125,8 @@ def test_make_plan_prints_json_and_a_table():
     # 16 GPUs: ZeRO-1 holds 4Ψ + 12Ψ/16 = 29.8 GiB, with 17.0 GiB of activations, 1.2 of logits
     # and 2 of overhead: 50 GiB, the first row under 80 (DDP would need 16Ψ = 100 GiB alone)
     assert out["recommended"] == "zero1"
-    table = subprocess.run(
-        ["make", "-s", "plan", "MODEL=gpt2-124m", "DEVICES=1", "GPU_MEM=80"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # the table, in this process: what make plan MODEL=gpt2-124m DEVICES=1 GPU_MEM=80 runs
+    table = llm_here("plan", "--model.config=gpt2-124m", "--trainer.devices=1", "--memory_gib=80")
     assert table.returncode == 0, table.stderr[-2000:]
     # gpt2-124m fits one GPU of 80 GB as it is: plain DDP's line, not only a row label of every table
     assert table.stdout.rstrip().splitlines()[-1] == "recommended: DS=  (plain DDP)"
