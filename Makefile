@@ -279,10 +279,11 @@ stress: $(STAMP)
 	$(PYTEST) -m stress
 	$(WITH_ARGS) $(venv_python) scripts/stress.py --runs=$(call q,$(STRESS_RUNS))
 
-## ruff check and format check; the package's import layers (import-linter)
+## ruff check and format check; the package's types (mypy) and import layers (import-linter)
 lint: $(STAMP)
 	$(venv_python) -m ruff check llm tests scripts
 	$(venv_python) -m ruff format --check llm tests scripts
+	$(venv_python) -m mypy
 	$(call q,$(VENV)/bin/lint-imports)
 
 ## ruff: fix what it can and format
@@ -299,4 +300,4 @@ clean:
 	@if [ -e $(call q,$(VENV)) ] && [ ! -f $(call q,$(VENV)/pyvenv.cfg) ]; then \
 		echo "VENV="$(call q,$(VENV))": not a virtual environment (no pyvenv.cfg in it), so not removed; give the one make install made (default .venv)" >&2; \
 		exit 2; fi
-	rm -rf -- $(call q,$(VENV)) .pytest_cache .ruff_cache  # never data/ or runs/: they hold work
+	rm -rf -- $(call q,$(VENV)) .pytest_cache .ruff_cache .mypy_cache  # never data/ or runs/: they hold work

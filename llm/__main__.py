@@ -83,7 +83,7 @@ def requeue(exc: RunStopped) -> int:
     print(f"stopped: {exc}; requeueing SLURM job {exc.requeue}", file=sys.stderr, flush=True)
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)  # SLURM ends the job's processes as it requeues it: this one is done
-    failed = ranks.requeue_slurm_job(exc.requeue)
+    failed = ranks.requeue_slurm_job(str(exc.requeue))
     if failed:
         print(f"stopped: {failed}; {exc.otherwise}", file=sys.stderr, flush=True)
         return exc.status

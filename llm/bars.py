@@ -40,7 +40,8 @@ class Lines(tqdm):
 
     def close(self) -> None:
         # tqdm ends a bar it leaves with a newline of its own, which after a whole line is an empty one
-        leave, self.leave = self.leave, False
+        leave = bool(self.leave)  # type: ignore[has-type]  # tqdm's own attribute, untyped
+        self.leave = False
         if leave and not self.disable:
             self.display()
         super().close()

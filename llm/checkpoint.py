@@ -250,7 +250,7 @@ class CheckpointFolder:
     def steps(self) -> list[Path]:
         """The step checkpoints, oldest first."""
         found = [p for p in self.path.glob("step-*.ckpt") if self.step_of(p) is not None]
-        return sorted(found, key=self.step_of)
+        return sorted(found, key=lambda p: self.step_of(p) or 0)
 
     def newest_complete(self, field: str = "resume") -> Checkpoint | None:
         """The complete checkpoint of the highest step: what RESUME=auto continues from."""

@@ -260,6 +260,13 @@ class RunConfig:
         return cls.from_dict(cfg.as_dict())
 
     @property
+    def folder(self) -> Path:
+        """The run folder, which preflight.resolve decides (options.run)."""
+        if not self.options.run:
+            raise ValueError("the run folder is decided by preflight.resolve before it is read")
+        return Path(self.options.run)
+
+    @property
     def world_size(self) -> int | None:
         return world_size_of(self.trainer.devices, self.trainer.num_nodes)
 

@@ -80,7 +80,7 @@ def either(names: list[str]) -> str:
 def _unknown_option(arg: str, known: list[str] | None, renamed: dict[str, str] | None = None) -> str:
     key, has_value, value = arg.lstrip("-").partition("=")
     given = f"--{key}={value}" if has_value else f"--{key}"
-    if key in (renamed or {}):
+    if renamed and key in renamed:
         return f"{given}: renamed; use --{renamed[key]}{'=' + value if has_value else ''}"
     near = nearest_keys(key, known) if known else []
     hint = f"did you mean {either(['--' + k for k in near])}?" if near else "--help lists the options"
@@ -150,14 +150,14 @@ class OneLineErrors:
 
     def error(self, message: str, ex: Exception | None = None):
         if not getattr(self, "exit_on_error", True):
-            return super().error(message, ex)
+            return super().error(message, ex)  # type: ignore[misc]  # jsonargparse's parser, mixed in after this
         sys.stderr.write(f"error: {one_line(message, self.option_keys(), getattr(self, 'renamed', None))}\n")
         sys.exit(2)
 
     def option_keys(self) -> list[str]:
         """Every option as a user writes it (data.batch_size for data.init_args.batch_size)."""
         try:
-            keys = self.get_defaults(skip_check=True).keys()
+            keys = self.get_defaults(skip_check=True).keys()  # type: ignore[attr-defined]  # the parser's
         except Exception:  # a parser that cannot give its defaults still answers in one line
             return []
         return [k.replace(".init_args.", ".") for k in keys if not k.endswith((".class_path", ".help"))]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,7 +44,7 @@ def hf_config(c: ModelConfig, eot_id: int, dtype: str = "float32"):
     writes its config.json."""
     from transformers import GPT2Config, LlamaConfig
 
-    common = {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "dtype": dtype}
+    common: dict[str, Any] = {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "dtype": dtype}
     common |= {"bos_token_id": eot_id, "eos_token_id": eot_id, "initializer_range": c.init_std}
     if family(c) == "gpt2":
         return GPT2Config(
@@ -60,6 +61,7 @@ def hf_config(c: ModelConfig, eot_id: int, dtype: str = "float32"):
             attn_pdrop=c.dropout,
             **common,
         )
+    common["rope_theta"] = c.rope_theta  # a key LlamaConfig reads, which its type hints lack
     return LlamaConfig(
         architectures=["LlamaForCausalLM"],
         max_position_embeddings=c.block_size,
@@ -71,7 +73,6 @@ def hf_config(c: ModelConfig, eot_id: int, dtype: str = "float32"):
         head_dim=c.head_dim,
         hidden_act="silu",
         rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta,
         attention_bias=c.bias,
         mlp_bias=c.bias,
         attention_dropout=c.dropout,

@@ -52,7 +52,7 @@ class TokenBlocks(Dataset):
             raise ValueError(f"{path} holds {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}")
         self.path, self.dtype, self.n_tokens = path, dtype, n_tokens
         self.block_size, self.seed, self.offsets, self.length = block_size, seed, offsets, length
-        self._data = None  # opened lazily, once per loader worker
+        self._data: np.ndarray | None = None  # opened lazily, once per loader worker
 
     def __len__(self) -> int:
         return self.length if self.length is not None else 2**62  # training: indexed by sample number
@@ -60,14 +60,15 @@ class TokenBlocks(Dataset):
     def start(self, i: int) -> int:
         span = self.n_tokens - self.block_size  # valid starts: 0 .. span-1
         if self.offsets == "spread":
-            return (i * span) // max(self.length, 1)
+            return (i * span) // max(self.length or 1, 1)
         return splitmix64((self.seed << 40) ^ i) % span
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        if self._data is None:
-            self._data = np.memmap(self.path, dtype=self.dtype, mode="r")[: self.n_tokens]
+        data = self._data
+        if data is None:
+            data = self._data = np.memmap(self.path, dtype=self.dtype, mode="r")[: self.n_tokens]
         s = self.start(i)
-        return torch.from_numpy(self._data[s : s + self.block_size + 1].astype(np.int64))
+        return torch.from_numpy(data[s : s + self.block_size + 1].astype(np.int64))
 
 
 class StepSampler(Sampler[int]):
@@ -153,7 +154,7 @@ class TokenDataModule(L.LightningDataModule):
         self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
         self.val_batches, self.seed = val_batches, seed
         self.folder: Path | None = None
-        self.meta: dict | None = None
+        self.meta: dict = {}  # the prepared data's meta.json, read in setup
 
     def prepare_data(self) -> None:
         # the CLI has prepared already, before any process group existed: this finds the cache
@@ -171,6 +172,7 @@ class TokenDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
+        assert trainer is not None, "a training loader is made for a trainer"
         accumulate = trainer.accumulate_grad_batches
         # resume: continue at the micro-batch after the checkpoint's last optimizer step
         start = trainer.global_step * accumulate
@@ -178,19 +180,26 @@ class TokenDataModule(L.LightningDataModule):
 
     def train_loader(self, rank: int, world_size: int, start_batch: int, end_batch: int) -> DataLoader:
         """Micro-batches start_batch .. end_batch - 1 of this rank."""
-        sampler = StepSampler(self.batch_size, rank, world_size, start_batch, end_batch)
+        sampler = StepSampler(self.micro_batch, rank, world_size, start_batch, end_batch)
         return self._loader(self.blocks("train", seed=self.seed, offsets="random"), sampler, StepDataLoader)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        n = self.val_batches * self.batch_size * world
+        n = self.val_batches * self.micro_batch * world
         blocks = self.blocks("val", offsets="spread", length=n)
         return self._loader(blocks, list(range(rank, n, world)))  # disjoint share per rank
+
+    @property
+    def micro_batch(self) -> int:
+        """batch_size as a number: "auto" is resolved before the data module is built (llm/train/autosize.py)."""
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+            raise ValueError(f"data.batch_size={self.batch_size}: not resolved to a number of sequences")
+        return self.batch_size
 
     def _loader(self, dataset, sampler, loader_class=DataLoader) -> DataLoader:
         return loader_class(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=self.micro_batch,
             sampler=sampler,
             num_workers=self.num_workers,
             worker_init_fn=leave_stop_signals_to_the_trainer,

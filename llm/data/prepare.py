@@ -39,7 +39,7 @@ MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 100  # fewer documents: each one's tail goes 
 
 
 def cache_key(cfg: PrepareConfig, source: Source) -> str:
-    tokenizer = {"train_bpe": cfg.vocab_size}
+    tokenizer: dict = {"train_bpe": cfg.vocab_size}
     if cfg.tokenizer:
         tokenizer = {"sha256": hashlib.sha256(Path(cfg.tokenizer).expanduser().read_bytes()).hexdigest()}
     key = {
@@ -230,11 +230,12 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
 def disk_full(exc: BaseException) -> str | None:
     """The no-space error in an exception or what caused it (`datasets` wraps the OSError)."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return os.strerror(exc.errno)
-        exc = exc.__cause__ or exc.__context__
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return os.strerror(cause.errno)
+        cause = cause.__cause__ or cause.__context__
     return None
 
 
@@ -301,8 +302,9 @@ def invalid_utf8_bytes(files) -> int:
     by decoding them again in 1 MiB pieces."""
     count = 0
 
-    def counting(error: UnicodeDecodeError):
+    def counting(error: UnicodeError) -> tuple[str, int]:
         nonlocal count
+        assert isinstance(error, UnicodeDecodeError)  # registered for decoding only
         count += error.end - error.start
         return "\ufffd", error.end
 
@@ -337,8 +339,8 @@ def _prepare_into(tmp: Path, cfg: PrepareConfig, source: Source, log) -> None:
     replaced = invalid_utf8_bytes(source.files) if source.kind == "local" else 0
     if replaced:
         log(f"warning: {field}: {replaced:,} bytes are not UTF-8; each run of them was read as U+FFFD")
-    num_proc = min(cfg.num_proc or os.cpu_count() or 1, len(docs))
-    num_proc = num_proc if num_proc > 1 else None
+    processes = min(cfg.num_proc or os.cpu_count() or 1, len(docs))
+    num_proc = processes if processes > 1 else None
     with quiet_datasets():
         train, val, mode = split_documents(docs, cfg, num_proc)
     if len(train) == 0 or len(val) == 0:
@@ -358,6 +360,10 @@ def _prepare_into(tmp: Path, cfg: PrepareConfig, source: Source, log) -> None:
     tokenizer.save(str(tmp / "tokenizer.json"))
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     eot_id = tokenizer.token_to_id(cfg.eot_token)
+    if eot_id is None:
+        raise ConfigError(
+            f"data.eot_token={cfg.eot_token}: not in the tokenizer's vocabulary; give the token it ends documents with"
+        )
     dtype = token_dtype(vocab_size)
 
     # tokenizers parallelises inside encode_batch; with several processes each one runs single-threaded

@@ -205,8 +205,8 @@ def load_documents(
     where = "data.text" if source.kind == "local" else "corpus"
     total = sum(f.stat().st_size for f in source.files)
     parts = []
-    files = f"{len(source.files):,} file{'s' * (len(source.files) != 1)}"
-    bar = bars.bar(total=total, unit="B", unit_scale=True, desc=f"reading {files}")
+    count = f"{len(source.files):,} file{'s' * (len(source.files) != 1)}"
+    bar = bars.bar(total=total, unit="B", unit_scale=True, desc=f"reading {count}")
     with quiet_datasets(), bar:
         # one reader per file type; a plain-text file is one document
         for builder in dict.fromkeys(BUILDERS.get(f.suffix, "text") for f in source.files):
@@ -282,7 +282,7 @@ def _read_text_files(files: list[Path], bar):
 def _load_hub(source: Source, text_field: str, split: str, streaming: bool, max_documents: int | None):
     import datasets
 
-    spec = source.hf_name + (f":{source.hf_config}" if source.hf_config else "")
+    spec = f"{source.hf_name}" + (f":{source.hf_config}" if source.hf_config else "")
     try:
         ds = datasets.load_dataset(source.hf_name, source.hf_config, split=split, streaming=streaming)
     except Exception as exc:  # the Hub answers in many ways; the user needs the first line of it

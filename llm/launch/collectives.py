@@ -34,8 +34,13 @@ STARTUP_TIMEOUT = 300.0
 TIMED_OUT = ("Timed out", "timed out", "Timeout", "timeout")
 active_timeout: float | None = None  # what the groups of this process were given, for the message
 # frames that only pass a collective on: the caller worth naming is the one that asked for it
-WRAPPERS = ("/torch/", "/lightning/pytorch/strategies/", "/lightning/fabric/strategies/", "/deepspeed/comm/")
-WRAPPERS += ("/lightning/fabric/utilities/distributed.py",)
+WRAPPERS = (
+    "/torch/",
+    "/lightning/pytorch/strategies/",
+    "/lightning/fabric/strategies/",
+    "/deepspeed/comm/",
+    "/lightning/fabric/utilities/distributed.py",
+)
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "closed pair")
 
 

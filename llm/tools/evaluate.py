@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
 from llm.hf import from_hf_config, read_config
 from llm.metrics import bits_per_byte
-from llm.model import ModelConfig
+from llm.model import ModelConfig, Transformer
 from llm.redact import scrub
 from llm.tools.quantize import import_torchao
 from llm.wandb_settings import wandb_entity, wandb_mode, wandb_project
@@ -112,6 +113,7 @@ def evaluate(
         stream = TextStream(loaded, text, hf, hf_split, text_field)
         evaluated, batches, counts = stream.describe(), stream.batches(T, batch_size), stream.counts
     else:
+        assert run_dir is not None  # refused above: a checkpoint's own data is read in its run folder only
         evaluated, batches, counts = validation_blocks(loaded, blocks, batch_size, ckpt, run_dir)
     if max_tokens is not None and max_tokens < 1:
         raise ConfigError(f"max_tokens={max_tokens}: out of range; use a positive number of tokens, e.g. 100000")
@@ -182,9 +184,13 @@ def transformers_folder(folder: Path, device: str) -> Loaded:
     if not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"ckpt={folder}: no tokenizer.json; evaluate a folder make export wrote")
     with contextlib.redirect_stdout(sys.stderr):  # transformers' loading bar is not the result
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped `to` is typed for itself
     eot = config.get("eos_token_id")
-    return Loaded(Logits(model, architecture), Tokenizer.from_file(str(folder / "tokenizer.json")), eot, {}, {}, 0)
+    if not isinstance(eot, int):
+        raise ConfigError(f"ckpt={folder}: config.json names no eos_token_id; evaluate a folder make export wrote")
+    logits = cast(Transformer, Logits(model, architecture))  # called as the Transformer is: tokens in, logits out
+    return Loaded(logits, Tokenizer.from_file(str(folder / "tokenizer.json")), eot, {}, {}, 0)
 
 
 @dataclass
@@ -261,7 +267,7 @@ class TextStream:
             return f"hf={self.source.name} ({self.hf_split})"
         return f"text={self.source.name} ({len(self.source.files)} file(s))"
 
-    def texts(self) -> Iterator[str]:
+    def texts(self) -> Iterator[str | None]:
         """Pieces of text, each a whole document or part of one; None ends a document."""
         import datasets
 
@@ -341,13 +347,13 @@ def add_to_wandb_run(loaded: Loaded, result: dict, run_dir: Path) -> None:
 
     values = {f"eval/{k}": v for k, v in result.items() if k in ("loss", "ppl", "bpb", "tokens_evaluated")}
     values |= {"eval/evaluated": result["evaluated"], "eval/step": result["step"]}
-    where = {
+    where: dict[str, Any] = {
         "project": wandb_project(loaded.config.get("wandb_project")),
         "entity": wandb_entity(loaded.config.get("wandb_entity")),
         "mode": wandb_mode(),
     }
     # a Settings object per run: wandb.init writes the run's id into the one it is given
-    quiet = {"silent": True, "console": "off"}
+    quiet: dict[str, Any] = {"silent": True, "console": "off"}
     training = wandb.init(
         id=id_file.read_text().strip(), resume="allow", dir=str(run_dir), settings=wandb.Settings(**quiet), **where
     )

@@ -92,8 +92,8 @@ def plan_main(
             raise ConfigError(f"{name}={value}: must be at least 1")
     if gpu_mem <= 0:
         raise ConfigError(f"memory_gib={gpu_mem}: give the GiB of memory of one GPU, e.g. 80")
-    model = model.config
-    config = load_model_config(model)
+    preset = model.config
+    config = load_model_config(preset)
     rows = plan(
         config,
         gpus,
@@ -106,7 +106,7 @@ def plan_main(
     )
     best = recommend(rows)
     result = {
-        "model": model,
+        "model": preset,
         "params": count_params(config),
         "devices": gpus,
         "num_nodes": nnodes,

@@ -21,7 +21,7 @@ def read_metrics(run: Path) -> list[dict]:
 def series(rows: list[dict], column: str, x: str = "step") -> tuple[list[float], list[float]]:
     """(x, y) of one column: x is steps done (metrics.csv's step, from 1) or tokens trained."""
     if x == "step":
-        points = [(int(r["step"]), float(r[column])) for r in rows if r.get(column)]
+        points = [(float(r["step"]), float(r[column])) for r in rows if r.get(column)]
     else:
         points = [(float(r[X_AXES[x]]), float(r[column])) for r in rows if r.get(column) and r.get(X_AXES[x])]
     return [p[0] for p in points], [p[1] for p in points]

@@ -84,7 +84,8 @@ def torchao_config(quant: str, c: ModelConfig):
     if quant == "int8":
         return Int8WeightOnlyConfig(granularity=PerRow())
     if quant == "int4":
-        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(int4_group(c)))
+        int4 = torch.int4  # type: ignore[attr-defined]  # in torch, not in its type stubs
+        return IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup(int4_group(c)))
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
 
 
@@ -92,7 +93,9 @@ def load(folder: Path, quant: str | None = None, c: ModelConfig | None = None):
     """A transformers folder as a model in eval mode: as saved, or quantized on loading."""
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
-    options = {"quantization_config": TorchAoConfig(torchao_config(quant, c))} if quant else {}
+    if quant and c is None:
+        raise ValueError("quantizing on loading needs the model's config")
+    options = {"quantization_config": TorchAoConfig(torchao_config(quant, c))} if quant and c else {}
     with contextlib.redirect_stdout(sys.stderr):  # transformers' loading bar is not the command's output
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **options)
     return model.eval()

@@ -70,12 +70,11 @@ RUN_OPTION_HELP = {
 
 
 class LLMCLI(LightningCLI):
-    def __init__(self, *args, prepare_only: bool = False, **kwargs):
+    def __init__(self, prepare_only: bool = False, **kwargs):
         self.prepare_only = prepare_only
         super().__init__(
             LanguageModel,
             TokenDataModule,  # or a subclass, named by data.class_path (--data=<class>): docs/extending.md
-            *args,
             subclass_mode_data=True,
             parser_class=ArgumentParser,
             save_config_callback=None,  # config.yaml is written once the config is resolved (instantiate_trainer)
@@ -119,8 +118,9 @@ class LLMCLI(LightningCLI):
             sizes = None
             if not self.agreement.leader:
                 cfg.run, sizes = self.agreement.wait("run"), self.agreement.wait("sizes")
-            run = self.run_config = preflight.resolve(cfg, self.subcommand, sizes)  # what the parts are built from
-            preflight.check(run, self.subcommand, cfg.trainer.logger)
+            command = self.subcommand or "fit"
+            run = self.run_config = preflight.resolve(cfg, command, sizes)  # what the parts are built from
+            preflight.check(run, command, cfg.trainer.logger)
             self.agreement.publish("sizes", {"deepspeed": run.options.deepspeed, "batch_size": run.loader.batch_size})
             self.agreement.publish("run", run.options.run)
             self.resume_from = self.choose_resume(run)
@@ -140,7 +140,7 @@ class LLMCLI(LightningCLI):
             if self.agreement.store is None:  # started by Lightning's launcher, after rank 0 chose
                 return os.environ.get(run_folder.RESUME_ENV) or None
             return self.agreement.wait("resume")
-        path = resume.resume_checkpoint(run.options.resume, Path(run.options.run))
+        path = resume.resume_checkpoint(run.options.resume, run.folder)
         if path and resume.check_resume(run, path):  # a DeepSpeed checkpoint, on another number of processes
             path = str(universal.convert(Checkpoint(path, field="resume"), run.world_size or 1))
         os.environ[run_folder.RESUME_ENV] = path or ""

@@ -45,33 +45,28 @@ class NonFiniteSteps(Callback):
     def __init__(self, max_in_a_row: int = 5):
         self.max_in_a_row = max_in_a_row
         self.total, self.in_a_row, self.worst = 0, 0, 0  # as of the last logging step
-        # total, in a row, worst in a row: on the device, or Python numbers under DeepSpeed
-        self._counts: torch.Tensor | list[int] | None = None
+        # total, in a row, worst in a row: on the device, or on the host under DeepSpeed (whose engine
+        # says on the host whether it skipped), so that counting never waits for the device
+        self._counts = torch.zeros(3, dtype=torch.long)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            self._counts = [self.total, self.in_a_row, 0]
-        else:
-            self._counts = torch.tensor([self.total, self.in_a_row, 0], device=pl_module.device)
+        device = "cpu" if isinstance(trainer.strategy, DeepSpeedStrategy) else pl_module.device
+        self._counts = torch.tensor([self.total, self.in_a_row, 0], device=device)
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         if not pl_module.clock.stepped(trainer):
             return  # accumulating: no optimizer step yet
         bad = self._skipped(trainer, pl_module)
-        if bad is not None:
+        if bad is not None:  # tensors, read on logging steps only
             counts = self._counts
             in_a_row = (counts[1] + 1) * bad
-            if isinstance(counts, list):  # Python numbers: DeepSpeed has already read its check
-                self._counts = [counts[0] + bad, in_a_row, max(counts[2], in_a_row)]
-            else:  # tensors on the device, read on logging steps only
-                self._counts = torch.stack([counts[0] + bad, in_a_row, torch.maximum(counts[2], in_a_row)])
+            self._counts = torch.stack([counts[0] + bad, in_a_row, torch.maximum(counts[2], in_a_row)])
         if pl_module.clock.logging_step(trainer):
             self._report(trainer, pl_module)
 
     def _read(self) -> list[int]:
         """The counts as numbers: a host read of the device's, once per logging step or checkpoint."""
-        counts = self._counts
-        return [int(v) for v in (counts if isinstance(counts, list) else counts.tolist())]
+        return [int(v) for v in self._counts.tolist()]
 
     @staticmethod
     def _skipped(trainer, pl_module) -> torch.Tensor | int | None:
@@ -99,8 +94,7 @@ class NonFiniteSteps(Callback):
             )
 
     def state_dict(self) -> dict:
-        if self._counts is not None:  # a checkpoint between logging steps: the counts as of now
-            self.total, self.in_a_row = self._read()[:2]
+        self.total, self.in_a_row = self._read()[:2]  # a checkpoint between logging steps: the counts as of now
         return {"total": self.total, "in_a_row": self.in_a_row}
 
     def load_state_dict(self, state: dict) -> None:

@@ -18,7 +18,7 @@ from llm.train import distill as kd
 from llm.train import float8
 from llm.train.clock import StepClock
 from llm.train.guards import skip_update_if_nonfinite
-from llm.train.optim import make_optimizer, param_groups, warmup_cosine
+from llm.train.optim import WarmupCosine, make_optimizer, param_groups, warmup_cosine
 from llm.train.strategy import reinit_partitioned
 
 
@@ -90,6 +90,7 @@ class LanguageModel(L.LightningModule):
             model.compile()
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        assert self.model is not None, "configure_model builds it"
         return self.model(batch[:, :-1], targets=batch[:, 1:])  # (B, T) inputs and their next tokens
 
     @property
@@ -116,6 +117,7 @@ class LanguageModel(L.LightningModule):
         teacher = self.teacher_ready()
         with torch.no_grad():
             teacher_hidden = teacher(inputs, hidden=True)
+        assert self.model is not None, "configure_model builds it"
         hidden = self.model(inputs, hidden=True)
         heads = (self.model.lm_head.weight, teacher.lm_head.weight)
         return kd.losses(hidden, teacher_hidden, targets, *heads, temperature, self.distill.chunk_tokens)
@@ -134,7 +136,7 @@ class LanguageModel(L.LightningModule):
         # reads from the device after every batch (the bars read it on logging steps)
         self.log("train/loss", loss)
         if self.logging_step():  # a Python float becomes a tensor on the device: only when it is logged
-            self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+            self.log("train/lr", self.schedule().get_last_lr()[0])
         return loss
 
     def logging_step(self) -> bool:
@@ -164,7 +166,8 @@ class LanguageModel(L.LightningModule):
         metrics = {"val/loss": loss, "val/ppl": torch.exp(loss.clamp(max=50.0))}
         if self._val_kd:
             metrics["val/kd"] = reduce(torch.stack(self._val_kd).mean(), reduce_op="mean")
-        val = self.trainer.datamodule.meta["splits"]["val"] if self.trainer.datamodule else None
+        datamodule = getattr(self.trainer, "datamodule", None)
+        val = datamodule.meta["splits"]["val"] if datamodule else None
         if val:
             metrics["val/bpb"] = bits_per_byte(loss, val["tokens"], val["bytes"])
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
@@ -180,7 +183,7 @@ class LanguageModel(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         params = [p for p in self.parameters() if p.grad is not None]
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
         if self.logging_step():
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
@@ -205,7 +208,15 @@ class LanguageModel(L.LightningModule):
     def on_train_start(self) -> None:
         # a resumed run may train more (or fewer) steps than the checkpoint's: its schedule, restored
         # with the checkpoint, then ends at the new max_steps
-        self.lr_schedulers().lr_lambdas[0].retarget(self.trainer.max_steps, self.trainer.global_step)
+        warmup_cosine = self.schedule().lr_lambdas[0]
+        assert isinstance(warmup_cosine, WarmupCosine)
+        warmup_cosine.retarget(self.trainer.max_steps, self.trainer.global_step)
+
+    def schedule(self) -> torch.optim.lr_scheduler.LambdaLR:
+        """The learning-rate schedule configure_optimizers made (optim.warmup_cosine)."""
+        scheduler = self.lr_schedulers()
+        assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+        return scheduler
 
     def configure_optimizers(self):
         o = self.optim

@@ -136,6 +136,13 @@ class PerformanceMonitor(Callback):
         self.memory_baseline = 0.0  # bytes this process held before the model was built
         self.memory_used: tuple[float, float] | None = None  # GiB over the ranks: (peak - baseline, baseline)
 
+    @property
+    def device_peak(self) -> Peak:
+        """One device's peak FLOP/s, found in setup."""
+        if self.peak is None:
+            raise RuntimeError("the device's peak is found in the fit's setup, before it is read")
+        return self.peak
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         # every rank finds its own device's peak; the first says which one MFU is measured against
         if stage == "fit" and self.peak is None:
@@ -154,7 +161,7 @@ class PerformanceMonitor(Callback):
         """How long a step and the run will take, from the FLOPs and the peak, before the first step:
         a model that would take hours per step on this machine is said before it starts."""
         tokens = tokens_per_optimizer_step(trainer, trainer.datamodule)
-        step = self.flops_per_token * tokens / trainer.world_size / (self.peak.flops * ESTIMATE_MFU)
+        step = self.flops_per_token * tokens / trainer.world_size / (self.device_peak.flops * ESTIMATE_MFU)
         line = (
             f"estimate: {duration(step)} per optimizer step, {duration(step * trainer.max_steps)} for "
             f"{trainer.max_steps:,} steps, at {ESTIMATE_MFU:.0%} MFU (the progress line shows the measured rate)"
@@ -177,7 +184,9 @@ class PerformanceMonitor(Callback):
         data = trainer.datamodule
         self.tokens_per_sample = data.block_size
         self.tokens_per_step = tokens_per_optimizer_step(trainer, data)
-        self.throughput = Throughput(available_flops=self.peak.flops, world_size=trainer.world_size, window_size=2)
+        self.throughput = Throughput(
+            available_flops=self.device_peak.flops, world_size=trainer.world_size, window_size=2
+        )
         self.train_time = 0.0
         self.samples = 0  # sequences this rank trained on in this session
         self.start_step = self.last_logged_step = trainer.global_step

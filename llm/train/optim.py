@@ -17,7 +17,8 @@ from llm.train.strategy import offloads_optimizer
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: weight matrices decay; norms, biases and embeddings do not."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():  # yields a tied matrix once
         if not p.requires_grad:
             continue

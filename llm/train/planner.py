@@ -46,7 +46,7 @@ def preset_shape(config: dict) -> tuple[int, str | None, bool]:
 def plan_rows() -> list[tuple[str, int, str | None, bool]]:
     """(preset, stage, offload device, parameters offloaded too) for plain DDP and every preset in
     configs/deepspeed/, read from the preset itself; fastest first."""
-    rows = [("ddp", 0, None, False)]
+    rows: list[tuple[str, int, str | None, bool]] = [("ddp", 0, None, False)]
     for name in preset_names():
         rows.append((name, *preset_shape(yaml.safe_load((configs("deepspeed") / f"{name}.yaml").read_text()) or {})))
     return sorted(rows, key=lambda r: (OFFLOAD_COST[r[2]], r[1]))
@@ -87,7 +87,7 @@ def activation_bytes(
 ) -> float:
     sbh = seq_len * micro_batch * config.n_embd
     blocks = 2 * sbh * config.n_layer + 34 * sbh if checkpointing else 34 * sbh * config.n_layer
-    return blocks * value_bytes / 2 + 10 * seq_len * micro_batch * config.vocab_size
+    return blocks * value_bytes / 2 + 10 * seq_len * micro_batch * (config.vocab_size or 0)
 
 
 def largest_layer_params(config: ModelConfig) -> int:

@@ -110,7 +110,7 @@ def check(run: RunConfig, command: str, logger=None) -> None:
     data.check()
     resolve_source(data.text, data.hf)  # the input exists
     vocab = data_vocab_size(data)
-    if model.vocab_size < vocab:
+    if (model.vocab_size or 0) < vocab:  # resolve sets it (null: the tokenizer's, rounded up)
         source = f"data.tokenizer={data.tokenizer}" if data.tokenizer else f"data.vocab_size={data.vocab_size}"
         if run.init:
             raise ConfigError(
@@ -290,7 +290,7 @@ def check_disk(run: RunConfig) -> None:
     at the start leaves an empty config.yaml and W&B's errors by the hundred; later, a failed save."""
     if not ranks.is_first_process():
         return
-    folder, keep_last = Path(run.options.run).absolute(), run.options.keep_last
+    folder, keep_last = run.folder.absolute(), run.options.keep_last
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     one = count_params(run.model) * CHECKPOINT_BYTES_PER_PARAM

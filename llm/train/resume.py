@@ -64,7 +64,7 @@ def check_resume(now: RunConfig, path: str) -> bool:
     check_resume_optimizer(then.optimizer, now.optimizer, path)
     check_resume_teacher(then.distill, header.teacher_digest, now.distill, path)
     max_steps = now.trainer.max_steps
-    if max_steps == step and not (Path(now.options.run) / "summary.json").is_file():
+    if max_steps == step and not (now.folder / "summary.json").is_file():
         # stopped during its final validation, after the last step's checkpoint: finish that
         say(f"the checkpoint {path} is at the last step, {step}; its validation and summary.json are still to do")
         return repartition

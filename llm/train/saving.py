@@ -88,7 +88,9 @@ class Checkpoints(Checkpoint):
         self._saved_step = -1
         self._stop_pending = 0
         self._best: dict | None = None  # the lowest validation loss so far and its step, alike on every rank
-        self._control = None  # the process group the stop requests are agreed over (several processes)
+        self._control: torch.distributed.ProcessGroup | None = (
+            None  # the process group the stop requests are agreed over (several processes)
+        )
 
     # --- when ----------------------------------------------------------------------------------
 

@@ -118,7 +118,7 @@ def remove_stale_shm_buffers(min_age: float = 60.0) -> list[Path]:
     buffers = list(SHM.glob(f"{SHM_PREFIX}_{os.getuid()}_*"))
     if not buffers:
         return []
-    mapped = set()
+    mapped: set[str] = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
             text = maps.read_text()
@@ -147,6 +147,8 @@ class RunDeepSpeedStrategy(DeepSpeedStrategy):
     - Weight decay stays per parameter group after a load. DeepSpeed's ZeRO-3 universal load gives
       every group the first group's settings, so biases and norms were decayed after a resume.
     """
+
+    preset = ""  # the preset it was built from (configs/deepspeed/<preset>.yaml), for the run's labels
 
     def backward(self, closure_loss, optimizer, *args, **kwargs):
         return super().backward(closure_loss, optimizer, *args, scale_wrt_gas=False, **kwargs)

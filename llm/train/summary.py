@@ -88,8 +88,8 @@ def write_summary(
             max(checkpoints.save_seconds, default=0.0), 3
         ),  # included in wall_seconds, not in perf/ metrics
         **memory_figures(trainer, datamodule, model, monitor),
-        "peak_flops": monitor.peak.flops,  # of one device: MFU's denominator
-        "peak_flops_source": monitor.peak.source,
+        "peak_flops": monitor.device_peak.flops,  # of one device: MFU's denominator
+        "peak_flops_source": monitor.device_peak.source,
         "data": scrub_text(str(datamodule.folder)),
     }
     if trainer.is_global_zero:
