@@ -158,7 +158,32 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """The run's own options, beside the model, data and trainer sections (`python -m llm fit --help`)."""
+    """The run's own options, beside the model, data and trainer sections: each field is a top-level
+    option of `python -m llm fit` (`--eval_every=50`), with the help written here.
+
+    Args:
+        experiment: experiment name: run folder prefix, W&B group
+        run: run folder (RUN=); default runs/<experiment>-<time>
+        resume: auto: continue from the newest complete checkpoint in --run, if any; or a path
+        eval_every: validate every this many optimizer steps
+        save_every: checkpoint every this many optimizer steps; default: eval_every
+        save_every_minutes: checkpoint as well once this many minutes have passed since the last save
+        keep_last: step checkpoints kept (the best one is kept as well)
+        max_skipped_steps: stop when more optimizer steps than this in a row had a non-finite gradient
+        deepspeed: DeepSpeed preset in configs/deepspeed/ (DS=), or a .yaml or .json; none: DDP; auto: the
+            fastest that fits the device's memory, as make plan ranks them
+        nvme_path: folder for ZeRO NVMe offload (NVME_PATH=)
+        wandb_project: W&B project; default: WANDB_PROJECT, else llm
+        wandb_entity: W&B entity (user or team); default: WANDB_ENTITY, else the API key's
+        wandb_log_model: put the final checkpoint's weights in the run's W&B model artifact too
+        collective_timeout: seconds a collective waits for the other processes before the run stops
+        peak_flops: peak FLOP/s of one device for MFU; default: GPU datasheet, measured on CPU
+        seed_everything: LightningCLI's own option, recorded here as the run resolved it
+        tokens_per_step: tokens per optimizer step, all processes: the accumulation is derived from it for
+            the world size the run gets (default: set trainer.accumulate_grad_batches by hand)
+        memory_gib: GiB of memory of one device that deepspeed=auto and data.batch_size=auto plan for
+            (default: the GPU's; on a CPU the host's, shared by its processes)
+    """
 
     experiment: str = "default"
     run: str | None = None

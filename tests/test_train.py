@@ -465,3 +465,20 @@ def test_the_last_step_is_logged_and_the_callbacks_run_in_their_stated_order(tmp
         "PlainLines",
         "Checkpoints",
     ]
+
+
+def test_every_run_option_is_an_option_with_the_help_its_dataclass_gives():
+    # RunOptions (llm/config.py) is the one list: a field added there is an option of make train
+    from dataclasses import fields
+
+    from llm.config import RunOptions
+    from llm.train.cli import option_help
+
+    helps = option_help(RunOptions)
+    answer = llm_here("fit", "--help")
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    text = " ".join(answer.stdout.split())
+    for field in fields(RunOptions):
+        assert helps.get(field.name), f"RunOptions.{field.name} has no help in its docstring"
+        if field.name != "seed_everything":  # LightningCLI's own option
+            assert f"--{field.name} " in text and helps[field.name][:40] in text, field.name

@@ -43,30 +43,11 @@ class ArgumentParser(OneLineErrors, LightningArgumentParser):
     """LightningCLI's parser, answering a bad argument with one line."""
 
 
-# the run's own options, beside LightningCLI's model, data and trainer sections: their types and
-# defaults are RunOptions' (llm/config.py), their help is here
-RUN_OPTION_HELP = {
-    "experiment": "experiment name: run folder prefix, W&B group",
-    "run": "run folder (RUN=); default runs/<experiment>-<time>",
-    "resume": "auto: continue from the newest complete checkpoint in --run, if any; or a path",
-    "eval_every": "validate every this many optimizer steps",
-    "save_every": "checkpoint every this many optimizer steps; default: eval_every",
-    "save_every_minutes": "checkpoint as well once this many minutes have passed since the last save",
-    "keep_last": "step checkpoints kept (the best one is kept as well)",
-    "max_skipped_steps": "stop when more optimizer steps than this in a row had a non-finite gradient",
-    "deepspeed": "DeepSpeed preset in configs/deepspeed/ (DS=), or a .yaml or .json; none: DDP; "
-    "auto: the fastest that fits the device's memory, as make plan ranks them",
-    "nvme_path": "folder for ZeRO NVMe offload (NVME_PATH=)",
-    "wandb_project": "W&B project; default: WANDB_PROJECT, else llm",
-    "wandb_entity": "W&B entity (user or team); default: WANDB_ENTITY, else the API key's",
-    "wandb_log_model": "put the final checkpoint's weights in the run's W&B model artifact too",
-    "collective_timeout": "seconds a collective waits for the other processes before the run stops",
-    "peak_flops": "peak FLOP/s of one device for MFU; default: GPU datasheet, measured on CPU",
-    "tokens_per_step": "tokens per optimizer step, all processes: the accumulation is derived from it for the "
-    "world size the run gets (default: set trainer.accumulate_grad_batches by hand)",
-    "memory_gib": "GiB of memory of one device that deepspeed=auto and data.batch_size=auto plan for "
-    "(default: the GPU's; on a CPU the host's, shared by its processes)",
-}
+def option_help(cls) -> dict[str, str]:
+    """The help of each field of a dataclass, from its docstring's Args (as jsonargparse reads them)."""
+    from docstring_parser import parse
+
+    return {p.arg_name: " ".join((p.description or "").split()) for p in parse(cls.__doc__ or "").params}
 
 
 class LLMCLI(LightningCLI):
@@ -83,10 +64,12 @@ class LLMCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        types = typing.get_type_hints(RunOptions)
+        # the run's own options, beside LightningCLI's sections: their types, defaults and help are
+        # RunOptions' (llm/config.py), so that a field added there is an option
+        types, helps = typing.get_type_hints(RunOptions), option_help(RunOptions)
         for option in fields(RunOptions):
-            if option.name in RUN_OPTION_HELP:  # seed_everything is LightningCLI's own
-                help = RUN_OPTION_HELP[option.name]
+            if option.name != "seed_everything":  # LightningCLI's own
+                help = helps[option.name]
                 parser.add_argument(f"--{option.name}", type=types[option.name], default=option.default, help=help)
         # distillation's own section (make distill TEACHER=), which the model receives
         parser.add_argument("--distill", type=DistillConfig, default=DistillConfig(), help="knowledge distillation")
