@@ -1,7 +1,8 @@
 """What the project needs from its libraries that they offer no public API for, in one place.
 
 Each function names the versions it was written against (torch 2.13, lightning 2.6, deepspeed
-0.19, wandb 0.31) and has a test in tests/test_compat.py that fails when a library changes under it.
+0.19, wandb 0.31, torchao 0.18) and has a test in tests/test_compat.py that fails when a library changes
+under it.
 Two subclasses override private methods where they are (train/strategy.py's CPUDeepSpeedStrategy,
 train/progress.py's RichBar); the same tests check those methods still exist.
 """
@@ -80,3 +81,42 @@ def quiet_torchao() -> None:
 
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def compile_callbacks():
+    """torch 2.13's registry of the callbacks run at the start and the end of each torch.compile
+    compilation (`torch._dynamo.callback.callback_handler`: `register_start_callback`,
+    `register_end_callback` and their `remove_` forms), by which monitor.CompileClock times them."""
+    from torch._dynamo.callback import callback_handler
+
+    return callback_handler
+
+
+def float8_layer_filter(recipe: str, keep: list[str]):
+    """torchao 0.18's choice of the linear layers float8 training speeds up under a recipe (its
+    `_auto_filter_for_recipe`: large enough for the casts to pay), skipping the names in `keep`: a
+    function (module, name) -> bool, as `convert_to_float8_training` takes."""
+    from torchao.float8 import _auto_filter_for_recipe
+
+    return _auto_filter_for_recipe(recipe, filter_fqns=keep)
+
+
+def convert_to_universal(input_folder: str, output_folder: str) -> None:
+    """DeepSpeed 0.19's `ds_to_universal` conversion of one ZeRO checkpoint tag, in this process: its
+    `main` takes the namespace its own command line would parse (`parse_arguments`), one worker each
+    for extracting and merging, strict about every parameter."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    ds_to_universal.main(
+        argparse.Namespace(
+            input_folder=input_folder,
+            output_folder=output_folder,
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=False,
+        )
+    )

@@ -152,3 +152,51 @@ def test_torchao_imports_without_its_notices_once_quieted():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Failed to load" not in done.stderr and "is an Enum subclass" not in done.stderr, done.stderr
+
+
+def test_compile_callbacks_run_at_the_start_and_end_of_a_compilation():
+    # monitor.CompileClock times compilations by them; if torch stops calling them, compile time counts as training
+    events = []
+    torch._dynamo.reset()  # a fresh cache, so that the function below compiles (it also drops registered callbacks)
+    handler = compat.compile_callbacks()
+
+    def start(_args):
+        events.append("start")
+
+    def end(_args):
+        events.append("end")
+
+    handler.register_start_callback(start)
+    handler.register_end_callback(end)
+    try:
+        compiled = torch.compile(lambda x: x * 2 + 1, backend="eager")
+        assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 3.0))
+    finally:
+        handler.remove_start_callback(start)
+        handler.remove_end_callback(end)
+    assert events[:2] == ["start", "end"], events
+
+
+def test_torchaos_float8_filter_takes_large_layers_and_leaves_the_named_and_small_ones():
+    compat.quiet_torchao()
+    chosen = compat.float8_layer_filter("tensorwise", ["lm_head"])
+    with torch.device("meta"):
+        large, small = torch.nn.Linear(4096, 4096), torch.nn.Linear(64, 64)
+    assert chosen(large, "blocks.0.mlp.up_proj") and not chosen(small, "blocks.0.mlp.up_proj")
+    assert not chosen(large, "lm_head")
+
+
+def test_ds_to_universal_takes_the_arguments_the_conversion_gives_it(monkeypatch):
+    # convert_to_universal builds the namespace DeepSpeed's own command line parses: the same names
+    import argparse
+    import sys
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    monkeypatch.setattr(sys, "argv", ["ds_to_universal", "--input_folder=a", "--output_folder=b"])
+    parsed = vars(ds_to_universal.parse_arguments())
+    given = {}
+    monkeypatch.setattr(ds_to_universal, "main", lambda args: given.update(vars(args)))
+    compat.convert_to_universal("a", "b")
+    assert set(given) == set(parsed), (sorted(given), sorted(parsed))
+    assert isinstance(argparse.Namespace(**given), argparse.Namespace)

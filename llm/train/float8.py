@@ -48,14 +48,14 @@ def check(recipe: str | None, emulate: bool, on_gpu: bool) -> None:
 def convert(model: nn.Module, recipe: str, emulate: bool) -> list[str]:
     """Swap the chosen nn.Linear layers of `model` for Float8Linear, in place; their names."""
     compat.quiet_torchao()
-    from torchao.float8 import Float8LinearConfig, _auto_filter_for_recipe, convert_to_float8_training
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     config = Float8LinearConfig.from_recipe_name(recipe)
     if emulate:
         config = dataclasses.replace(config, emulate=True)
         chosen = divisible_by_16
     else:
-        chosen = _auto_filter_for_recipe(recipe, filter_fqns=KEEP)
+        chosen = compat.float8_layer_filter(recipe, KEEP)
     converted: list[str] = []
 
     def take(module: nn.Module, name: str) -> bool:

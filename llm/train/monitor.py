@@ -20,6 +20,7 @@ from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from llm import compat
 from llm.bars import duration
 from llm.config import compute_dtype
 from llm.train.peaks import Peak, find_peak
@@ -102,8 +103,7 @@ class CompileClock:
     compiled at its first use), timed by torch's own start and end callbacks of each compilation."""
 
     def __init__(self):
-        from torch._dynamo.callback import callback_handler
-
+        callback_handler = compat.compile_callbacks()
         self.seconds = 0.0
         self._started = 0.0
         self._handler = callback_handler

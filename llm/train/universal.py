@@ -13,13 +13,13 @@ save of a DeepSpeed run writes it (`client_state`).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from llm import compat
 from llm.checkpoint import Checkpoint, safe_load, weights_only_loads
 from llm.errors import ConfigError, exception_line
 from llm.train.run_folder import say
@@ -50,7 +50,6 @@ def convert(checkpoint: Checkpoint, world: int) -> Path:
     if (out / "latest_universal").is_file():
         say(f"continuing {source} on {world} processes from its universal checkpoint {out}")
         return out
-    from deepspeed.checkpoint import ds_to_universal
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     if UNIVERSAL_CHECKPOINT_INFO not in safe_load(checkpoint.client_state_file(), "resume", mmap=True):
@@ -61,19 +60,10 @@ def convert(checkpoint: Checkpoint, world: int) -> Path:
     say(f"re-partitioning {source} for {world} processes: DeepSpeed's universal checkpoint into {out}")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # what an interrupted conversion left
-    args = argparse.Namespace(
-        input_folder=str(source / checkpoint._tag()),
-        output_folder=str(partial / TAG),
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=False,
-    )
     try:
         # DeepSpeed reports its progress on stdout; its loads read tensors and plain data only
         with contextlib.redirect_stdout(sys.stderr), weights_only_loads():
-            ds_to_universal.main(args)
+            compat.convert_to_universal(str(source / checkpoint._tag()), str(partial / TAG))
     except Exception as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise ConfigError(
