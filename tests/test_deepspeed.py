@@ -213,7 +213,8 @@ def test_presets_leave_out_deepspeeds_timer_and_say_how_bf16_steps_are_checked(p
 @pytest.mark.parametrize(
     "preset, optimizer, summed_in",
     [
-        pytest.param("zero2", "DeepSpeedZeroOptimizer", "torch.float32", marks=pytest.mark.slow),  # DeepSpeed's engine
+        # a 2-process run of its own each: make test-long (make test's 10 minutes)
+        pytest.param("zero2", "DeepSpeedZeroOptimizer", "torch.float32", marks=pytest.mark.long),
         pytest.param("zero3", "DeepSpeedZeroOptimizer_Stage3", "torch.float32", marks=pytest.mark.long),
         # ZeRO-1 keeps its ZeRO optimizer, and with it bf16 sums (llm/train/strategy.py says why)
         pytest.param("zero1", "DeepSpeedZeroOptimizer", "torch.bfloat16", marks=pytest.mark.long),

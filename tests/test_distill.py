@@ -199,8 +199,17 @@ def test_a_distillation_resumes_only_with_the_teacher_it_was_distilled_from(dist
     for extra, fragments in cases:
         assert_refused(llm_here(*runs.args(run, *same, *extra, probes=())), *fragments)
     assert snapshot(run) == before
-    moved = tmp_path / "teacher.ckpt"  # the same teacher, somewhere else: it continues
+
+
+@pytest.mark.long  # two more steps of distillation
+def test_a_distillation_resumes_with_its_teacher_moved_elsewhere(distilled, runs, teacher, tmp_path):
+    import shutil
+
+    run = tmp_path / "distilled"
+    shutil.copytree(distilled, run, symlinks=True)
+    moved = tmp_path / "teacher.ckpt"  # the same teacher, somewhere else: the same digest, it continues
     shutil.copy(teacher, moved)
+    same = (*STUDENT, "--distill.chunk_tokens=100", "--resume=auto", "--trainer.max_steps=14")
     resumed = llm_here(*runs.args(run, *same, f"--distill.teacher={moved}", probes=()), env={"WANDB_MODE": "disabled"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert len(column(run, "train/kd_loss")) == 14

@@ -137,7 +137,7 @@ def breaks_save(step: int, how: str = "kill") -> str:
     return json.dumps({"class_path": "tests.helpers.BreakSave", "init_args": {"step": step, "how": how}})
 
 
-@pytest.mark.slow  # a run in a process of its own, killed or stopped (make test runs it; test-fast not)
+@pytest.mark.long  # a 2-process ZeRO-2 run of its own, killed (kill -9 at a step stays in make test)
 def test_kill_during_a_save_leaves_the_previous_checkpoints_to_resume(tmp_path, runs):
     run = tmp_path / "run"
     first = start(runs.args(run, callbacks("BatchRecord", breaks_save(6)), probes=()))  # kills its group
@@ -223,10 +223,10 @@ def test_sigterm_saves_at_the_step_boundary_then_resume_continues(tmp_path, runs
     at, saved = int(stopped.group(1)), Path(stopped.group(2))
     assert saved.name == f"step-{at:06d}.ckpt" and saved.is_file() and trained_steps(out)[-1] == at
     first = {0: batches(run)}
-    # run as printed, through make, as a user pastes it
-    resumed = subprocess.run(
-        ["bash", "-c", resume], cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **RUN_ENV}
-    )
+    # what that make command runs (its CLI_ARGS), in this process; the long tier runs a printed command
+    # through make itself (test_the_command_a_stopped_distillation_prints_continues_it_with_its_teacher)
+    printed = ["--config", "configs/experiment/default.yaml", "--config", f"{run}/config.yaml", f"--run={run}"]
+    resumed = llm_here("fit", *printed, f"--trainer.max_steps={STEPS}", "--resume=auto", env=RUN_ENV)
     assert resumed.returncode == 0 and resumed_step(resumed.stdout) == at, resumed.stderr[-3000:]
     assert_continues_exactly(runs("single"), run, first, at, ranks=1, tol=1e-6)
 
@@ -379,7 +379,7 @@ def test_a_nan_gradient_skips_its_step_and_too_many_in_a_row_stop_the_run(tmp_pa
         assert torch.isfinite(value).all() and torch.equal(value, good[key]), key
 
 
-@pytest.mark.slow
+@pytest.mark.long  # a 2-process ZeRO-2 run of its own (make test's 10 minutes)
 def test_deepspeed_skips_a_nan_step_itself_and_it_is_counted(tmp_path, runs):
     run = tmp_path / "run"
     result = run_llm(*runs.args(run, poison([5]), "--deepspeed=zero2", "--trainer.max_steps=7", probes=()), env=QUIET)
