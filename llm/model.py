@@ -139,7 +139,7 @@ class Attention(nn.Module):
         # attention) from one matmul: one large kernel rather than two smaller ones
         self.qkv_proj = nn.Linear(config.n_embd, (config.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
         self.out_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=config.bias)
-        self.out_proj.residual_projection = True  # type: ignore[assignment]  # scaled at init, see _init_weights
+        self.out_proj.residual_projection = True  # scaled at init, see Transformer._init_weights
         self.dropout = config.dropout
 
     def forward(self, x, rope=None, cache: KVCache | None = None):
@@ -178,7 +178,7 @@ class MLP(nn.Module):
         # SwiGLU needs a gate and an up projection; fused into one matmul of width 2*hidden
         self.up_proj = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * hidden, bias=config.bias)
         self.down_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
-        self.down_proj.residual_projection = True  # type: ignore[assignment]
+        self.down_proj.residual_projection = True
         self.dropout = config.dropout
 
     def forward(self, x):

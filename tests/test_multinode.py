@@ -144,7 +144,7 @@ def test_an_elastic_job_loses_a_node_restarts_on_the_other_and_finishes(tmp_path
 def test_a_refusal_of_rank_0_stops_every_node_with_its_line(tmp_path, code_corpus, data_cache):
     run = tmp_path / "busy"
     run.mkdir()
-    (run / "keep.txt").write_text("earlier work")
+    (run / "metrics.csv").write_text("step,train/loss\n1,9.0\n")  # a run's work
     port = free_port_pair()
     args = f"{data_args(code_corpus, data_cache)} --trainer.max_steps=2"
     started = time.monotonic()
@@ -157,7 +157,7 @@ def test_a_refusal_of_rank_0_stops_every_node_with_its_line(tmp_path, code_corpu
         assert code == 2 and len(lines) == 1, err[-3000:]
         assert lines[0].startswith(f"error: run={run}: already holds a run")
     assert time.monotonic() - started < 120
-    assert [p.name for p in run.iterdir()] == ["keep.txt"]
+    assert [p.name for p in run.iterdir()] == ["metrics.csv"]
 
 
 # --- the DeepSpeed launcher --------------------------------------------------------------------------
