@@ -23,6 +23,7 @@ import yaml
 
 from llm.errors import ConfigError
 from llm.model import ModelConfig
+from llm.redact import scrub
 
 EOT = "<|endoftext|>"  # the end-of-text token a trained BPE writes after every document
 
@@ -91,6 +92,17 @@ class PrepareConfig:
     def from_data_config(cls, data: Mapping) -> PrepareConfig:
         """The preparation fields of a data config (which holds the loader's fields too)."""
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def first_difference(self, saved: PrepareConfig) -> str | None:
+        """The first field in which this data differs from `saved` (a checkpoint's, written scrubbed of
+        secrets), or None: where the cache lies and how it is prepared may differ, the data may not."""
+        for f in fields(self):
+            if f.name in ("cache_dir", "num_proc", "hf_streaming"):
+                continue
+            mine, theirs = getattr(self, f.name), getattr(saved, f.name)
+            if mine != theirs and scrub(mine) != theirs:
+                return f.name
+        return None
 
     def check(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:

@@ -10,7 +10,7 @@ import math
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -210,13 +210,13 @@ def run_folder_data(loaded: Loaded, run_dir: Path, ckpt: str) -> PrepareConfig:
     agree but for where the cache lies and how it is prepared."""
     ours = RunConfig.from_yaml(run_dir / "config.yaml").data
     theirs = loaded.run_config.data
-    for name in (f.name for f in fields(PrepareConfig) if f.name not in ("cache_dir", "num_proc", "hf_streaming")):
-        if getattr(ours, name) != getattr(theirs, name) and scrub(getattr(ours, name)) != getattr(theirs, name):
-            raise ConfigError(
-                f"ckpt={ckpt}: its data.{name} ({getattr(theirs, name)}) is not its run folder's "
-                f"({getattr(ours, name)}, {run_dir / 'config.yaml'}), so it is not that run's checkpoint; give "
-                "TEXT= or HF= to evaluate on"
-            )
+    name = ours.first_difference(theirs)
+    if name:
+        raise ConfigError(
+            f"ckpt={ckpt}: its data.{name} ({getattr(theirs, name)}) is not its run folder's "
+            f"({getattr(ours, name)}, {run_dir / 'config.yaml'}), so it is not that run's checkpoint; give "
+            "TEXT= or HF= to evaluate on"
+        )
     return ours
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from llm.checkpoint import Checkpoint, CheckpointFolder
 from llm.config import DistillConfig, OptimizerConfig, PrepareConfig, RunConfig
 from llm.errors import ConfigError
-from llm.redact import scrub
 from llm.train import distill, run_folder
 from llm.train.run_folder import say
 
@@ -131,14 +130,14 @@ def check_resume_data(then: PrepareConfig, now: PrepareConfig, path: str) -> Non
     """The same data and tokenizer as the checkpoint's: a resume on other text, or on the same text
     cut by another tokenizer, would continue the step count and the W&B run of a different run.
     Where the cache lies (and how many processes prepare it) may change."""
-    for name in (f.name for f in fields(PrepareConfig) if f.name not in ("cache_dir", "num_proc", "hf_streaming")):
+    name = now.first_difference(then)
+    if name:
         old, new = getattr(then, name), getattr(now, name)
-        if old != new and old != scrub(new):  # the checkpoint's config was written scrubbed
-            give = f"{MAKE_VARIABLES[name]}={old}" if name in MAKE_VARIABLES else f"ARGS=--data.{name}={old}"
-            raise ConfigError(
-                f"data.{name}={new}: the checkpoint {path} was trained with {old}; continue it on its own data "
-                f"({give}), or start a new RUN"
-            )
+        give = f"{MAKE_VARIABLES[name]}={old}" if name in MAKE_VARIABLES else f"ARGS=--data.{name}={old}"
+        raise ConfigError(
+            f"data.{name}={new}: the checkpoint {path} was trained with {old}; continue it on its own data "
+            f"({give}), or start a new RUN"
+        )
 
 
 def check_resume_teacher(then: DistillConfig, digest: str | None, now: DistillConfig, path: str) -> None:
