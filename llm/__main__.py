@@ -35,7 +35,11 @@ COMMANDS = {
     "sample": ("llm.tools.sample", "sample", "generate text from a checkpoint"),
     "eval": ("llm.tools.evaluate", "evaluate", "validation loss, perplexity and bits per byte of a checkpoint"),
     "export": ("llm.tools.export", "export", "a Hugging Face transformers folder of a checkpoint"),
-    "export-fp32": ("llm.checkpoint", "export_fp32", "consolidate a DeepSpeed checkpoint folder into one fp32 file"),
+    "export-fp32": (
+        "llm.checkpointing.files",
+        "export_fp32",
+        "consolidate a DeepSpeed checkpoint folder into one fp32 file",
+    ),
     "plan": ("llm.tools.plan", "plan_main", "memory per ZeRO stage and offload, and the preset to use"),
     "torchrun": ("llm.launch.commands", "torchrun_main", "start this node's processes of a multi-node job (torchrun)"),
     "deepspeed": ("llm.launch.commands", "deepspeed_main", "start a job over a hostfile (the DeepSpeed launcher)"),
@@ -62,7 +66,7 @@ def function_cli(function, args: list[str]) -> None:
 
 
 def stop_outside_training(signum, frame) -> None:
-    """A stop signal while the data is prepared or a run starts or ends, when llm/train/saving.py
+    """A stop signal while the data is prepared or a run starts or ends, when llm/checkpointing/saving.py
     does not hold the signals: end with a line and the status of a stop during training."""
     name = signal.Signals(signum).name
     said = f"{name} while no training step ran: nothing was saved"

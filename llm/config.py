@@ -4,7 +4,7 @@
 checkpoint's `llm_config`, or the parsed command line as a dict), and frozen parts: the
 architecture (llm/model.py's ModelConfig), the optimizer and schedule, the data to prepare, the
 loader, the trainer's settings and the run's own options. Resuming compares two of them field by
-field (llm/train/resume.py); the tools read a checkpoint's through it.
+field (llm/checkpointing/resume.py); the tools read a checkpoint's through it.
 
 Checkpoints hold the ModelConfig and OptimizerConfig dataclasses among their hyperparameters, and
 every checkpoint is read with torch.load(weights_only=True), which accepts only the types
@@ -288,7 +288,7 @@ class RunConfig:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Mapping) -> RunConfig:
-        """From a checkpoint read whole or its header (llm/checkpoint.py)."""
+        """From a checkpoint read whole or its header (llm/checkpointing/files.py)."""
         return cls.from_dict(ckpt["llm_config"] if "llm_config" in ckpt else ckpt["config"])
 
     @classmethod
@@ -298,9 +298,9 @@ class RunConfig:
 
     @property
     def folder(self) -> Path:
-        """The run folder, which preflight.resolve decides (options.run)."""
+        """The run folder, which llm.preflight.resolve decides (options.run)."""
         if not self.options.run:
-            raise ValueError("the run folder is decided by preflight.resolve before it is read")
+            raise ValueError("the run folder is decided by llm.preflight.resolve before it is read")
         return Path(self.options.run)
 
     @property

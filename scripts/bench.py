@@ -10,7 +10,7 @@ ratio taken side by side means anything. A block compiles afresh (Dynamo reset) 
 steps; the device is synchronised only at the two edges of its measured steps, as a run waits for
 it only at logging steps, and the step time is the time between them per optimizer step, data
 loading included. Between the edges each side's host synchronisations are counted
-(llm/train/host_syncs.py) and reported per optimizer step, with the lines that asked for them.
+(llm/observe/host_syncs.py) and reported per optimizer step, with the lines that asked for them.
 The trainer side is Lightning's Trainer with the run's LanguageModel, strategy, TokenDataModule,
 every callback of a run and CSV logging, without validation (not a per-step cost).
 """
@@ -69,7 +69,7 @@ def compare(
     step), tokens/s, MFU, peak memory and host synchronisations per optimizer step of a path through
     the trainer and through its reference, and their ratio."""
     from llm.config import compute_dtype
-    from llm.train.peaks import find_peak
+    from llm.observe.peaks import find_peak
 
     fields, batch = MODELS[name]
     config = ModelConfig(**{**fields, "vocab_size": fields.get("vocab_size") or vocab})
@@ -252,7 +252,7 @@ def bench(
 
     from llm.config import PrepareConfig
     from llm.data.prepare import prepare
-    from llm.train.loggers import quiet_lightning
+    from llm.observe.loggers import quiet_lightning
 
     quiet_lightning()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # not the devices' lines, per block

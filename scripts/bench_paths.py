@@ -21,10 +21,10 @@ class StepClock:
     measured part, the end of the warm-up and the last step, as a run waits for it only at logging
     steps: the block's step time is the time between the edges over the steps, and each step's own
     time is when the host finished it (on a GPU: queued it). Between the edges `syncs` counts where
-    the host waited for the device (llm/train/host_syncs.py)."""
+    the host waited for the device (llm/observe/host_syncs.py)."""
 
     def __init__(self, device: torch.device, warmup: int, steps: int):
-        from llm.train.host_syncs import HostSyncs
+        from llm.observe.host_syncs import HostSyncs
 
         assert warmup >= 1, "the measured part starts at the end of a warm-up step"
         self.device, self.warmup, self.steps = device, warmup, steps
@@ -35,7 +35,7 @@ class StepClock:
         self.peak = 0.0
 
     def tick(self) -> None:
-        from llm.train.monitor import memory_bytes
+        from llm.observe.monitor import memory_bytes
 
         done = len(self.times) + 1
         if done > self.warmup + self.steps:  # past the measured steps (the trainer's last one)
@@ -73,7 +73,7 @@ class BenchPath:
     @classmethod
     def parse(cls, name: str) -> BenchPath:
         from llm.errors import ConfigError
-        from llm.train.strategy import preset_names
+        from llm.preflight.presets import preset_names
 
         if name in ("eager", "compiled"):
             return cls(name, None, name == "compiled")
@@ -131,14 +131,14 @@ def trainer_block(
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from llm.checkpoint import CheckpointFolder
+    from llm.checkpointing.files import CheckpointFolder
+    from llm.checkpointing.saving import Checkpoints
     from llm.config import RunOptions
     from llm.data.datamodule import TokenDataModule
+    from llm.observe.loggers import RunCSVLogger
+    from llm.observe.monitor import PerformanceMonitor
     from llm.train.callbacks import RunInfo, run_callbacks
-    from llm.train.loggers import RunCSVLogger
     from llm.train.module import LanguageModel
-    from llm.train.monitor import PerformanceMonitor
-    from llm.train.saving import Checkpoints
 
     clock = StepClock(device(), warmup, steps)
 

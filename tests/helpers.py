@@ -280,13 +280,13 @@ class StepSleep(Callback):
 
 class HostReads(Callback):
     """Counts the host's reads of tensors and the tensors made from Python values on a device
-    (llm/train/host_syncs.py) between the start of a batch and the start of the next, for every
+    (llm/observe/host_syncs.py) between the start of a batch and the start of the next, for every
     batch whose optimizer step is not a logging step (nor the last): there a run should not wait
     for the device. Writes {"counted_steps": batches counted, "reads": {what and where: count}} to
     <run>/host-reads-rank<r>.json. On a CPU every read counts, as the one a GPU run would make."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        from llm.train.host_syncs import HostSyncs
+        from llm.observe.host_syncs import HostSyncs
 
         self.syncs, self.counted_steps = HostSyncs(trainer.strategy.root_device, skip=(__file__,)), 0
 

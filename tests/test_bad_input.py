@@ -361,7 +361,7 @@ def test_no_secret_reaches_the_run_folder_wandb_a_checkpoint_the_data_or_an_expo
 def test_ckpt_may_be_a_run_folder_or_left_out(tmp_path, trained, monkeypatch):
     """A run folder means its newest complete checkpoint; no CKPT= the newest of any run under runs/;
     each choice said in one line."""
-    from llm.checkpoint import choose_checkpoint
+    from llm.checkpointing.files import choose_checkpoint
 
     run = trained[0]
     newest = max((run / "checkpoints").glob("step-*.ckpt"))

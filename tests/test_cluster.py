@@ -21,7 +21,7 @@ import pytest
 import hosts as hosts_module
 from cluster import SlurmCluster, missing_tools
 from hosts import IFNAME, Hosts
-from llm.checkpoint import Checkpoint
+from llm.checkpointing.files import Checkpoint
 from support import REPO, callbacks, data_args, finish, losses, make, program_stderr
 from support import STEPS as STEPS_CANONICAL
 

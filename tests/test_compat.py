@@ -69,7 +69,7 @@ def test_the_step_lightning_logs_under_is_the_one_set(tmp_path):
     import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from llm.train.loggers import RunCSVLogger
+    from llm.observe.loggers import RunCSVLogger
 
     class Jump(L.Callback):
         def on_train_batch_start(self, trainer, *args) -> None:

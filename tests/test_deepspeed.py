@@ -27,7 +27,7 @@ import pytest
 import torch
 from helpers import RunsCode
 
-from llm.checkpoint import Checkpoint
+from llm.checkpointing.files import Checkpoint
 from llm.data.prepare import prepared_dir
 from llm.train.strategy import build_strategy
 from support import (

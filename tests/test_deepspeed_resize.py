@@ -1,6 +1,6 @@
 """A DeepSpeed run on another number of processes or another amount of memory than it was written
 or planned for: accumulation that takes the steps of more processes, ZeRO checkpoints continued
-through DeepSpeed's universal checkpoints, and DS=auto / data.batch_size=auto (llm/train/autosize.py).
+through DeepSpeed's universal checkpoints, and DS=auto / data.batch_size=auto (llm/preflight/autosize.py).
 Two CPU processes over gloo, the canonical runs of tests/support.py."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.train.autosize import CPU_OVERHEAD_BYTES
+from llm.preflight.autosize import CPU_OVERHEAD_BYTES
 from support import STEPS, column, losses, run_llm, snapshot, trained_steps
 
 

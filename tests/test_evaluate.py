@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.checkpoint import Checkpoint
+from llm.checkpointing.files import Checkpoint
 from llm.data.tokenizer import ordinary
 from support import STEPS, assert_refused, llm_here, metrics_rows, run_llm, wandb_records
 

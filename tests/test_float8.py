@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from llm.checkpoint import Checkpoint
+from llm.checkpointing.files import Checkpoint
 from llm.model import ModelConfig, Transformer
+from llm.preflight.resolve import FLOAT8_RECIPES
 from llm.train import float8
 from support import STEPS, assert_refused, llm_here, losses
 
@@ -24,7 +25,7 @@ def float8_run(runs):
     return runs("float8", "--model.float8=tensorwise", "--model.float8_emulate=true", probes=())
 
 
-@pytest.mark.parametrize("recipe", float8.RECIPES)
+@pytest.mark.parametrize("recipe", FLOAT8_RECIPES)
 def test_the_block_linears_are_converted_and_the_weights_keep_their_names(recipe):
     from torchao.float8.float8_linear import Float8Linear
 

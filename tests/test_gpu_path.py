@@ -16,14 +16,15 @@ import pytest
 import torch
 import yaml
 
-from llm.checkpoint import Checkpoint
+from llm.checkpointing.files import Checkpoint
 from llm.config import LoaderConfig, OptimizerConfig, PrepareConfig, RunConfig, RunOptions, TrainerConfig
 from llm.errors import ConfigError
 from llm.model import ModelConfig
+from llm.observe import peaks
+from llm.observe.peaks import find_peak, table_peak
+from llm.preflight import resolve
 from llm.tools.plan import PlanData, PlanModel, PlanTrainer, plan_main
-from llm.train import peaks, preflight
 from llm.train.optim import plain_cuda_arch_list
-from llm.train.peaks import find_peak, table_peak
 from support import REPO, STEPS, TINY, column, llm_here, losses, run_llm
 
 CLIP_PROBE = '--trainer.callbacks=[{"class_path": "tests.helpers.ClipProbe"}]'
@@ -78,7 +79,7 @@ def test_fused_adamw_with_bf16_autocast_clips_and_trains(tmp_path, code_corpus, 
 
 def resolved(monkeypatch, on_gpu: bool, precision: str = "bf16-mixed", fused=None, compile=None):
     """A parsed config's fields that resolve_speed_options reads, on a machine with or without a GPU."""
-    monkeypatch.setattr(preflight, "uses_gpu", lambda trainer: on_gpu)
+    monkeypatch.setattr(resolve, "uses_gpu", lambda trainer: on_gpu)
     trainer = SimpleNamespace(accelerator="auto", precision=precision, gradient_clip_val=1.0)
     model = SimpleNamespace(compile=compile, optimizer=SimpleNamespace(fused=fused))
     return SimpleNamespace(trainer=trainer, model=model, deepspeed=None)
@@ -94,9 +95,9 @@ def test_fused_adamw_with_fp16_and_clipping_is_refused_in_one_line():
         options=RunOptions(),
     )
     with pytest.raises(ConfigError, match="model.optimizer.fused=true.*16-mixed"):
-        preflight.check_fused(run)
-    preflight.check_fused(dataclasses.replace(run, trainer=TrainerConfig(precision="16-mixed")))  # no clipping: fine
-    preflight.check_fused(dataclasses.replace(run, options=RunOptions(deepspeed="zero2")))  # DeepSpeed clips itself
+        resolve.check_fused(run)
+    resolve.check_fused(dataclasses.replace(run, trainer=TrainerConfig(precision="16-mixed")))  # no clipping: fine
+    resolve.check_fused(dataclasses.replace(run, options=RunOptions(deepspeed="zero2")))  # DeepSpeed clips itself
 
 
 @pytest.mark.parametrize(
@@ -105,10 +106,10 @@ def test_fused_adamw_with_fp16_and_clipping_is_refused_in_one_line():
 )
 def test_compile_and_fused_adamw_default_on_with_a_gpu_only(monkeypatch, on_gpu, precision, compile, fused):
     cfg = resolved(monkeypatch, on_gpu, precision)
-    preflight.resolve_speed_options(cfg)
+    resolve.resolve_speed_options(cfg)
     assert cfg.model.compile is compile and cfg.model.optimizer.fused is fused
     explicit = resolved(monkeypatch, on_gpu, precision, fused=False, compile=False)
-    preflight.resolve_speed_options(explicit)
+    resolve.resolve_speed_options(explicit)
     assert explicit.model.compile is False and explicit.model.optimizer.fused is False
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import RunsCode
 
-from llm.checkpoint import Checkpoint
+from llm.checkpointing.files import Checkpoint
 from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
 from llm.hf import load_pretrained, to_hf

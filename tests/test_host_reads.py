@@ -48,19 +48,19 @@ def test_between_logging_steps_two_processes_read_only_what_lightning_and_the_ho
         assert sorted(lightning.values()) == [14, 14], reads
         ours = {k: v for k, v in reads.items() if k not in lightning}
         assert [(k.split(" ")[0], k.split(" ")[1].split(":")[0], v) for k, v in ours.items()] == [
-            ("tolist", "llm/train/saving.py", 7)
+            ("tolist", "llm/checkpointing/saving.py", 7)
         ], reads  # the stop flag, once per optimizer step, made without device=
 
 
 def test_the_counter_names_each_read_of_a_device_tensor_and_leaves_torch_as_it_was():
-    """llm/train/host_syncs.py, which the probe above and `make bench` count with: a read of a tensor
+    """llm/observe/host_syncs.py, which the probe above and `make bench` count with: a read of a tensor
     on the counted device's type, or a tensor made there from Python values, counts once, named by
     the line that asked; not while counting is off; on a GPU, not a read of a host tensor."""
     import inspect
 
     import torch
 
-    from llm.train.host_syncs import HostSyncs
+    from llm.observe.host_syncs import HostSyncs
 
     originals = (torch.Tensor.item, torch.Tensor.__bool__, torch.tensor)
     x = torch.arange(4.0)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from llm.metrics import CHARTS, STEP, TOKENS, X_AXES, logged_keys
 from llm.model import ModelConfig, count_params, flops_per_token
+from llm.observe.metrics import CHARTS, STEP, TOKENS, X_AXES, logged_keys
+from llm.observe.peaks import measure_matmul_peak
 from llm.redact import scrub
 from llm.tools.dashboard import build_workspace, panel_keys
-from llm.train.peaks import measure_matmul_peak
 from support import (
     FAKE_HF_TOKEN,
     FAKE_WANDB_KEY,
@@ -34,7 +34,7 @@ from support import (
     wandb_records,
 )
 
-KEYS = sorted(logged_keys())  # llm/metrics.py: what every training run logs
+KEYS = sorted(logged_keys())  # llm/observe/metrics.py: what every training run logs
 W_AND_B_OWN = {"_runtime", "_step", "_timestamp", "epoch", STEP}  # what W&B and Lightning add to each row
 TOKENS_PER_SAMPLE = 4 * 64  # support.CANONICAL_MODEL: micro-batch 4 of 64 tokens
 VAL_ROWS = [3, 7, 11]  # validations after steps 4, 8 and 12, logged at the 0-based step
@@ -72,7 +72,7 @@ def test_every_metric_reaches_wandb_with_plausible_values(run):
     items = history(wandb_records(wandb_run))
     logged = {k for item in items for k in item} - W_AND_B_OWN
     assert set(KEYS) <= logged, f"missing from W&B: {sorted(set(KEYS) - logged)}"
-    assert logged <= set(KEYS), f"logged but not declared in llm/metrics.py: {sorted(logged - set(KEYS))}"
+    assert logged <= set(KEYS), f"logged but not declared in llm/observe/metrics.py: {sorted(logged - set(KEYS))}"
     for item in items:
         if "perf/tokens_per_sec" in item:
             assert item["perf/tokens_per_sec"] > 0 and item["perf/samples_per_sec"] > 0 and item["perf/step_time"] > 0

@@ -12,8 +12,8 @@ import pytest
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from llm.model import ModelConfig, count_params
+from llm.preflight.planner import OVERHEAD_BYTES, GiB, activation_bytes, largest_layer_params, plan, recommend
 from llm.tools.plan import load_model_config
-from llm.train.planner import OVERHEAD_BYTES, GiB, activation_bytes, largest_layer_params, plan, recommend
 from support import REPO, assert_refused, llm_here, program_stderr
 
 

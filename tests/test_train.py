@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from llm.checkpoint import Checkpoint
+from llm.checkpointing.files import Checkpoint
 from support import (
     REPO,
     RUN_ENV,

@@ -95,7 +95,7 @@ def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     """In a DataLoader worker: ignore the signals that ask the run to stop. Ctrl-C, `timeout`,
     `scancel` and SLURM's warning signal every process of the group, workers included; a worker they
     killed would end the training process with an error in mid-step, before the checkpoint that
-    llm/train/saving.py writes at the step boundary. The workers end with the training process."""
+    llm/checkpointing/saving.py writes at the step boundary. The workers end with the training process."""
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
 
@@ -142,7 +142,7 @@ class TokenDataModule(L.LightningDataModule):
         Args:
             block_size: tokens per training sequence (linked to model.config.block_size)
             batch_size: sequences per micro-batch per device; auto: the largest that fits the device's memory
-                and divides tokens_per_step (llm/train/autosize.py)
+                and divides tokens_per_step (llm/preflight/autosize.py)
             num_workers: DataLoader worker processes
             val_batches: micro-batches per validation run per device, the same blocks every time
             seed: seed of the training sample positions
@@ -191,7 +191,7 @@ class TokenDataModule(L.LightningDataModule):
 
     @property
     def micro_batch(self) -> int:
-        """batch_size as a number: "auto" is resolved before the data module is built (llm/train/autosize.py)."""
+        """batch_size as a number: "auto" is resolved before the data module is built (llm/preflight/autosize.py)."""
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
             raise ValueError(f"data.batch_size={self.batch_size}: not resolved to a number of sequences")
         return self.batch_size

@@ -1,4 +1,4 @@
-"""`make wandb-dashboard`: a saved W&B workspace built from the metric declaration (llm/metrics.py),
+"""`make wandb-dashboard`: a saved W&B workspace built from the metric declaration (llm/observe/metrics.py),
 so that its panels show exactly the keys the runs log, with `wandb-workspaces`."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import warnings
 
 from llm.errors import ConfigError
-from llm.metrics import SECTIONS, X_AXES, charts
+from llm.observe.metrics import SECTIONS, X_AXES, charts
 from llm.wandb_settings import wandb_entity, wandb_mode, wandb_project
 
 VIEW_NAME = "Pretraining"

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from llm import bars
-from llm.checkpoint import Checkpoint, Loaded, choose_checkpoint
+from llm.checkpointing.files import Checkpoint, Loaded, choose_checkpoint
 from llm.config import PrepareConfig, RunConfig
 from llm.data.datamodule import TokenBlocks
 from llm.data.prepare import load_meta, prepare
@@ -27,8 +27,8 @@ from llm.data.sources import resolve_source
 from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
 from llm.hf import from_hf_config, read_config
-from llm.metrics import bits_per_byte
 from llm.model import ModelConfig, Transformer
+from llm.observe.metrics import bits_per_byte
 from llm.redact import scrub
 from llm.tools.quantize import import_torchao
 from llm.wandb_settings import wandb_entity, wandb_mode, wandb_project

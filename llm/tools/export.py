@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from llm.checkpoint import Checkpoint, Loaded, choose_checkpoint
+from llm.checkpointing.files import Checkpoint, Loaded, choose_checkpoint
 from llm.config import RunConfig
 from llm.data.tokenizer import EOT
 from llm.errors import ConfigError

@@ -1,5 +1,5 @@
 """make plan: the memory of a run per ZeRO stage and offload, as a table, and the fastest preset that
-fits. The formulas are llm/train/planner.py's (DS=auto and --data.batch_size=auto apply the same)."""
+fits. The formulas are llm/preflight/planner.py's (DS=auto and --data.batch_size=auto apply the same)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from llm.config import model_config_of
 from llm.errors import ConfigError
 from llm.model import ModelConfig, count_params
 from llm.paths import configs
-from llm.train.planner import OVERHEAD_BYTES, GiB, Row, plan, recommend
+from llm.preflight.planner import OVERHEAD_BYTES, GiB, Row, plan, recommend
 
 
 def load_model_config(model: str) -> ModelConfig:
@@ -156,7 +156,7 @@ def print_table(result: dict, rows: list[Row], best: Row | None) -> None:
     console.print(table)
     console.print(
         f"GiB per GPU: model states (params, grads, Adam) + activations + {r['overhead_gib']:g} GiB of CUDA "
-        "context and buffers. The formulas: python -c 'import llm.train.planner; help(llm.train.planner)'"
+        "context and buffers. The formulas: python -c 'import llm.preflight.planner; help(llm.preflight.planner)'"
     )
     if best is None:
         console.print(

@@ -1,4 +1,4 @@
-"""PNG charts of a run, one file per section of llm/metrics.py (loss, optimizer, throughput, memory)
+"""PNG charts of a run, one file per section of llm/observe/metrics.py (loss, optimizer, throughput, memory)
 and all of them on one page, from its metrics.csv."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import csv
 from pathlib import Path
 
 from llm.errors import ConfigError
-from llm.metrics import SECTIONS, X_AXES, charts
+from llm.observe.metrics import SECTIONS, X_AXES, charts
 
 
 def read_metrics(run: Path) -> list[dict]:

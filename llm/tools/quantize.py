@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from llm import compat
 from llm.errors import ConfigError
-from llm.metrics import bits_per_byte
 from llm.model import ModelConfig
+from llm.observe.metrics import bits_per_byte
 
 QUANTS = ("int8", "int4", "fp8")
 INT4_GROUP = 128  # inputs per int4 scale: the group size GPTQ, AWQ and torchao's int4 use

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llm.checkpoint import Checkpoint, choose_checkpoint
+from llm.checkpointing.files import Checkpoint, choose_checkpoint
 from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
 from llm.model import KVCache, Transformer

@@ -21,22 +21,23 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from llm import ranks
-from llm.checkpoint import Checkpoint, CheckpointFolder, weights_only_loads
+from llm.checkpointing import resume, run_folder, universal
+from llm.checkpointing.files import Checkpoint, CheckpointFolder, content_digest, weights_only_loads
+from llm.checkpointing.saving import Checkpoints
 from llm.config import DistillConfig, RunConfig, RunOptions
 from llm.data.datamodule import TokenDataModule
 from llm.data.prepare import load_meta
 from llm.errors import ConfigError, OneLineErrors
 from llm.launch import agreement
 from llm.model import count_params, flops_per_token
+from llm.observe.loggers import RunWandbLogger, make_loggers, quiet_lightning
+from llm.observe.monitor import PerformanceMonitor, tokens_per_optimizer_step
+from llm.observe.summary import strategy_label, write_summary
+from llm.preflight import resolve, teacher
 from llm.redact import scrub
-from llm.train import distill, preflight, resume, run_folder, universal
 from llm.train.callbacks import RunInfo, run_callbacks
-from llm.train.loggers import RunWandbLogger, make_loggers, quiet_lightning
 from llm.train.module import LanguageModel
-from llm.train.monitor import PerformanceMonitor, tokens_per_optimizer_step
-from llm.train.saving import Checkpoints
 from llm.train.strategy import build_strategy
-from llm.train.summary import strategy_label, write_summary
 
 
 class ArgumentParser(OneLineErrors, LightningArgumentParser):
@@ -91,8 +92,8 @@ class LLMCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self._config()
         if self.prepare_only:
-            self.run_config = preflight.resolve(cfg, "prepare")
-            preflight.check(self.run_config, "prepare")
+            self.run_config = resolve.resolve(cfg, "prepare")
+            resolve.check(self.run_config, "prepare")
             return
         # with an outside launcher every process is here at once: rank 0 decides the run folder and
         # whether the inputs only it checks are acceptable; the others take its word (llm/launch/agreement.py)
@@ -102,12 +103,12 @@ class LLMCLI(LightningCLI):
             if not self.agreement.leader:
                 cfg.run, sizes = self.agreement.wait("run"), self.agreement.wait("sizes")
             command = self.subcommand or "fit"
-            run = self.run_config = preflight.resolve(cfg, command, sizes)  # what the parts are built from
-            preflight.check(run, command, cfg.trainer.logger)
+            run = self.run_config = resolve.resolve(cfg, command, sizes)  # what the parts are built from
+            resolve.check(run, command, cfg.trainer.logger)
             self.agreement.publish("sizes", {"deepspeed": run.options.deepspeed, "batch_size": run.loader.batch_size})
             self.agreement.publish("run", run.options.run)
             self.resume_from = self.choose_resume(run)
-            self.data_folder = preflight.prepare_data(run)
+            self.data_folder = resolve.prepare_data(run)
             self.agreement.publish("ready", True)
             self.agreement.wait("ready")
         except ConfigError as exc:
@@ -146,23 +147,23 @@ class LLMCLI(LightningCLI):
         model, options = run.model, run.options
         flops = flops_per_token(model, model.block_size)
         if run.distill.teacher:  # and the teacher's forward pass, a third of its training FLOPs
-            flops += flops_per_token(distill.teacher_config(run.distill.teacher), model.block_size) // 3
+            flops += flops_per_token(teacher.teacher_config(run.distill.teacher), model.block_size) // 3
         self.monitor = PerformanceMonitor(flops, options.peak_flops)
         every = options.save_every or options.eval_every
         folder = CheckpointFolder(self.run_dir / "checkpoints")
         self.checkpoints = Checkpoints(folder, every, options.keep_last, options.save_every_minutes)
-        digest = distill.teacher_digest(run.distill.teacher) if run.distill.teacher else None
+        digest = content_digest(run.distill.teacher, teacher.FIELD) if run.distill.teacher else None
         self.run_info = RunInfo(resolved, self.data_folder, self.resume_from, digest)
         callbacks += run_callbacks(self.monitor, self.checkpoints, self.run_info, options)
         loggers = make_loggers(
             self.run_dir, options.experiment, options.wandb_project, options.wandb_entity, run_tags(run, cfg)
         )
-        loggers += preflight.extra_loggers(trainer_init.get("logger"))
+        loggers += resolve.extra_loggers(trainer_init.get("logger"))
         strategy = build_strategy(
             options.deepspeed,
             options.nvme_path,
             run.loader.batch_size,
-            preflight.uses_gpu(run.trainer),
+            resolve.uses_gpu(run.trainer),
             run.world_size,
             options.collective_timeout,
             load_universal=universal.is_universal(self.resume_from),
@@ -241,10 +242,10 @@ class LLMCLI(LightningCLI):
         )
         d = self.model.distill
         if d.teacher:
-            teacher = distill.teacher_config(d.teacher)
+            shape = teacher.teacher_config(d.teacher)
             print(
-                f"distilling from {d.teacher}: {count_params(teacher):,} parameters, {teacher.n_layer} layers, "
-                f"{teacher.n_embd} wide; alpha {d.alpha}, temperature {d.temperature}, until {d.until:g} of the steps"
+                f"distilling from {d.teacher}: {count_params(shape):,} parameters, {shape.n_layer} layers, "
+                f"{shape.n_embd} wide; alpha {d.alpha}, temperature {d.temperature}, until {d.until:g} of the steps"
                 + ("; student blocks from the teacher's" if d.init else "")
             )
 
@@ -267,7 +268,7 @@ def run_tags(run: RunConfig, cfg) -> list[str]:
     return [
         f"model:{model_preset(cfg)}",
         f"ds:{ds}",
-        f"precision:{run.trainer.precision}",  # filled in by preflight.resolve
+        f"precision:{run.trainer.precision}",  # filled in by resolve.resolve
         f"world:{run.world_size}",
     ]
 
@@ -277,7 +278,7 @@ def prepare_main() -> None:
     sys.argv = [sys.argv[0], *sys.argv[2:]]  # LightningCLI without subcommands parses what follows
     quiet_lightning()
     cli = LLMCLI(run=False, prepare_only=True)
-    preflight.prepare_data(cli.run_config)
+    resolve.prepare_data(cli.run_config)
 
 
 def fit_main() -> None:

@@ -17,32 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import nn
 
 from llm import compat
-from llm.errors import ConfigError
 
-RECIPES = ("tensorwise", "rowwise")
-CAPABILITY = (8, 9)
 KEEP = ["lm_head"]  # module names never converted
-
-
-def check(recipe: str | None, emulate: bool, on_gpu: bool) -> None:
-    """Refuse, before the run starts, float8 that cannot run here."""
-    if recipe is None:
-        return
-    if recipe not in RECIPES:
-        raise ConfigError(f"model.float8={recipe}: unknown; use tensorwise or rowwise (or null for none)")
-    if emulate:
-        return
-    capability = torch.cuda.get_device_capability() if on_gpu else None
-    if capability is None or capability < CAPABILITY:
-        have = f"compute capability {capability[0]}.{capability[1]}" if capability else "no GPU"
-        raise ConfigError(
-            f"model.float8={recipe}: float8 matmuls need a GPU of compute capability 8.9 or newer (H100, H200, "
-            f"L4), and this run has {have}; drop it, or --model.float8_emulate=true to emulate them (slow)"
-        )
 
 
 def convert(model: nn.Module, recipe: str, emulate: bool) -> list[str]:

@@ -12,8 +12,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from llm import compat
 from llm.config import DistillConfig, OptimizerConfig, compute_dtype
 from llm.hf import load_pretrained
-from llm.metrics import bits_per_byte
 from llm.model import ModelConfig, Transformer
+from llm.observe.metrics import bits_per_byte
 from llm.train import distill as kd
 from llm.train import float8
 from llm.train.clock import StepClock
@@ -177,7 +177,7 @@ class LanguageModel(L.LightningModule):
         once, here, and read three ways: `train/grad_norm` on logging steps, the skip of a step whose
         norm is not finite (llm/train/guards.py), and the clipping. DeepSpeed's engine keeps the
         gradients in its own buffers, checks, skips and clips on its own, and reports its norm
-        (llm/train/monitor.py); fp16's grad scaler skips the steps it overflows on itself."""
+        (llm/observe/monitor.py); fp16's grad scaler skips the steps it overflows on itself."""
         self.nonfinite = None
         if isinstance(self.trainer.strategy, DeepSpeedStrategy):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

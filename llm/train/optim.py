@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
 from torch import nn
 
-from llm.train.strategy import offloads_optimizer
+from llm.preflight.presets import offloads_optimizer
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from llm import ranks
+from llm.checkpointing import run_folder
 from llm.config import PRECISION_DTYPES, PrepareConfig, RunConfig, TrainerConfig, datamodule_args, device_count
 from llm.data.prepare import load_meta, prepare, prepared_dir
 from llm.data.sources import resolve_source
@@ -21,9 +22,9 @@ from llm.hf import check_weights, from_hf_config, read_config, refuse_quantized
 from llm.launch.agreement import nodes_from_torchrun
 from llm.launch.commands import available_devices
 from llm.model import count_params
+from llm.preflight import autosize, teacher
+from llm.preflight.presets import load_preset
 from llm.redact import scrub_text
-from llm.train import autosize, distill, float8, run_folder
-from llm.train.strategy import load_preset
 from llm.wandb_settings import wandb_entity, wandb_project
 
 # what Lightning reads as devices in a string besides a count and "auto": -1 (all), or indices "0,1"
@@ -49,7 +50,7 @@ def resolve(cfg, command: str, sizes: dict | None = None) -> RunConfig:
     if command != "prepare" and cfg.model.init:
         take_architecture(cfg)
     if command != "prepare":
-        distill.resolve(cfg)  # a transformers-folder teacher brings its tokenizer
+        teacher.resolve(cfg)  # a transformers-folder teacher brings its tokenizer
     if cfg.model.config.vocab_size is None:
         # a multiple of 64 makes the embedding and output matmuls faster; the extra rows are never used
         cfg.model.config.vocab_size = round_up(data_vocab_size(prepare_config(cfg)))
@@ -135,8 +136,8 @@ def check(run: RunConfig, command: str, logger=None) -> None:
     check_schedule(run)
     check_disk(run)
     check_fused(run)
-    float8.check(run.float8, run.float8_emulate, uses_gpu(run.trainer))
-    distill.check(run)
+    check_float8(run.float8, run.float8_emulate, uses_gpu(run.trainer))
+    teacher.check(run)
     if options.deepspeed:
         load_preset(options.deepspeed, options.nvme_path)  # an unknown preset, offload it cannot do, a bad NVMe path
 
@@ -345,3 +346,24 @@ def prepare_data(run: RunConfig) -> Path:
                 "use a smaller block_size or more text"
             )
     return folder
+
+
+FLOAT8_RECIPES = ("tensorwise", "rowwise")
+FLOAT8_CAPABILITY = (8, 9)  # float8 matmuls: H100, H200, L4 and newer
+
+
+def check_float8(recipe: str | None, emulate: bool, on_gpu: bool) -> None:
+    """Refuse, before the run starts, float8 that cannot run here."""
+    if recipe is None:
+        return
+    if recipe not in FLOAT8_RECIPES:
+        raise ConfigError(f"model.float8={recipe}: unknown; use tensorwise or rowwise (or null for none)")
+    if emulate:
+        return
+    capability = torch.cuda.get_device_capability() if on_gpu else None
+    if capability is None or capability < FLOAT8_CAPABILITY:
+        have = f"compute capability {capability[0]}.{capability[1]}" if capability else "no GPU"
+        raise ConfigError(
+            f"model.float8={recipe}: float8 matmuls need a GPU of compute capability 8.9 or newer (H100, H200, "
+            f"L4), and this run has {have}; drop it, or --model.float8_emulate=true to emulate them (slow)"
+        )

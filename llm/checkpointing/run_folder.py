@@ -3,12 +3,12 @@ writer. What goes in it:
 
 runs/<name>/
   config.yaml      the resolved config, without secrets
-  checkpoints/     step-<n>.ckpt, and last.ckpt and best.ckpt pointing at them (llm/train/saving.py)
+  checkpoints/     step-<n>.ckpt, and last.ckpt and best.ckpt pointing at them (llm/checkpointing/saving.py)
   metrics.csv      every logged metric (CSVLogger)
   wandb/           the W&B run
-  summary.json     written at the end of training (llm/train/summary.py)
+  summary.json     written at the end of training (llm/observe/summary.py)
 
-Which checkpoint a run continues from is llm/train/resume.py's.
+Which checkpoint a run continues from is llm/checkpointing/resume.py's.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A checkpoint and a run's folder of them: the one place that knows their layout.
 
-`Checkpoint` is one checkpoint training wrote (llm/train/saving.py): a file, or a DeepSpeed ZeRO
+`Checkpoint` is one checkpoint training wrote (llm/checkpointing/saving.py): a file, or a DeepSpeed ZeRO
 folder of shards. It says whether it is complete, reads its header (config, step, world size)
 without its tensors, verifies every file against its checksums, reads it whole once (a ZeRO folder
 consolidated to fp32) and loads the plain Transformer, tokenizer and config for inference.
@@ -93,11 +93,27 @@ class Header:
     step: int
     world_size: int | None
     format: int  # CHECKPOINT_FORMAT of the version that wrote it
-    teacher_digest: str | None = None  # a distillation's: its teacher's content (llm/train/distill.py)
+    teacher_digest: str | None = None  # a distillation's: its teacher's content_digest
 
     @property
     def run_config(self) -> RunConfig:
         return RunConfig.from_dict(self.config)
+
+
+def content_digest(path: str, field: str) -> str:
+    """What identifies a model's contents (a distillation's teacher, which a resume must find
+    unchanged): a checkpoint's `Checkpoint.digest`, or a transformers folder's config and weights,
+    hashed."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        return Checkpoint(path, field).digest()
+    digest = hashlib.sha256()
+    for file in sorted([folder / "config.json", *folder.glob("*.safetensors"), *folder.glob("*.bin")]):
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 class Checkpoint:

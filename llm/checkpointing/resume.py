@@ -9,11 +9,11 @@ import shlex
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from llm.checkpoint import Checkpoint, CheckpointFolder
+from llm.checkpointing import run_folder
+from llm.checkpointing.files import Checkpoint, CheckpointFolder, content_digest
+from llm.checkpointing.run_folder import say
 from llm.config import DistillConfig, OptimizerConfig, PrepareConfig, RunConfig
 from llm.errors import ConfigError
-from llm.train import distill, run_folder
-from llm.train.run_folder import say
 
 
 def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
@@ -41,7 +41,7 @@ def check_resume(now: RunConfig, path: str) -> bool:
     """Refuse, in one line, to continue a checkpoint as a run it cannot continue exactly: another
     model, tokens per step, seed, data or optimizer settings; allow more (or fewer, not yet
     reached) steps with a warning. The two configs are compared field by field (llm/config.py).
-    True: a DeepSpeed checkpoint that continues on another number of processes (llm/train/universal.py)."""
+    True: a DeepSpeed checkpoint that continues on another number of processes (llm/checkpointing/universal.py)."""
     checkpoint = Checkpoint(path, field="resume")
     header = checkpoint.header()  # a file that is no checkpoint, or holds a payload: refused unread
     checkpoint.verify()  # every other shard too, and each file against its checksums
@@ -156,7 +156,9 @@ def check_resume_teacher(then: DistillConfig, digest: str | None, now: DistillCo
         )
     if not now.teacher:
         return
-    if (digest and distill.teacher_digest(now.teacher) != digest) or (not digest and now.teacher != then.teacher):
+    if (digest and content_digest(now.teacher, "distill.teacher") != digest) or (
+        not digest and now.teacher != then.teacher
+    ):
         raise ConfigError(
             f"distill.teacher={now.teacher}: not the teacher the checkpoint {path} was distilled from "
             f"({then.teacher}, as it was then); resume with that teacher, or start a new RUN"

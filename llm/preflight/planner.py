@@ -28,7 +28,7 @@ import yaml
 from llm.config import compute_dtype
 from llm.model import ModelConfig, Transformer, count_params
 from llm.paths import configs
-from llm.train.strategy import preset_names
+from llm.preflight.presets import preset_names
 
 GiB = 2**30
 OVERHEAD_BYTES = 2 * GiB  # CUDA context, NCCL buffers, allocator fragmentation: a floor that always goes

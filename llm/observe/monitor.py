@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from llm import compat
 from llm.bars import duration
 from llm.config import compute_dtype
-from llm.train.peaks import Peak, find_peak
+from llm.observe.peaks import Peak, find_peak
 
 GiB = 2**30
 # the MFU a start-of-run estimate assumes: what the tiny and gpt2 recipes measure on a CPU and a GPU

@@ -1,9 +1,9 @@
 """When and how training writes checkpoints, so that a kill at any moment leaves one to continue
-from. Their layout (step names, `last`, `best`) is llm/checkpoint.py's CheckpointFolder.
+from. Their layout (step names, `last`, `best`) is llm/checkpointing/files.py's CheckpointFolder.
 
 A save is written under `<name>.partial` by every rank that holds a part of it, and renamed to its
 final name by rank 0 once all have finished: a name without the suffix is a complete checkpoint.
-RESUME=auto takes the one with the highest step (llm/train/resume.py). The previous checkpoints are removed
+RESUME=auto takes the one with the highest step (llm/checkpointing/resume.py). The previous checkpoints are removed
 only after the new one is complete.
 
 Saves happen every `save_every` optimizer steps, once `save_every_minutes` have passed since the
@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from llm import ranks
-from llm.checkpoint import CheckpointFolder, remove
+from llm.checkpointing.files import CheckpointFolder, remove
 from llm.errors import RunStopped
 from llm.launch.commands import continue_command
 

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from llm import compat, ranks
 from llm.errors import exception_line
-from llm.metrics import STEP
+from llm.observe.metrics import STEP
 from llm.redact import scrub, scrub_name, scrub_text
 from llm.wandb_settings import wandb_entity, wandb_mode, wandb_project
 

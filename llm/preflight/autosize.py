@@ -1,11 +1,11 @@
 """DS=auto and --data.batch_size=auto: the run sized to the memory of the devices it gets, from
-the planner (llm/train/planner.py), before anything is built.
+the planner (llm/preflight/planner.py), before anything is built.
 
 DS=auto takes the fastest preset that fits (the first row of `make plan` that fits, at the
 micro-batch given, or at the smallest one when the micro-batch is auto too); batch_size=auto
 then takes the largest micro-batch that fits under that preset and makes whole micro-batches of
 tokens_per_step, so that the optimizer step stays what the run states (the accumulation is
-derived from it, llm/train/preflight.py). The memory a device has: --memory_gib, else the GPU's,
+derived from it, llm/preflight/resolve.py). The memory a device has: --memory_gib, else the GPU's,
 else on a CPU the host's memory shared by the processes on it.
 
 Rank 0 decides and the other processes take its choice (a process's own view of free memory
@@ -24,8 +24,8 @@ from llm import ranks
 from llm.config import datamodule_args, model_config_of, world_size_of
 from llm.errors import ConfigError
 from llm.launch.commands import available_devices
-from llm.train.planner import OVERHEAD_BYTES, GiB, Row, model_sizes, plan_rows, preset_shape, row, value_bytes
-from llm.train.strategy import load_preset
+from llm.preflight.planner import OVERHEAD_BYTES, GiB, Row, model_sizes, plan_rows, preset_shape, row, value_bytes
+from llm.preflight.presets import load_preset
 
 SIZES_ENV = "LLM_AUTOSIZE"  # rank 0's choice, for the processes Lightning's launcher starts after it
 # on a CPU, what a training process holds before its model is built: the interpreter, torch,

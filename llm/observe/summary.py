@@ -8,18 +8,17 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from llm.checkpointing.run_info import RunInfo
+from llm.checkpointing.saving import Checkpoints
 from llm.model import count_params
+from llm.observe.monitor import PerformanceMonitor, tokens_per_optimizer_step
+from llm.preflight.planner import run_row
 from llm.redact import scrub_text
-from llm.train.callbacks import RunInfo
-from llm.train.monitor import PerformanceMonitor, tokens_per_optimizer_step
-from llm.train.planner import run_row
-from llm.train.saving import Checkpoints
-from llm.train.strategy import preset_of
 
 
 def strategy_label(strategy) -> str:
     """ "deepspeed zero2", "ddp", "single_device": what ran, as the user chose it."""
-    preset = preset_of(strategy)
+    preset = getattr(strategy, "preset", None)  # RunDeepSpeedStrategy's, llm/train/strategy.py
     if preset:
         return f"deepspeed {preset}"
     name = type(strategy).__name__.removesuffix("Strategy")  # DDP, SingleDevice, FSDP, ...
