@@ -2,7 +2,6 @@
 
 import importlib
 import os
-import signal
 import sys
 import threading
 
@@ -13,7 +12,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 
-from llm import ranks
+from llm import ranks, signals
 from llm.argv import with_make_args
 from llm.errors import (
     ConfigError,
@@ -65,19 +64,6 @@ def function_cli(function, args: list[str]) -> None:
     auto_cli(function, args=args, parser_class=Parser, as_positional=False)
 
 
-def stop_outside_training(signum, frame) -> None:
-    """A stop signal while the data is prepared or a run starts or ends, when llm/checkpointing/saving.py
-    does not hold the signals: end with a line and the status of a stop during training."""
-    name = signal.Signals(signum).name
-    said = f"{name} while no training step ran: nothing was saved"
-    if ranks.is_first_process():
-        os.write(2, b"\n")  # the line that follows starts on its own, after a progress bar it cut short
-    job = ranks.slurm_job_id() if signum == signal.SIGUSR1 else None  # SLURM's warning, before the first step
-    if job:
-        raise RunStopped(said, 128 + signum, requeue=job, otherwise="run the command again")
-    raise RunStopped(f"{said}; run the command again", 128 + signum)
-
-
 def requeue(exc: RunStopped) -> int:
     """A stop under SLURM's warning: rank 0 puts the job back in the queue, now that this process
     has cleaned up, and every rank ends with status 0 (with srun's --kill-on-bad-exit, a rank that
@@ -85,8 +71,7 @@ def requeue(exc: RunStopped) -> int:
     if not ranks.is_first_process():
         return 0
     print(f"stopped: {exc}; requeueing SLURM job {exc.requeue}", file=sys.stderr, flush=True)
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(signum, signal.SIG_IGN)  # SLURM ends the job's processes as it requeues it: this one is done
+    signals.ignore()  # SLURM ends the job's processes as it requeues it: this one is done
     failed = ranks.requeue_slurm_job(str(exc.requeue))
     if failed:
         print(f"stopped: {failed}; {exc.otherwise}", file=sys.stderr, flush=True)
@@ -110,10 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     module, name, _ = COMMANDS[command]
     if hasattr(sys.stdout, "reconfigure"):  # a text stream whose errors can be set (not a StringIO)
         sys.stdout.reconfigure(errors="replace")
-    previous = {}
     if command in ("fit", "prepare") and threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            previous[signum] = signal.signal(signum, stop_outside_training)
+        signals.STOPS.install()  # the one owner of the stop signals in this process
     try:
         function = getattr(importlib.import_module(module), name)
         function() if command in READS_ARGV else function_cli(function, args)
@@ -134,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         end_child_processes()
         sys.exit(1)
     finally:
-        for signum, handler in previous.items():  # main() called in-process (the tests) leaves no trace
-            signal.signal(signum, handler)
+        signals.STOPS.release()
+        signals.STOPS.restore()  # main() called in-process (the tests) leaves no trace
 
 
 if __name__ == "__main__":

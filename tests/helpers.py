@@ -345,3 +345,20 @@ class CallbackOrder(Callback):
         if trainer.is_global_zero:
             names = [type(c).__name__ for c in trainer.callbacks]
             Path(trainer.default_root_dir, "callback-order.txt").write_text("\n".join(names) + "\n")
+
+
+class SignalHandlers(Callback):
+    """Write which handler each stop signal has while training runs (llm/signals.py owns them)."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        import json
+        import signal
+
+        handlers = {
+            s.name: getattr(signal.getsignal(s), "__qualname__", str(signal.getsignal(s)))
+            for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+        }
+        Path(self.out).write_text(json.dumps(handlers))

@@ -30,9 +30,9 @@ from llm import ranks
 from llm.checkpointing.files import CheckpointFolder, remove
 from llm.errors import RunStopped
 from llm.launch.commands import continue_command
+from llm.signals import STOPS
 
 PARTIAL = ".partial"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C
 
 
 def sync_to_disk(path: Path) -> None:
@@ -43,38 +43,6 @@ def sync_to_disk(path: Path) -> None:
             os.fsync(f.fileno())
 
 
-class StopSignals:
-    """SIGTERM, SIGUSR1 and SIGINT ask for a stop at the next step boundary; the second one exits at once."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict = {}
-
-    def install(self) -> None:
-        for signum in STOP_SIGNALS:
-            try:
-                previous = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: leave signals to whoever owns them
-                return
-            self._previous.setdefault(signum, previous)
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.received == signum and signum != signal.SIGINT:  # the same request, delivered again
-            return
-        if self.received is not None:
-            os.write(2, f"\n{name}, the second stop signal: exiting now, without a checkpoint\n".encode())
-            os._exit(128 + signum)
-        self.received = signum
-        if ranks.is_first_process():
-            os.write(2, f"\n{name}: saving a checkpoint at the end of this step, then stopping\n".encode())
-
-
 class Checkpoints(Checkpoint):
     """Step checkpoints, written atomically, with `last` and `best` links; stops on a signal."""
 
@@ -83,8 +51,9 @@ class Checkpoints(Checkpoint):
         self.every_seconds = every_minutes * 60 if every_minutes else None
         self.save_seconds: list[float] = []  # how long each save of this session took (perf/save_seconds)
         self._last_save = time.monotonic()
-        self.signals = StopSignals()
+        self.signals = STOPS  # the process's (llm/signals.py)
         self.last_saved: Path | None = None
+        self._installed_here = False
         self._saved_step = -1
         self._stop_pending = 0
         self._best: dict | None = None  # the lowest validation loss so far and its step, alike on every rank
@@ -95,8 +64,9 @@ class Checkpoints(Checkpoint):
     # --- when ----------------------------------------------------------------------------------
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        # before Lightning's own handlers: it then leaves SIGUSR1 alone (no mid-step SLURM save)
-        self.signals.install()
+        # where the entry point has not installed them (a Trainer built by hand, in a script or a
+        # test), before Lightning's own handlers: it then leaves SIGUSR1 alone (no mid-step SLURM save)
+        self._installed_here = not self.signals.installed and self.signals.install()
         # the ranks agree on a stop at every optimizer step over a CPU (gloo) group: a reduction on
         # the accelerator, read back, would make the host wait for every kernel queued so far. Made
         # here, on every rank in the same order, before the strategy makes its own groups; given the
@@ -112,7 +82,7 @@ class Checkpoints(Checkpoint):
         self._best = self.folder.best()
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.signals.install()  # again: Lightning has added its SIGTERM handler since setup
+        self.signals.hold_for_training()
         self._last_save = time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
@@ -145,10 +115,15 @@ class Checkpoints(Checkpoint):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.save(trainer)  # training ended early (a callback stopped it): keep where it got to
-        self.signals.restore()
+        self._release()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self.signals.restore()
+        self._release()
+
+    def _release(self) -> None:
+        self.signals.release()
+        if self._installed_here:
+            self.signals.restore()
 
     def _requested(self, trainer) -> tuple[int, bool]:
         """The signal any rank received (0: none), and whether a save is due by time on any rank:

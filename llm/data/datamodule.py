@@ -8,7 +8,6 @@ the data an uninterrupted run would have, whatever the number of loader workers.
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 from typing import Literal
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from llm import signals
 from llm.config import LoaderConfig, PrepareConfig
 from llm.data.prepare import load_meta, prepare, prepared_dir
 
@@ -89,15 +89,6 @@ class StepSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.end_batch * self.batch_size
-
-
-def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """In a DataLoader worker: ignore the signals that ask the run to stop. Ctrl-C, `timeout`,
-    `scancel` and SLURM's warning signal every process of the group, workers included; a worker they
-    killed would end the training process with an error in mid-step, before the checkpoint that
-    llm/checkpointing/saving.py writes at the step boundary. The workers end with the training process."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(signum, signal.SIG_IGN)
 
 
 class StepDataLoader(DataLoader):
@@ -202,7 +193,9 @@ class TokenDataModule(L.LightningDataModule):
             batch_size=self.micro_batch,
             sampler=sampler,
             num_workers=self.num_workers,
-            worker_init_fn=leave_stop_signals_to_the_trainer,
+            # Ctrl-C, scancel and SLURM's warning reach every process of the group: a worker they killed
+            # would end training mid-step, before the checkpoint at its end. Workers end with the run
+            worker_init_fn=signals.ignore,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             prefetch_factor=4 if self.num_workers > 0 else None,
