@@ -6,15 +6,14 @@ from __future__ import annotations
 import os
 import shlex
 
+from llm import handoff
 from llm.errors import ConfigError
-
-VARIABLE = "LLM_ARGS"
 
 
 def with_make_args(argv: list[str]) -> list[str]:
     """`argv` and then the words of LLM_ARGS, which is removed: the processes a launcher starts get
     the words in their argv, not a second time from the environment."""
-    text = os.environ.pop(VARIABLE, "")
+    text = os.environ.pop(handoff.ARGS, "")
     try:
         return [*argv, *shlex.split(text)]
     except ValueError as exc:  # an unbalanced quote

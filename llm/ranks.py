@@ -20,6 +20,12 @@ def is_first_process() -> bool:
     return int(os.environ.get("NODE_RANK", 0)) == 0 and local_rank() == 0
 
 
+def say(*lines: str) -> None:
+    """Print once per job, from the first process: every message of a run that is not an error."""
+    if is_first_process():
+        print(*lines, sep="\n", flush=True)
+
+
 def is_first_on_node() -> bool:
     """Local rank 0: the process that prepares the data on its node."""
     return local_rank() == 0

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from llm.checkpointing import run_folder
 from llm.checkpointing.files import Checkpoint, CheckpointFolder, content_digest
-from llm.checkpointing.run_folder import say
 from llm.config import DistillConfig, OptimizerConfig, PrepareConfig, RunConfig
 from llm.errors import ConfigError
+from llm.ranks import say
 
 
 def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:

@@ -19,18 +19,16 @@ import socket
 import time
 from pathlib import Path
 
-from llm import ranks
+from llm import handoff, ranks
 from llm.errors import ConfigError
-
-RUN_ENV = "LLM_RUN_DIR"  # hands the run folder to the processes a launcher starts after this one
-RESUME_ENV = "LLM_RESUME_FROM"  # and the checkpoint rank 0 chose to continue from ("" for none)
 
 
 def resolve_run_dir(cfg) -> Path:
     if cfg.run:
         return Path(cfg.run)
-    if RUN_ENV in os.environ:
-        return Path(os.environ[RUN_ENV])
+    given = handoff.received(handoff.RUN_DIR)
+    if given:
+        return Path(given)
     if ranks.slurm_job_id():  # a requeued job keeps its id, and so its folder
         return Path("runs") / f"{cfg.experiment}-{ranks.slurm_job_id()}"
     return Path("runs") / f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -38,7 +36,7 @@ def resolve_run_dir(cfg) -> Path:
 
 def decide(cfg) -> Path:
     """Decide the run folder (cfg.run) and refuse to reuse one by accident; creates nothing."""
-    named = bool(cfg.run) or RUN_ENV in os.environ or bool(ranks.slurm_job_id())
+    named = bool(cfg.run) or handoff.received(handoff.RUN_DIR) is not None or bool(ranks.slurm_job_id())
     run_dir = resolve_run_dir(cfg)
     cfg.run = str(run_dir)
     if ranks.is_first_process():
@@ -111,7 +109,7 @@ def create(options) -> Path:
     lock decides between them before either writes anything."""
     global _writer_lock
     run_dir = Path(options.run)
-    os.environ[RUN_ENV] = str(run_dir)
+    handoff.hand_on(handoff.RUN_DIR, str(run_dir))
     if not ranks.is_first_process():
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -139,9 +137,3 @@ def release_writer() -> None:
     if _writer_lock is not None:
         _writer_lock.close()
         _writer_lock = None
-
-
-def say(line: str) -> None:
-    """Print once per job, from the first process."""
-    if ranks.is_first_process():
-        print(line)

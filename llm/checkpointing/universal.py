@@ -21,8 +21,8 @@ from pathlib import Path
 
 from llm import compat
 from llm.checkpointing.files import Checkpoint, safe_load, weights_only_loads
-from llm.checkpointing.run_folder import say
 from llm.errors import ConfigError, exception_line
+from llm.ranks import say
 
 SUFFIX = ".universal"
 TAG = "checkpoint"  # the tag folder Lightning's DeepSpeed strategy saves under

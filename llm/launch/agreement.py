@@ -19,16 +19,15 @@ import os
 import time
 from datetime import timedelta
 
-from llm import ranks
+from llm import handoff, ranks
 from llm.errors import ConfigError, exception_line
 
-TIMEOUT_ENV = "LLM_LAUNCH_TIMEOUT"  # seconds a process waits for rank 0 to answer (LAUNCH_TIMEOUT=)
 DEFAULT_TIMEOUT = 300.0
 POLL_SECONDS = 0.2
 
 
 def launch_timeout() -> float:
-    return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+    return float(handoff.received(handoff.LAUNCH_TIMEOUT) or DEFAULT_TIMEOUT)
 
 
 def world_size_from_launcher() -> int:

@@ -23,7 +23,7 @@ from datetime import timedelta
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from llm import compat
+from llm import compat, handoff
 from llm.config import RunOptions
 from llm.launch.commands import continue_command
 
@@ -96,7 +96,7 @@ def failed_collective(exc: BaseException) -> str | None:
     else:
         what = f"a collective ({caller})"
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", 0))
-    run = os.environ.get("LLM_RUN_DIR")
+    run = handoff.received(handoff.RUN_DIR)
     resume = f"; then continue with {continue_command(run)}" if run else ""
     if timed_out:
         limit = f"{active_timeout:.0f} s (collective_timeout)" if active_timeout else "the start-up timeout"

@@ -27,8 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from llm import handoff
 from llm.errors import ConfigError, one_line
-from llm.launch.agreement import DEFAULT_TIMEOUT, TIMEOUT_ENV
+from llm.launch.agreement import DEFAULT_TIMEOUT
 from llm.launch.hosts import check_socket_interfaces, check_ssh, deepspeed_env_file
 from llm.paths import slurm_script
 
@@ -158,9 +159,9 @@ def training_command(fit_args: list[str], devices: int, nnodes: int | None) -> t
     while rest:
         arg = rest.pop(0)
         if arg == "--run" and rest:
-            env["LLM_RUN_DIR"] = rest.pop(0)
+            env[handoff.RUN_DIR] = rest.pop(0)
         elif arg.startswith("--run="):
-            env["LLM_RUN_DIR"] = arg.split("=", 1)[1]
+            env[handoff.RUN_DIR] = arg.split("=", 1)[1]
         else:
             args.append(arg)
     nodes = [f"--trainer.num_nodes={nnodes}"] if nnodes else []
@@ -170,7 +171,7 @@ def training_command(fit_args: list[str], devices: int, nnodes: int | None) -> t
 def hand_over(command: list[str], env: dict, timeout: float) -> None:
     """Replace this process by the launcher (its exit status becomes the make target's)."""
     sys.stdout.flush()
-    os.execvpe(command[0], command, {**os.environ, **env, TIMEOUT_ENV: str(timeout)})
+    os.execvpe(command[0], command, {**os.environ, **env, handoff.LAUNCH_TIMEOUT: str(timeout)})
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -233,7 +234,7 @@ def elastic_torchrun(a, low: int, high: int, fit_args: list[str]) -> None:
     if a.max_restarts < 0:
         raise ConfigError(f"MAX_RESTARTS={a.max_restarts}: must be 0 or more")
     args, env = training_command(fit_args, devices, None)
-    run = env.get("LLM_RUN_DIR")
+    run = env.get(handoff.RUN_DIR)
     if not run:
         raise ConfigError(
             f"NNODES={a.nnodes}: an elastic job restarts into the same run folder on every node; give RUN=runs/<name>"
@@ -270,7 +271,7 @@ def run_torchrun(args: list[str], env: dict, timeout: float) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    os.environ.update({**env, TIMEOUT_ENV: str(timeout)})
+    os.environ.update({**env, handoff.LAUNCH_TIMEOUT: str(timeout)})
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropRefusals())
     try:
         run(parse_args(args))
@@ -343,7 +344,7 @@ def deepspeed_main() -> None:
     if nnodes > 1:
         check_ssh(a.hostfile, list(hosts))
         # pdsh's processes start from a login shell's environment: what the run needs goes with them
-        env["DS_ENV_FILE"] = str(deepspeed_env_file({**os.environ, **env, TIMEOUT_ENV: str(a.timeout)}))
+        env["DS_ENV_FILE"] = str(deepspeed_env_file({**os.environ, **env, handoff.LAUNCH_TIMEOUT: str(a.timeout)}))
     hand_over([*command, "llm", *args], env, a.timeout)
 
 

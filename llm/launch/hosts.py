@@ -11,16 +11,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from llm import handoff
 from llm.errors import ConfigError
-from llm.launch.agreement import TIMEOUT_ENV
 
 # what the training processes of a DeepSpeed multi-node job need from the launching shell's
 # environment: the project's own (the run folder LLM_RUN_DIR, LLM_LAUNCH_TIMEOUT, ...), the
 # collectives' interfaces, W&B's and Hugging Face's modes and caches. Never secrets: pdsh puts every
 # export on the command line of ssh, which any user of either host can read (`wandb login` and
 # `huggingface-cli login` store keys in files on the shared home instead)
-PROJECT = TIMEOUT_ENV.split("_", 1)[0] + "_"  # the prefix of the project's variables
-TRAVELS = (PROJECT, "GLOO_", "NCCL_", "WANDB_", "HF_", "TOKENIZERS_", "OMP_NUM_THREADS")
+TRAVELS = (handoff.PREFIX, "GLOO_", "NCCL_", "WANDB_", "HF_", "TOKENIZERS_", "OMP_NUM_THREADS")
 SECRETS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 

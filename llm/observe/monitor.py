@@ -20,7 +20,7 @@ from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from llm import compat
+from llm import compat, ranks
 from llm.bars import duration
 from llm.config import compute_dtype
 from llm.observe.peaks import Peak, find_peak
@@ -148,9 +148,7 @@ class PerformanceMonitor(Callback):
         if stage == "fit" and self.peak is None:
             device = trainer.strategy.root_device  # the module itself moves there later
             self.peak = find_peak(device, compute_dtype(trainer.precision), self.peak_override)
-            if trainer.is_global_zero:
-                print(f"MFU against {self.peak.describe()}")
-                print(self.estimate(trainer))
+            ranks.say(f"MFU against {self.peak.describe()}", self.estimate(trainer))
             # the fit's setup hooks run before configure_model builds the model: the peak from here
             # is what training needs, the planner's prediction (summary.json sets them side by side)
             self.memory_baseline = reset_peak_memory(device)

@@ -9,25 +9,23 @@ derived from it, llm/preflight/resolve.py). The memory a device has: --memory_gi
 else on a CPU the host's memory shared by the processes on it.
 
 Rank 0 decides and the other processes take its choice (a process's own view of free memory
-could differ), through the launch agreement or, for the processes Lightning starts, SIZES_ENV.
+could differ), through the launch agreement or, for the processes Lightning starts, LLM_AUTOSIZE.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import psutil
 import torch
 
-from llm import ranks
+from llm import handoff, ranks
 from llm.config import datamodule_args, model_config_of, world_size_of
 from llm.errors import ConfigError
 from llm.launch.commands import available_devices
 from llm.preflight.planner import OVERHEAD_BYTES, GiB, Row, model_sizes, plan_rows, preset_shape, row, value_bytes
 from llm.preflight.presets import load_preset
 
-SIZES_ENV = "LLM_AUTOSIZE"  # rank 0's choice, for the processes Lightning's launcher starts after it
 # on a CPU, what a training process holds before its model is built: the interpreter, torch,
 # Lightning and DeepSpeed (summary.json's memory_baseline_gib measured 0.56 GiB for `make train`)
 CPU_OVERHEAD_BYTES = 1 * GiB
@@ -137,17 +135,16 @@ def decide(cfg, on_gpu: bool) -> dict:
 
 
 def apply(cfg, on_gpu: bool, given: dict | None = None) -> dict | None:
-    """Replace DS=auto and batch_size=auto in `cfg` by rank 0's choice (`given`, or SIZES_ENV), or
+    """Replace DS=auto and batch_size=auto in `cfg` by rank 0's choice (`given`, or LLM_AUTOSIZE), or
     by this process's own when it is rank 0. Returns the choice, for the others."""
     if not wanted(cfg):
         return None
-    if given is None and SIZES_ENV in os.environ and not ranks.is_first_process():
-        given = json.loads(os.environ[SIZES_ENV])
+    if given is None and handoff.received(handoff.AUTOSIZE) and not ranks.is_first_process():
+        given = json.loads(handoff.received(handoff.AUTOSIZE) or "")
     choice = given or decide(cfg, on_gpu)
     cfg.deepspeed = choice["deepspeed"]
     datamodule_args(cfg.data).batch_size = choice["batch_size"]
     if given is None:
-        os.environ[SIZES_ENV] = json.dumps(choice)
-        if ranks.is_first_process():
-            print(choice["line"])
+        handoff.hand_on(handoff.AUTOSIZE, json.dumps(choice))
+        ranks.say(choice["line"])
     return choice

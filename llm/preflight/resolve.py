@@ -273,8 +273,8 @@ def check_ranges(run: RunConfig) -> None:
 def check_schedule(run: RunConfig) -> None:
     """A warm-up as long as the run leaves no step for the decay: said, not silently cut short."""
     warmup, steps = run.optimizer.warmup_steps, run.trainer.max_steps
-    if warmup >= steps and ranks.is_first_process():
-        print(
+    if warmup >= steps:
+        ranks.say(
             f"warning: model.optimizer.warmup_steps={warmup} is not shorter than trainer.max_steps={steps}: the "
             f"learning rate warms up for {max(1, steps - 1)} steps and never decays; set warmup_steps below "
             f"max_steps, e.g. ARGS=--model.optimizer.warmup_steps={max(1, steps // 10)}"

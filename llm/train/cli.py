@@ -8,7 +8,6 @@ write `summary.json`.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 import typing
@@ -20,7 +19,7 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from llm import ranks
+from llm import handoff, ranks
 from llm.checkpointing import resume, run_folder, universal
 from llm.checkpointing.files import Checkpoint, CheckpointFolder, content_digest, weights_only_loads
 from llm.checkpointing.saving import Checkpoints
@@ -122,12 +121,12 @@ class LLMCLI(LightningCLI):
         config before any expensive work; the others take it from rank 0."""
         if not self.agreement.leader:
             if self.agreement.store is None:  # started by Lightning's launcher, after rank 0 chose
-                return os.environ.get(run_folder.RESUME_ENV) or None
+                return handoff.received(handoff.RESUME_FROM) or None
             return self.agreement.wait("resume")
         path = resume.resume_checkpoint(run.options.resume, run.folder)
         if path and resume.check_resume(run, path):  # a DeepSpeed checkpoint, on another number of processes
             path = str(universal.convert(Checkpoint(path, field="resume"), run.world_size or 1))
-        os.environ[run_folder.RESUME_ENV] = path or ""
+        handoff.hand_on(handoff.RESUME_FROM, path or "")
         self.agreement.publish("resume", path)
         return path
 

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from llm import compat
+from llm import compat, ranks
 from llm.errors import RunStopped
 
 
@@ -77,8 +77,8 @@ class NonFiniteSteps(Callback):
     def _report(self, trainer, pl_module) -> None:
         total, in_a_row, worst = self._read()
         self._counts[2] = 0
-        if total > self.total and trainer.is_global_zero:
-            print(
+        if total > self.total:
+            ranks.say(
                 f"warning: step {trainer.global_step}: {total - self.total} optimizer step(s) skipped since the "
                 f"last report, for a non-finite gradient norm ({total} in all)"
             )
