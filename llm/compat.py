@@ -4,7 +4,7 @@ Each function names the versions it was written against (torch 2.13, lightning 2
 0.19, wandb 0.31, torchao 0.18) and has a test in tests/test_compat.py that fails when a library changes
 under it.
 Two subclasses override private methods where they are (train/strategy.py's CPUDeepSpeedStrategy,
-train/progress.py's RichBar); the same tests check those methods still exist.
+observe/progress.py's RichBar); the same tests check those methods still exist.
 """
 
 from __future__ import annotations
@@ -120,3 +120,15 @@ def convert_to_universal(input_folder: str, output_folder: str) -> None:
             inject_missing_state=False,
         )
     )
+
+
+def allow_deepspeed_types() -> None:
+    """The plain-data classes DeepSpeed (0.19) pickles into its optimizer shards (its loss scaler,
+    ZeRO's stage, a parameter's place in the flat buffer), from the modules it keeps them in:
+    loadable weights-only, none of them runs code when loaded."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    torch.serialization.add_safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])

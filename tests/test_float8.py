@@ -40,6 +40,7 @@ def test_the_block_linears_are_converted_and_the_weights_keep_their_names(recipe
     assert set(model.state_dict()) == names
 
 
+@pytest.mark.slow  # a training run of its own
 def test_a_float8_run_trains_as_the_plain_one_does_and_its_checkpoint_is_an_ordinary_one(runs, float8_run, tmp_path):
     plain, converted = losses(runs("single")), losses(float8_run)
     assert len(converted) == STEPS and converted.keys() == plain.keys()

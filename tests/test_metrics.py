@@ -151,6 +151,7 @@ def test_dashboard_panels_show_keys_a_real_run_logged(runs):
     assert all(TOKENS in item for item in history(wandb_records(wandb_run)) if "val/loss" in item)
 
 
+@pytest.mark.slow  # through make, in a process of its own
 def test_wandb_dashboard_offline_refuses_in_one_line(tmp_path):
     result = subprocess.run(
         ["make", "-s", "wandb-dashboard"],

@@ -235,8 +235,17 @@ def refused(*args: str, timeout: int = 120) -> tuple[str, float]:
     return lines[0], time.monotonic() - started
 
 
+def refused_here(*args: str) -> tuple[str, float]:
+    """make train-multinode's refusal, in this process (the same through make: test_a_bad_hostfile_through_make)."""
+    started = time.monotonic()
+    result = llm_here("torchrun", *args, "--")
+    lines = program_stderr(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    return lines[0], time.monotonic() - started
+
+
 def test_node_rank_not_below_nnodes():
-    line, _ = refused("train-multinode", "NNODES=2", "NODE_RANK=2")
+    line, _ = refused_here("--nnodes=2", "--node_rank=2")
     assert line == "error: NODE_RANK=2: must be below NNODES=2 (node ranks run from 0 to 1)"
 
 
@@ -244,20 +253,18 @@ def test_master_port_in_use_on_node_0():
     port = free_port_pair()
     with socket.socket() as taken:
         taken.bind(("", port + 1))  # the agreement's port
-        line, _ = refused("train-multinode", "NNODES=2", f"MASTER_PORT={port}")
+        line, _ = refused_here("--nnodes=2", f"--master_port={port}")
     assert f"MASTER_PORT={port}: port {port + 1} is already in use" in line and "choose another MASTER_PORT" in line
 
 
 def test_a_master_that_does_not_answer_stops_the_node_within_the_timeout():
-    line, seconds = refused(
-        "train-multinode", "NNODES=2", "NODE_RANK=1", f"MASTER_PORT={free_port_pair()}", "LAUNCH_TIMEOUT=2"
-    )
+    line, seconds = refused_here("--nnodes=2", "--node_rank=1", f"--master_port={free_port_pair()}", "--timeout=2")
     assert "MASTER_ADDR=127.0.0.1: no answer on port" in line and "within 2 s" in line and "LAUNCH_TIMEOUT=" in line
     assert seconds < 30
 
 
 def test_an_unknown_master_host():
-    line, _ = refused("train-multinode", "NNODES=2", "NODE_RANK=1", "MASTER_ADDR=no-such-host.invalid")
+    line, _ = refused_here("--nnodes=2", "--node_rank=1", "--master_addr=no-such-host.invalid")
     assert line.startswith("error: MASTER_ADDR=no-such-host.invalid: unknown host")
 
 
@@ -282,6 +289,7 @@ def test_a_bad_hostfile(tmp_path, text, fragment):
     assert line.startswith(f"error: HOSTFILE={hostfile}: ") and fragment in line, line
 
 
+@pytest.mark.slow  # through make, in a process of its own
 def test_a_bad_hostfile_through_make(tmp_path):
     line, _ = refused("train-deepspeed", f"HOSTFILE={tmp_path / 'none'}")
     assert line.startswith(f"error: HOSTFILE={tmp_path / 'none'}: ") and "no such file" in line, line

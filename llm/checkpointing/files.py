@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from llm import compat
 from llm.config import RunConfig, model_config_of  # also registers the checkpoint's dataclasses for torch.load
 from llm.errors import ConfigError, exception_line
 from llm.model import Transformer
@@ -205,7 +206,7 @@ class Checkpoint:
         path, field = self.path, self.field
         files = sorted(p for p in path.rglob("*.pt") if p.is_file()) if path.is_dir() else [path]
         if path.is_dir():
-            allow_deepspeed_types()
+            compat.allow_deepspeed_types()
         for file in files:
             if not objects_read:
                 _refuse_payload(file, path, field)
@@ -344,7 +345,7 @@ def weights_only_loads():
     """Every torch.load inside, DeepSpeed's own included (they pass weights_only=False), loads
     tensors and plain data only: a checkpoint from a user path never runs code when read."""
     if "deepspeed" in sys.modules:
-        allow_deepspeed_types()
+        compat.allow_deepspeed_types()
     previous = os.environ.get(FORCE_WEIGHTS_ONLY)
     os.environ[FORCE_WEIGHTS_ONLY] = "1"
     try:
@@ -354,16 +355,6 @@ def weights_only_loads():
             del os.environ[FORCE_WEIGHTS_ONLY]
         else:
             os.environ[FORCE_WEIGHTS_ONLY] = previous
-
-
-def allow_deepspeed_types() -> None:
-    """The plain-data classes DeepSpeed writes into its optimizer shards (its loss scaler, ZeRO's
-    stage, a parameter's place in the flat buffer): loadable, none of them runs code when loaded."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    torch.serialization.add_safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
 
 
 def safe_load(file: Path, field: str, mmap: bool = False) -> dict:
