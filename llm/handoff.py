@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import os
 
-PREFIX = "LLM_"  # what travels to the hosts of a multi-node job (llm/launch/hosts.py)
 ARGS = "LLM_ARGS"
+PREFIX = ARGS.split("_", 1)[0] + "_"  # what travels to the hosts of a multi-node job (llm/launch/hosts.py)
 RUN_DIR = "LLM_RUN_DIR"
 RESUME_FROM = "LLM_RESUME_FROM"
 AUTOSIZE = "LLM_AUTOSIZE"

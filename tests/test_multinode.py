@@ -107,9 +107,10 @@ def test_an_elastic_job_loses_a_node_restarts_on_the_other_and_finishes(tmp_path
         assert stays.poll() is None and time.monotonic() < deadline, finish(stays)
         time.sleep(0.5)
     leaves = node()
-    # past the validation after step 4: a node lost between a save and the validation of the same
-    # step would take that validation with it (the run continues from the save, after it)
-    while not (run / "checkpoints" / "step-000006.ckpt").exists():
+    # past the validation after step 4 and past step 6's row in metrics.csv, which rank 0 writes
+    # after that step's save: a node lost between a save and the logging of the same step takes the
+    # step's row (or validation) with it, as the run continues from the save, after it
+    while not ((run / "checkpoints" / "step-000006.ckpt").exists() and 6 in losses(run)):
         assert stays.poll() is None and leaves.poll() is None and time.monotonic() < deadline + 180
         time.sleep(0.5)
     # the node at once: make, torchrun's agent and the training process (torchrun starts it in a
