@@ -139,8 +139,9 @@ def apply(cfg, on_gpu: bool, given: dict | None = None) -> dict | None:
     by this process's own when it is rank 0. Returns the choice, for the others."""
     if not wanted(cfg):
         return None
-    if given is None and handoff.received(handoff.AUTOSIZE) and not ranks.is_first_process():
-        given = json.loads(handoff.received(handoff.AUTOSIZE) or "")
+    handed = handoff.received(handoff.AUTOSIZE)
+    if given is None and handed and not ranks.is_first_process():
+        given = json.loads(handed)
     choice = given or decide(cfg, on_gpu)
     cfg.deepspeed = choice["deepspeed"]
     datamodule_args(cfg.data).batch_size = choice["batch_size"]
