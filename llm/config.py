@@ -258,6 +258,8 @@ class RunConfig:
     float8: str | None = None  # float8 training's recipe (model.float8)
     float8_emulate: bool = False
     distill: DistillConfig = field(default_factory=DistillConfig)
+    compile: bool | None = None  # torch.compile the model (model.compile); None: resolved by the hardware
+    activation_checkpointing: bool = False  # model.activation_checkpointing
 
     @classmethod
     def from_dict(cls, config: Mapping) -> RunConfig:
@@ -279,6 +281,8 @@ class RunConfig:
             float8=model.get("float8"),
             float8_emulate=bool(model.get("float8_emulate")),
             distill=DistillConfig(**_fields_of(DistillConfig, config.get("distill") or {})),
+            compile=model.get("compile"),
+            activation_checkpointing=bool(model.get("activation_checkpointing")),
         )
 
     @classmethod
@@ -290,11 +294,6 @@ class RunConfig:
     def from_checkpoint(cls, ckpt: Mapping) -> RunConfig:
         """From a checkpoint read whole or its header (llm/checkpointing/files.py)."""
         return cls.from_dict(ckpt["llm_config"] if "llm_config" in ckpt else ckpt["config"])
-
-    @classmethod
-    def from_namespace(cls, cfg) -> RunConfig:
-        """From the parsed command line (a jsonargparse Namespace of the fit command)."""
-        return cls.from_dict(cfg.as_dict())
 
     @property
     def folder(self) -> Path:

@@ -101,6 +101,13 @@ def test_sizing_to_memory_refuses_what_cannot_be(existing, options, answer):
     assert_refused(fit_into(existing, *options), answer)
 
 
+def test_validation_is_set_in_optimizer_steps_not_lightnings_batches(existing):
+    assert_refused(
+        fit_into(existing, "--trainer.val_check_interval=5"),
+        "trainer.val_check_interval=5: a run validates every eval_every optimizer steps; give eval_every instead",
+    )
+
+
 def test_tokens_per_step_counts_every_process(existing):
     result = fit_into(existing, "--trainer.devices=2", "--tokens_per_step=1536")
     assert_refused(

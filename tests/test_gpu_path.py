@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,12 +76,18 @@ def test_fused_adamw_with_bf16_autocast_clips_and_trains(tmp_path, code_corpus, 
     assert "fused: true" in config and "precision: bf16-mixed" in config
 
 
-def resolved(monkeypatch, on_gpu: bool, precision: str = "bf16-mixed", fused=None, compile=None):
-    """A parsed config's fields that resolve_speed_options reads, on a machine with or without a GPU."""
-    monkeypatch.setattr(resolve, "uses_gpu", lambda trainer: on_gpu)
-    trainer = SimpleNamespace(accelerator="auto", precision=precision, gradient_clip_val=1.0)
-    model = SimpleNamespace(compile=compile, optimizer=SimpleNamespace(fused=fused))
-    return SimpleNamespace(trainer=trainer, model=model, deepspeed=None)
+def speed_options(on_gpu: bool, precision: str, fused=None, compile=None) -> RunConfig:
+    """A resolved run's compile and fused AdamW, from a config that leaves them (None) or sets them."""
+    run = RunConfig(
+        model=ModelConfig(),
+        optimizer=OptimizerConfig(fused=fused),
+        data=PrepareConfig(),
+        loader=LoaderConfig(),
+        trainer=TrainerConfig(precision=precision),
+        options=RunOptions(),
+        compile=compile,
+    )
+    return resolve.with_speed_options(run, on_gpu)
 
 
 def test_fused_adamw_with_fp16_and_clipping_is_refused_in_one_line():
@@ -104,13 +109,11 @@ def test_fused_adamw_with_fp16_and_clipping_is_refused_in_one_line():
     "on_gpu, precision, compile, fused",
     [(True, "bf16-mixed", True, True), (True, "16-mixed", True, False), (False, "32-true", False, False)],
 )
-def test_compile_and_fused_adamw_default_on_with_a_gpu_only(monkeypatch, on_gpu, precision, compile, fused):
-    cfg = resolved(monkeypatch, on_gpu, precision)
-    resolve.resolve_speed_options(cfg)
-    assert cfg.model.compile is compile and cfg.model.optimizer.fused is fused
-    explicit = resolved(monkeypatch, on_gpu, precision, fused=False, compile=False)
-    resolve.resolve_speed_options(explicit)
-    assert explicit.model.compile is False and explicit.model.optimizer.fused is False
+def test_compile_and_fused_adamw_default_on_with_a_gpu_only(on_gpu, precision, compile, fused):
+    run = speed_options(on_gpu, precision)
+    assert run.compile is compile and run.optimizer.fused is fused
+    explicit = speed_options(on_gpu, precision, fused=False, compile=False)
+    assert explicit.compile is False and explicit.optimizer.fused is False
 
 
 def test_cuda_arch_suffixes_that_deepspeeds_op_builder_cannot_parse_are_dropped(monkeypatch):

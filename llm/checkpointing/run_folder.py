@@ -20,34 +20,36 @@ import time
 from pathlib import Path
 
 from llm import handoff, ranks
+from llm.config import RunOptions
 from llm.errors import ConfigError
 
 
-def resolve_run_dir(cfg) -> Path:
-    if cfg.run:
-        return Path(cfg.run)
+def resolve_run_dir(options: RunOptions) -> Path:
+    if options.run:
+        return Path(options.run)
     given = handoff.received(handoff.RUN_DIR)
     if given:
         return Path(given)
     if ranks.slurm_job_id():  # a requeued job keeps its id, and so its folder
-        return Path("runs") / f"{cfg.experiment}-{ranks.slurm_job_id()}"
-    return Path("runs") / f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return Path("runs") / f"{options.experiment}-{ranks.slurm_job_id()}"
+    return Path("runs") / f"{options.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def decide(cfg) -> Path:
-    """Decide the run folder (cfg.run) and refuse to reuse one by accident; creates nothing."""
-    named = bool(cfg.run) or handoff.received(handoff.RUN_DIR) is not None or bool(ranks.slurm_job_id())
-    run_dir = resolve_run_dir(cfg)
-    cfg.run = str(run_dir)
+def decide(options: RunOptions) -> Path:
+    """The run folder (options.run, else named by the experiment), refused where a new run would
+    reuse one by accident; creates nothing."""
+    named = bool(options.run) or handoff.received(handoff.RUN_DIR) is not None or bool(ranks.slurm_job_id())
+    run_dir = resolve_run_dir(options)
     if ranks.is_first_process():
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(f"run={run_dir}: is a file; a run is a folder, choose another RUN")
-        if cfg.resume is None:
+        resume = options.resume
+        if resume is None:
             refuse_taken(run_dir)
-        if cfg.resume == "auto" and not named:
+        if resume == "auto" and not named:
             raise ConfigError("resume=auto: no run to continue was named; give RUN=runs/<name> as well")
-        if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
-            raise ConfigError(f"resume={cfg.resume}: no such checkpoint; give a checkpoint path, or auto")
+        if resume not in (None, "auto") and not Path(resume).exists():
+            raise ConfigError(f"resume={resume}: no such checkpoint; give a checkpoint path, or auto")
     return run_dir
 
 

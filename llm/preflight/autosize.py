@@ -20,7 +20,7 @@ import psutil
 import torch
 
 from llm import handoff, ranks
-from llm.config import datamodule_args, model_config_of, world_size_of
+from llm.config import RunConfig, TrainerConfig, world_size_of
 from llm.errors import ConfigError
 from llm.launch.commands import available_devices
 from llm.preflight.planner import OVERHEAD_BYTES, GiB, Row, model_sizes, plan_rows, preset_shape, row, value_bytes
@@ -31,33 +31,33 @@ from llm.preflight.presets import load_preset
 CPU_OVERHEAD_BYTES = 1 * GiB
 
 
-def wanted(cfg) -> bool:
-    return cfg.deepspeed == "auto" or datamodule_args(cfg.data).batch_size == "auto"
+def wanted(run: RunConfig) -> bool:
+    return run.options.deepspeed == "auto" or run.loader.batch_size == "auto"
 
 
-def device_memory(cfg, on_gpu: bool, per_node: int) -> tuple[float, str]:
+def device_memory(memory_gib: float | None, on_gpu: bool, per_node: int) -> tuple[float, str]:
     """GiB of memory one device has, and where the figure came from."""
-    if cfg.memory_gib is not None:
-        if cfg.memory_gib <= 0:
-            raise ConfigError(f"memory_gib={cfg.memory_gib}: out of range; use the GiB of one device, e.g. 80")
-        return cfg.memory_gib, "--memory_gib"
+    if memory_gib is not None:
+        if memory_gib <= 0:
+            raise ConfigError(f"memory_gib={memory_gib}: out of range; use the GiB of one device, e.g. 80")
+        return memory_gib, "--memory_gib"
     if on_gpu:
         return torch.cuda.get_device_properties(0).total_memory / GiB, torch.cuda.get_device_name(0)
     return psutil.virtual_memory().total / GiB / per_node, f"host memory / {per_node} processes"
 
 
-def world_of(cfg, on_gpu: bool) -> tuple[int, int]:
+def world_of(trainer: TrainerConfig, on_gpu: bool) -> tuple[int, int]:
     """(processes, nodes) the run will have."""
-    nnodes = cfg.trainer.num_nodes or 1
-    world = world_size_of(cfg.trainer.devices, nnodes)
+    nnodes = trainer.num_nodes or 1
+    world = world_size_of(trainer.devices, nnodes)
     if world is None:  # devices: auto, as Lightning counts them
         world = available_devices(on_gpu)[0] * nnodes
     return world, nnodes
 
 
-def micro_batches(cfg, world: int) -> list[int]:
+def micro_batches(run: RunConfig, world: int) -> list[int]:
     """The micro-batches that make whole micro-batch steps of tokens_per_step, smallest first."""
-    tokens, block = cfg.tokens_per_step, cfg.model.config.block_size
+    tokens, block = run.options.tokens_per_step, run.model.block_size
     if tokens is None:
         raise ConfigError(
             "data.batch_size=auto: needs tokens_per_step, so that the optimizer step stays the same whatever "
@@ -74,22 +74,21 @@ def micro_batches(cfg, world: int) -> list[int]:
     return [b for b in range(1, sequences + 1) if sequences % b == 0]
 
 
-def decide(cfg, on_gpu: bool) -> dict:
+def decide(run: RunConfig, on_gpu: bool) -> dict:
     """{deepspeed, batch_size, line}: the preset and micro-batch this run takes, and why."""
-    data = datamodule_args(cfg.data)
-    world, nnodes = world_of(cfg, on_gpu)
-    memory, source = device_memory(cfg, on_gpu, max(world // nnodes, 1))
+    options, config, batch_size = run.options, run.model, run.loader.batch_size
+    world, nnodes = world_of(run.trainer, on_gpu)
+    memory, source = device_memory(options.memory_gib, on_gpu, max(world // nnodes, 1))
     overhead = OVERHEAD_BYTES if on_gpu else CPU_OVERHEAD_BYTES
-    config = model_config_of(cfg.model.config.as_dict())
-    batches = micro_batches(cfg, world) if data.batch_size == "auto" else [data.batch_size]
-    if cfg.deepspeed == "auto":
+    batches = micro_batches(run, world) if batch_size == "auto" else [batch_size]
+    if options.deepspeed == "auto":
         shapes = plan_rows()
-        if cfg.model.init or cfg.distill.teacher:  # ZeRO-3 is refused for both
+        if run.init or run.distill.teacher:  # ZeRO-3 is refused for both
             shapes = [s for s in shapes if s[1] < 3]
-        if not cfg.nvme_path:  # NVMe offload only where the user named a disk for it
+        if not options.nvme_path:  # NVMe offload only where the user named a disk for it
             shapes = [s for s in shapes if s[2] != "nvme"]
-    elif cfg.deepspeed:
-        shapes = [(cfg.deepspeed, *preset_shape(load_preset(cfg.deepspeed, cfg.nvme_path)))]
+    elif options.deepspeed:
+        shapes = [(options.deepspeed, *preset_shape(load_preset(options.deepspeed, options.nvme_path)))]
     else:
         shapes = [("ddp", 0, None, False)]
     cpu = psutil.virtual_memory().total / GiB  # offload's CPU memory per node
@@ -104,8 +103,8 @@ def decide(cfg, on_gpu: bool) -> dict:
             memory,
             cpu,
             micro_batch=batch,
-            checkpointing=bool(cfg.model.activation_checkpointing),
-            value_bytes=value_bytes(cfg.trainer.precision),
+            checkpointing=run.activation_checkpointing,
+            value_bytes=value_bytes(run.trainer.precision),
             overhead_bytes=overhead,
             **sizes,
         )
@@ -114,7 +113,7 @@ def decide(cfg, on_gpu: bool) -> dict:
     if shape is None:
         tried = sized(shapes[-1], batches[0])
         raise ConfigError(
-            f"{'deepspeed' if cfg.deepspeed == 'auto' else 'data.batch_size'}=auto: nothing fits "
+            f"{'deepspeed' if options.deepspeed == 'auto' else 'data.batch_size'}=auto: nothing fits "
             f"{memory:,.2f} GiB per device ({source}) at a micro-batch of {batches[0]}; even {tried.preset} needs "
             f"{tried.total_gib:,.2f} GiB; use --model.activation_checkpointing=true, more devices, or more memory "
             "(--memory_gib)"
@@ -122,29 +121,28 @@ def decide(cfg, on_gpu: bool) -> dict:
     batch = max(b for b in batches if sized(shape, b).fits)
     chosen = sized(shape, batch)
     parts = []
-    if cfg.deepspeed == "auto":
+    if options.deepspeed == "auto":
         parts.append(f"deepspeed=auto: {'none (DDP)' if shape[0] == 'ddp' else shape[0]}, the fastest preset that fits")
-    if data.batch_size == "auto":
+    if batch_size == "auto":
         parts.append(
             f"data.batch_size=auto: {batch}, the largest micro-batch that fits and makes whole steps of "
-            f"tokens_per_step={cfg.tokens_per_step:,}"
+            f"tokens_per_step={options.tokens_per_step:,}"
         )
     line = "; ".join(parts) + f": {chosen.reason(memory, overhead / GiB)} ({source})"
-    deepspeed = cfg.deepspeed if cfg.deepspeed != "auto" else (None if shape[0] == "ddp" else shape[0])
+    deepspeed = options.deepspeed if options.deepspeed != "auto" else (None if shape[0] == "ddp" else shape[0])
     return {"deepspeed": deepspeed, "batch_size": batch, "line": line}
 
 
-def apply(cfg, on_gpu: bool, given: dict | None = None) -> dict | None:
-    """Replace DS=auto and batch_size=auto in `cfg` by rank 0's choice (`given`, or LLM_AUTOSIZE), or
-    by this process's own when it is rank 0. Returns the choice, for the others."""
-    if not wanted(cfg):
+def choose(run: RunConfig, on_gpu: bool, given: dict | None = None) -> dict | None:
+    """{deepspeed, batch_size} for DS=auto and batch_size=auto: rank 0's choice (`given`, or
+    LLM_AUTOSIZE), or this process's own when it is rank 0 (said, and handed on to the processes
+    Lightning starts). None when the run asks for neither."""
+    if not wanted(run):
         return None
     handed = handoff.received(handoff.AUTOSIZE)
     if given is None and handed and not ranks.is_first_process():
         given = json.loads(handed)
-    choice = given or decide(cfg, on_gpu)
-    cfg.deepspeed = choice["deepspeed"]
-    datamodule_args(cfg.data).batch_size = choice["batch_size"]
+    choice = given or decide(run, on_gpu)
     if given is None:
         handoff.hand_on(handoff.AUTOSIZE, json.dumps(choice))
         ranks.say(choice["line"])

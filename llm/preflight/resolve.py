@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from llm import ranks
 from llm.checkpointing import run_folder
-from llm.config import PRECISION_DTYPES, PrepareConfig, RunConfig, TrainerConfig, datamodule_args, device_count
+from llm.config import PRECISION_DTYPES, PrepareConfig, RunConfig, TrainerConfig, device_count
 from llm.data.prepare import load_meta, prepare, prepared_dir
 from llm.data.sources import resolve_source
 from llm.data.tokenizer import tokenizer_vocab_size
@@ -21,7 +23,7 @@ from llm.errors import ConfigError
 from llm.hf import check_weights, from_hf_config, read_config, refuse_quantized
 from llm.launch.agreement import nodes_from_torchrun
 from llm.launch.commands import available_devices
-from llm.model import count_params
+from llm.model import ModelConfig, count_params
 from llm.preflight import autosize, teacher
 from llm.preflight.presets import load_preset
 from llm.redact import scrub_text
@@ -32,52 +34,69 @@ DEVICE_LIST = re.compile(r"\s*-1\s*|\s*\d+\s*(,\s*\d+\s*)+,?\s*|\s*\d+\s*,\s*")
 PRECISIONS = tuple(PRECISION_DTYPES)
 
 
-def prepare_config(cfg) -> PrepareConfig:
-    return PrepareConfig.from_data_config(vars(datamodule_args(cfg.data)))
-
-
 def round_up(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-def resolve(cfg, command: str, sizes: dict | None = None) -> RunConfig:
-    """Fill in what the parsed config leaves to the inputs and the hardware, so that config.yaml
-    says what runs: INIT='s architecture, the vocabulary size, the precision, compile and fused
-    AdamW, DS=auto's preset and batch_size=auto's micro-batch (`sizes`: rank 0's, on the other
-    ranks), the accumulation, the run folder's name. Returns the resolved config, which `check` reads."""
-    if command != "prepare" and (nodes := nodes_from_torchrun()) is not None:
-        cfg.trainer.num_nodes = nodes  # an elastic job's, this round's
-    if command != "prepare" and cfg.model.init:
-        take_architecture(cfg)
-    if command != "prepare":
-        teacher.resolve(cfg)  # a transformers-folder teacher brings its tokenizer
-    if cfg.model.config.vocab_size is None:
-        # a multiple of 64 makes the embedding and output matmuls faster; the extra rows are never used
-        cfg.model.config.vocab_size = round_up(data_vocab_size(prepare_config(cfg)))
-    if command != "prepare":
-        if cfg.trainer.precision is None:
-            cfg.trainer.precision = "bf16-mixed" if uses_gpu(cfg.trainer) else "32-true"
-        resolve_speed_options(cfg)
-        autosize.apply(cfg, uses_gpu(cfg.trainer), sizes)
-        if cfg.tokens_per_step is not None:
-            derive_accumulation(cfg)
-        if cfg.model.float8:  # float8's tensor subclasses under Lightning's inference_mode: validate under no_grad
-            cfg.trainer.inference_mode = False
-        run_folder.decide(cfg)  # and refuse to reuse a run folder by accident
+def parse(parsed: Mapping) -> RunConfig:
+    """The typed config of a parsed command line (its dict); a model config that cannot be names its field."""
     try:
-        return RunConfig.from_namespace(cfg)
+        return RunConfig.from_dict(parsed)
     except ValueError as exc:  # a ModelConfig that cannot be: a field named
         raise ConfigError(f"model.config.{exc}") from exc
 
 
-def derive_accumulation(cfg) -> None:
+def resolve(parsed: Mapping, command: str, sizes: dict | None = None) -> RunConfig:
+    """The run's config with what the command line leaves to the inputs and the hardware filled in,
+    so that config.yaml says what runs: INIT='s architecture, the vocabulary size, the precision,
+    compile and fused AdamW, DS=auto's preset and batch_size=auto's micro-batch (`sizes`: rank 0's,
+    on the other ranks), the accumulation, the run folder. `parsed` (the parsed command line as a
+    dict) is left as it is; the parts of the run are built from what this returns, which `check` reads."""
+    run = parse(parsed)
+    if command == "prepare":
+        return with_vocab_size(run)
+    if (interval := parsed["trainer"].get("val_check_interval")) is not None:
+        raise ConfigError(
+            f"trainer.val_check_interval={interval}: a run validates every eval_every optimizer steps; "
+            "give eval_every instead"
+        )
+    if (nodes := nodes_from_torchrun()) is not None:  # an elastic job's, this round's
+        run = replace(run, trainer=replace(run.trainer, num_nodes=nodes))
+    if run.init:
+        run = replace(run, model=architecture_of(run.init, run))
+    if tokenizer := teacher.tokenizer_file(run):  # a transformers-folder teacher brings its tokenizer
+        run = replace(run, data=replace(run.data, tokenizer=tokenizer))
+    run = with_vocab_size(run)
+    on_gpu = uses_gpu(run.trainer)
+    if run.trainer.precision is None:
+        run = replace(run, trainer=replace(run.trainer, precision="bf16-mixed" if on_gpu else "32-true"))
+    run = with_speed_options(run, on_gpu)
+    if choice := autosize.choose(run, on_gpu, sizes):
+        options = replace(run.options, deepspeed=choice["deepspeed"])
+        run = replace(run, options=options, loader=replace(run.loader, batch_size=choice["batch_size"]))
+    if run.options.tokens_per_step is not None:
+        run = replace(run, trainer=replace(run.trainer, accumulate_grad_batches=derived_accumulation(run)))
+    # the run folder, refused where a new run would reuse one by accident
+    return replace(run, options=replace(run.options, run=str(run_folder.decide(run.options))))
+
+
+def with_vocab_size(run: RunConfig) -> RunConfig:
+    """model.config.vocab_size=null: the data's vocabulary, rounded up to a multiple of 64, which makes
+    the embedding and output matmuls faster (the extra rows are never used)."""
+    if run.model.vocab_size is not None:
+        return run
+    return replace(run, model=replace(run.model, vocab_size=round_up(data_vocab_size(run.data))))
+
+
+def derived_accumulation(run: RunConfig) -> int:
     """--tokens_per_step: the run's invariant. The accumulation is what makes the world size's
     micro-batches add up to it, so that a run on 8 GPUs and one on 6 (or a resume on either) take
     the same optimizer steps; refused in one line, with the nearest settings, where none does."""
-    tokens, batch, block = cfg.tokens_per_step, datamodule_args(cfg.data).batch_size, cfg.model.config.block_size
-    world = autosize.world_of(cfg, uses_gpu(cfg.trainer))[0]
+    tokens, batch, block = run.options.tokens_per_step or 0, run.loader.batch_size, run.model.block_size
+    world = autosize.world_of(run.trainer, uses_gpu(run.trainer))[0]
+    given = run.trainer.accumulate_grad_batches
     if batch < 1 or block < 1:
-        return  # check_ranges names the field
+        return given  # check_ranges names the field
     if tokens < 1:
         raise ConfigError(f"tokens_per_step={tokens}: out of range; use a positive number of tokens, e.g. 524288")
     micro = batch * block * world
@@ -89,14 +108,13 @@ def derive_accumulation(cfg) -> None:
             f"tokens_per_step={tokens}: not a whole number of micro-batches of {batch} x {block} tokens x {world} "
             f"processes ({micro:,} tokens); use {nearest}" + (f", or data.batch_size={fits[0]}" if fits else "")
         )
-    given, derived = cfg.trainer.accumulate_grad_batches, tokens // micro
+    derived = tokens // micro
     if given not in (None, 1, derived):
         raise ConfigError(
             f"trainer.accumulate_grad_batches={given}: tokens_per_step={tokens:,} derives {derived} for {world} "
             "processes; give one of the two (tokens_per_step=null to set the accumulation by hand)"
         )
-    cfg.trainer.accumulate_grad_batches = derived
-    cfg.trainer.val_check_interval = cfg.eval_every * cfg.trainer.accumulate_grad_batches
+    return derived
 
 
 def data_vocab_size(data: PrepareConfig) -> int:
@@ -174,26 +192,19 @@ def extra_loggers(logger) -> list:
     return list(logger) if isinstance(logger, list | tuple) else [logger]
 
 
-def take_architecture(cfg) -> None:
-    """INIT=: the model's architecture is the folder's (its config.json), whatever MODEL= says."""
-    from dataclasses import asdict
-
-    folder = cfg.model.init
+def architecture_of(folder: str, run: RunConfig) -> ModelConfig:
+    """INIT=: the model's architecture is the folder's (its config.json), whatever MODEL= says; the
+    dropout stays the config's (training's choice, not the architecture's)."""
     if not Path(folder).is_dir():
         raise ConfigError(f"model.init={folder}: no such folder; give a Hugging Face model folder (GPT-2 or Llama)")
     raw = read_config(Path(folder), "model.init")
     refuse_quantized(raw, folder, "model.init")
     config = from_hf_config(raw, f"model.init={folder}")
     check_weights(folder, config, "model.init")
-    preset_dropout = cfg.model.config.dropout
-    for key, value in asdict(config).items():
-        setattr(cfg.model.config, key, value)
-    cfg.model.config.dropout = preset_dropout  # training's choice, not the architecture's
-    if (
-        cfg.deepspeed not in (None, "auto")
-        and load_preset(cfg.deepspeed, cfg.nvme_path).get("zero_optimization", {}).get("stage") == 3
-    ):
+    deepspeed, nvme = run.options.deepspeed, run.options.nvme_path
+    if deepspeed not in (None, "auto") and load_preset(deepspeed, nvme).get("zero_optimization", {}).get("stage") == 3:
         raise ConfigError(f"model.init={folder}: starting from weights under ZeRO-3 is not supported; use zero2")
+    return replace(config, dropout=run.model.dropout)
 
 
 def uses_gpu(trainer) -> bool:
@@ -308,14 +319,15 @@ def check_disk(run: RunConfig) -> None:
         )
 
 
-def resolve_speed_options(cfg) -> None:
-    """Fill in what the config leaves to the hardware, so that config.yaml says what ran: compile
+def with_speed_options(run: RunConfig, on_gpu: bool) -> RunConfig:
+    """What the config leaves to the hardware, filled in so that config.yaml says what ran: compile
     and torch's fused AdamW on a GPU. Not fused under fp16 (check_fused says why)."""
-    on_gpu = uses_gpu(cfg.trainer)
-    if cfg.model.compile is None:
-        cfg.model.compile = on_gpu
-    if cfg.model.optimizer.fused is None:
-        cfg.model.optimizer.fused = on_gpu and str(cfg.trainer.precision) != "16-mixed"
+    fused = run.optimizer.fused
+    if fused is None:
+        fused = on_gpu and str(run.trainer.precision) != "16-mixed"
+    return replace(
+        run, compile=on_gpu if run.compile is None else run.compile, optimizer=replace(run.optimizer, fused=fused)
+    )
 
 
 def check_fused(run: RunConfig) -> None:

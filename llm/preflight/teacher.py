@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer
 
 from llm.checkpointing.files import Checkpoint, safe_load
-from llm.config import RunConfig, datamodule_args
+from llm.config import RunConfig
 from llm.data.prepare import prepared_dir
 from llm.errors import ConfigError
 from llm.hf import from_hf_config, read_config, refuse_quantized
@@ -44,13 +44,13 @@ def teacher_tokenizer(teacher: str) -> Tokenizer:
     return Tokenizer.from_str(safe_load(checkpoint.client_state_file(), FIELD, mmap=True)["tokenizer_json"])
 
 
-def resolve(cfg) -> None:
-    """A transformers-folder teacher brings its tokenizer: the student's data is cut by it unless
-    TOKENIZER= says otherwise (which check() then compares)."""
-    teacher = cfg.distill.teacher
-    data = datamodule_args(cfg.data)
-    if teacher and data.tokenizer is None and is_folder(teacher) and (Path(teacher) / "tokenizer.json").is_file():
-        data.tokenizer = str(Path(teacher) / "tokenizer.json")
+def tokenizer_file(run: RunConfig) -> str | None:
+    """The tokenizer.json a transformers-folder teacher brings, which the student's data is cut by
+    when TOKENIZER= names none (check() compares one it names); None otherwise."""
+    teacher = run.distill.teacher
+    if teacher and run.data.tokenizer is None and is_folder(teacher) and (Path(teacher) / "tokenizer.json").is_file():
+        return str(Path(teacher) / "tokenizer.json")
+    return None
 
 
 def check(run: RunConfig) -> None:

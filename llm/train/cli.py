@@ -11,7 +11,7 @@ import contextlib
 import sys
 import time
 import typing
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from llm import handoff, ranks
 from llm.checkpointing import resume, run_folder, universal
 from llm.checkpointing.files import Checkpoint, CheckpointFolder, content_digest, weights_only_loads
 from llm.checkpointing.saving import Checkpoints
-from llm.config import DistillConfig, RunConfig, RunOptions
+from llm.config import DistillConfig, RunConfig, RunOptions, datamodule_args
 from llm.data.datamodule import TokenDataModule
 from llm.data.prepare import load_meta
 from llm.errors import ConfigError, OneLineErrors
@@ -77,11 +77,6 @@ class LLMCLI(LightningCLI):
         # the data section may be written flat (the TokenDataModule's arguments): that class is the default
         parser.set_defaults({"data": {"class_path": f"{TokenDataModule.__module__}.{TokenDataModule.__name__}"}})
         parser.link_arguments("model.config.block_size", "data.init_args.block_size")
-        parser.link_arguments(
-            ("eval_every", "trainer.accumulate_grad_batches"),
-            "trainer.val_check_interval",
-            compute_fn=lambda every, accumulate: every * (accumulate or 1),
-        )
         # the datamodule shards by rank itself; validation counts batches over the whole run, not per epoch
         parser.set_defaults({"trainer.use_distributed_sampler": False, "trainer.check_val_every_n_epoch": None})
 
@@ -89,21 +84,25 @@ class LLMCLI(LightningCLI):
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def before_instantiate_classes(self) -> None:
+        # the parsed command line is read here, once: the run is built from what resolve returns
         cfg = self._config()
+        parsed = cfg.as_dict()
         if self.prepare_only:
-            self.run_config = resolve.resolve(cfg, "prepare")
+            self.run_config = resolve.resolve(parsed, "prepare")
             resolve.check(self.run_config, "prepare")
             return
+        self.model_preset = model_preset(parsed)
+        self.given_strategy, logger = cfg.trainer.strategy, cfg.trainer.logger
         # with an outside launcher every process is here at once: rank 0 decides the run folder and
         # whether the inputs only it checks are acceptable; the others take its word (llm/launch/agreement.py)
         self.agreement = agreement.Agreement.start()
         try:
             sizes = None
             if not self.agreement.leader:
-                cfg.run, sizes = self.agreement.wait("run"), self.agreement.wait("sizes")
+                parsed["run"], sizes = self.agreement.wait("run"), self.agreement.wait("sizes")
             command = self.subcommand or "fit"
-            run = self.run_config = resolve.resolve(cfg, command, sizes)  # what the parts are built from
-            resolve.check(run, command, cfg.trainer.logger)
+            run = self.run_config = resolve.resolve(parsed, command, sizes)  # what the parts are built from
+            resolve.check(run, command, logger)
             self.agreement.publish("sizes", {"deepspeed": run.options.deepspeed, "batch_size": run.loader.batch_size})
             self.agreement.publish("run", run.options.run)
             self.resume_from = self.choose_resume(run)
@@ -114,7 +113,7 @@ class LLMCLI(LightningCLI):
             self.agreement.refuse(str(exc))
             raise
         self.run_dir = run_folder.create(run.options)
-        cfg.trainer.default_root_dir = str(self.run_dir)
+        build_from(cfg, run, self.run_dir)
 
     def choose_resume(self, run: RunConfig) -> str | None:
         """The checkpoint every rank continues from, chosen once by rank 0 and checked against the
@@ -135,7 +134,6 @@ class LLMCLI(LightningCLI):
             super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs):
-        cfg = self._config()
         trainer_init = self.config_init.get(f"{self.subcommand}.trainer") or {}  # the YAML's, instantiated
         callbacks = list(trainer_init.get("callbacks") or [])
         # the resolved config, once, without secrets: config.yaml, every checkpoint and W&B's run config
@@ -155,7 +153,11 @@ class LLMCLI(LightningCLI):
         self.run_info = RunInfo(resolved, self.data_folder, self.resume_from, digest)
         callbacks += run_callbacks(self.monitor, self.checkpoints, self.run_info, options)
         loggers = make_loggers(
-            self.run_dir, options.experiment, options.wandb_project, options.wandb_entity, run_tags(run, cfg)
+            self.run_dir,
+            options.experiment,
+            options.wandb_project,
+            options.wandb_entity,
+            run_tags(run, self.model_preset),
         )
         loggers += resolve.extra_loggers(trainer_init.get("logger"))
         strategy = build_strategy(
@@ -167,14 +169,18 @@ class LLMCLI(LightningCLI):
             options.collective_timeout,
             load_universal=universal.is_universal(self.resume_from),
             precision=str(run.trainer.precision),
-            compiled=bool(cfg.model.compile),
+            compiled=bool(run.compile),
         )
-        if strategy == "auto" or (cfg.trainer.strategy not in ("auto", "ddp") and not options.deepspeed):
-            strategy = cfg.trainer.strategy
+        if strategy == "auto" or (self.given_strategy not in ("auto", "ddp") and not options.deepspeed):
+            strategy = self.given_strategy
         if ranks.slurm_job_id():
             # SIGUSR1 saves at a step boundary and requeues through Checkpoints: not Lightning's own
             # requeue, which would save in the middle of a step
             kwargs["plugins"] = [*(kwargs.get("plugins") or []), SLURMEnvironment(auto_requeue=False)]
+        # Lightning counts validation's interval in micro-batches: eval_every optimizer steps' worth (given
+        # here, not in the config, so that config.yaml holds eval_every alone and a resume on another
+        # accumulation validates at the same steps)
+        kwargs["val_check_interval"] = options.eval_every * run.trainer.accumulate_grad_batches
         return super().instantiate_trainer(logger=loggers, callbacks=callbacks, strategy=strategy, **kwargs)
 
     def fit(self, model, datamodule, **kwargs) -> None:
@@ -202,7 +208,7 @@ class LLMCLI(LightningCLI):
         summary = write_summary(self.trainer, datamodule, model, seconds, self.checkpoints, self.run_info, self.monitor)
         files = [self.run_dir / "config.yaml", self.run_dir / "summary.json", datamodule.folder / "tokenizer.json"]
         last = summary["last_checkpoint"]
-        weights = Path(last).resolve() if self._config().wandb_log_model and last else None
+        weights = Path(last).resolve() if self.run_config.options.wandb_log_model and last else None
         for logger in wandb_loggers:
             logger.record_outcome(summary, [f for f in files if f.is_file()], weights)
             logger.finish(exit_code=0)
@@ -215,7 +221,7 @@ class LLMCLI(LightningCLI):
             "flops_per_token": flops_per_token(model_config, model_config.block_size),
             "world_size": self.trainer.world_size,
             "strategy": strategy_label(self.trainer.strategy),
-            "model_preset": model_preset(self._config()),
+            "model_preset": self.model_preset,
         }
 
     def print_header(self, c, datamodule) -> None:
@@ -255,17 +261,43 @@ def write_config_file(path: Path, resolved: dict) -> None:
     tmp.replace(path)
 
 
-def model_preset(cfg) -> str:
+def build_from(cfg, run: RunConfig, run_dir: Path) -> None:
+    """The resolved config written into the parsed namespace that LightningCLI builds the model, the
+    data module and the trainer from: every field of `run` (one way, once), and the trainer settings
+    derived from it. What the namespace holds besides (a data module subclass's own arguments, Lightning's
+    other trainer settings) is the user's, as given."""
+    for option in fields(RunOptions):
+        cfg[option.name] = getattr(run.options, option.name)
+    model = cfg.model
+    for name, value in asdict(run.model).items():
+        model.config[name] = value
+    for name, value in asdict(run.optimizer).items():
+        model.optimizer[name] = value
+    model.compile, model.activation_checkpointing = run.compile, run.activation_checkpointing
+    model.init, model.float8, model.float8_emulate = run.init, run.float8, run.float8_emulate
+    data = datamodule_args(cfg.data)
+    for section in (run.data, run.loader):
+        for name, value in asdict(section).items():
+            if name in data:  # a data module subclass may take fewer
+                data[name] = value
+    for name, value in asdict(run.trainer).items():
+        cfg.trainer[name] = value
+    if run.float8:  # float8's tensor subclasses under Lightning's inference_mode: validate under no_grad
+        cfg.trainer.inference_mode = False
+    cfg.trainer.default_root_dir = str(run_dir)
+
+
+def model_preset(parsed: dict) -> str:
     """The name of the model preset the config used (configs/model/<name>.yaml), or "custom"."""
-    path = cfg.model.config.get("__path__")
+    path = parsed["model"]["config"].get("__path__")
     return Path(str(path)).stem if path else "custom"
 
 
-def run_tags(run: RunConfig, cfg) -> list[str]:
+def run_tags(run: RunConfig, preset: str) -> list[str]:
     """W&B tags: what a run list is filtered by."""
     ds = Path(run.options.deepspeed).stem if run.options.deepspeed else "none"
     return [
-        f"model:{model_preset(cfg)}",
+        f"model:{preset}",
         f"ds:{ds}",
         f"precision:{run.trainer.precision}",  # filled in by resolve.resolve
         f"world:{run.world_size}",
