@@ -42,6 +42,7 @@ INIT ?=
 TEACHER ?=
 FORCE ?=
 QUANT ?=
+TASKS ?=
 CKPT ?=
 PROMPT ?=
 OUT ?=
@@ -58,7 +59,7 @@ NAME ?=
 # `q`, so no shell reads it as code either.
 USER_VARIABLES := MODEL CONFIG TEXT HF TOKENIZER DS NVME_PATH DEVICES NNODES NODE_RANK MASTER_ADDR \
 	MASTER_PORT HOSTFILE PARTITION TIME ACCOUNT SIGNAL_LEAD LAUNCH_TIMEOUT MAX_RESTARTS PRECISION MAX_STEPS RUN RESUME INIT TEACHER FORCE \
-	QUANT CKPT PROMPT OUT GPU_MEM CPU_MEM ARGS PYTEST_ARGS STRESS_RUNS TEST_WORKERS NAME TORCH CONSTRAINTS PYTHON VENV \
+	QUANT TASKS CKPT PROMPT OUT GPU_MEM CPU_MEM ARGS PYTEST_ARGS STRESS_RUNS TEST_WORKERS NAME TORCH CONSTRAINTS PYTHON VENV \
 	PY STAMP
 $(foreach v,$(USER_VARIABLES),$(if $(filter command environment,$(firstword $(origin $(v)))),\
 	$(eval override $(v) := $$(value $(v)))))
@@ -155,6 +156,7 @@ help: ## this list: a target's `##` lines above it are its help
 	@echo "A variable not listed here is refused, with the nearest name (MAX_STEP=5: did you mean MAX_STEPS?)"
 	@echo "  CKPT=, PROMPT=   checkpoint (a file, a DeepSpeed folder, or a run folder: its newest) and prompt for make sample / eval / export / export-fp32;"
 	@echo "                   sample and eval without CKPT= take the newest checkpoint under runs/"
+	@echo "  TASKS=           make eval's benchmarks: lm-eval task or group names and task YAML files or folders, comma-separated"
 	@echo "  QUANT=           int8, int4 or fp8 (a GPU of compute capability 8.9+): make export quantized by torchao (Llama family)"
 	@echo "  GPU_MEM=, CPU_MEM= GiB per GPU and GiB of CPU memory per node, for make plan (with DEVICES=, NNODES=)"
 	@echo "  VENV=, PYTHON=   the virtual environment (default .venv: a path without spaces or quotes; make clean removes it"
@@ -210,9 +212,11 @@ sample: $(STAMP)
 	$(LLM) sample --ckpt=$(call q,$(CKPT)) --prompt=$(call q,$(PROMPT))
 
 ## loss, perplexity and bits per byte of CKPT= on its run's validation split, or TEXT= / HF= (CKPT= may be an exported folder;
-## ARGS=--max_tokens=N bounds it)
+## ARGS=--max_tokens=N bounds it); TASKS=a,b,task.yaml: lm-eval benchmark scores instead, their JSON in OUT= or <run>/eval/
+## (ARGS="--num_fewshot=5 --limit=100 --batch_size=8 --seed=1234")
 eval: $(STAMP)
-	$(LLM) eval --ckpt=$(call q,$(CKPT)) $(if $(TEXT),--text=$(call q,$(TEXT))) $(if $(HF),--hf=$(call q,$(HF)))
+	$(LLM) eval --ckpt=$(call q,$(CKPT)) $(if $(TEXT),--text=$(call q,$(TEXT))) $(if $(HF),--hf=$(call q,$(HF))) \
+		$(if $(TASKS),--tasks=$(call q,$(TASKS))) $(if $(OUT),--out=$(call q,$(OUT)))
 
 ## a Hugging Face transformers folder OUT= of CKPT= (GPT-2 or Llama; QUANT=int8|int4|fp8 for Llama; FORCE=1)
 export: $(STAMP)

@@ -62,6 +62,11 @@ def evaluate(
     device: str = "auto",
     json: bool = False,
     wandb: bool = True,
+    tasks: str | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    seed: int = 1234,
+    out: str | None = None,
 ) -> dict:
     """Evaluate a checkpoint; print a table (or one JSON object) and add it to the run's W&B run.
 
@@ -83,12 +88,20 @@ def evaluate(
         device: cpu, cuda, or auto
         json: print one JSON object instead of a table (--json=true)
         wandb: add the result (eval/ keys) to the W&B run of the run folder the checkpoint lies in
+        tasks: benchmarks instead of the loss (TASKS=): lm-eval task or group names and task YAML files
+            or folders of them, comma-separated (llm/tools/benchmarks.py)
+        num_fewshot: examples shown before each question (none: each task's own, usually 0)
+        limit: score at most this many examples per task (none: all of them)
+        seed: of lm-eval's few-shot sampling and its other random choices
+        out: the tasks' results JSON (OUT=), a new file; default: one in the run folder's eval/, else ./eval
     """
     if blocks not in ("all", "run"):
         raise ConfigError(f"blocks={blocks}: use all (the whole validation split) or run (the run's own blocks)")
     if (text or hf) and blocks == "run":
         raise ConfigError("blocks=run: the run's validation blocks exist only for its own data; drop TEXT=/HF=")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if tasks is not None:
+        return evaluate_tasks(ckpt, tasks, batch_size, device, num_fewshot, limit, seed, out, wandb)
     ckpt = choose_checkpoint(ckpt)
     if (Path(ckpt) / "config.json").is_file():
         if not (text or hf):
@@ -157,8 +170,53 @@ def evaluate(
         for key, value in result.items():
             print(f"{key:<17} {value:.4f}" if isinstance(value, float) else f"{key:<17} {value}")
     if wandb and run_dir is not None:
-        add_to_wandb_run(loaded, result, run_dir)
+        values = {f"eval/{k}": v for k, v in result.items() if k in ("loss", "ppl", "bpb", "tokens_evaluated")}
+        values |= {"eval/evaluated": result["evaluated"], "eval/step": result["step"]}
+        described = {k: v for k, v in result.items() if k in ("checkpoint", "step", "evaluated")}
+        add_to_wandb_run(loaded, values, run_dir, described)
     return result
+
+
+def evaluate_tasks(
+    ckpt: str,
+    tasks: str,
+    batch_size: int,
+    device: str,
+    num_fewshot: int | None,
+    limit: int | None,
+    seed: int,
+    out: str | None,
+    wandb: bool,
+) -> dict:
+    """TASKS=: every input checked and every task's data loaded before the model is, then the scores."""
+    from llm.tools import benchmarks  # lm-eval takes seconds to import: only for TASKS=
+
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit={limit}: out of range; use a positive number of examples per task, e.g. 100")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ConfigError(f"num_fewshot={num_fewshot}: out of range; use 0 or more examples, e.g. 5")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size}: out of range; use 1 or more requests per forward pass")
+    chosen = benchmarks.Tasks.parse(tasks)
+    if out:
+        benchmarks.results_path(out, None, 0)  # refused now, not after the scoring
+    ckpt = choose_checkpoint(ckpt)
+    manager = benchmarks.task_manager(chosen)
+    benchmarks.load_tasks(chosen, manager)
+    if (Path(ckpt) / "config.json").is_file():
+        loaded, run_dir = transformers_folder(Path(ckpt), device), None
+    else:
+        checkpoint = Checkpoint(ckpt)
+        loaded, run_dir = checkpoint.load(device), checkpoint.run_folder
+    rows, results = benchmarks.run_tasks(loaded, chosen, manager, batch_size, device, num_fewshot, limit, seed)
+    benchmarks.print_table(rows)
+    path = benchmarks.results_path(out, run_dir, loaded.step)
+    benchmarks.write_results(path, loaded.step, str(ckpt), rows, results)
+    print(f"results: {path}")
+    values = benchmarks.wandb_values(rows)
+    if wandb and run_dir is not None:
+        add_to_wandb_run(loaded, values, run_dir, {"checkpoint": str(ckpt), "step": loaded.step, "tasks": tasks})
+    return {"checkpoint": str(ckpt), "step": loaded.step, "results": str(path), **values}
 
 
 class Logits(torch.nn.Module):
@@ -336,17 +394,15 @@ def _progress(what: str, total: int | None, by_bytes: bool):
     return bars.bar(desc=f"evaluating {what}", total=total, **unit)
 
 
-def add_to_wandb_run(loaded: Loaded, result: dict, run_dir: Path) -> None:
-    """The result (eval/ keys) in the summary of the W&B run of the run folder the checkpoint lies
+def add_to_wandb_run(loaded: Loaded, values: dict, run_dir: Path, described: dict) -> None:
+    """The values (eval/ keys) in the summary of the W&B run of the run folder the checkpoint lies
     in, where its curves are, and as a W&B run of its own beside it: job_type eval, in the training
-    run's group (offline without an API key; kept in <run>/eval/wandb/)."""
+    run's group, `described` as its config (offline without an API key; kept in <run>/eval/wandb/)."""
     id_file = run_dir / "wandb" / "run_id"
     if not id_file.is_file():
         return
     import wandb
 
-    values = {f"eval/{k}": v for k, v in result.items() if k in ("loss", "ppl", "bpb", "tokens_evaluated")}
-    values |= {"eval/evaluated": result["evaluated"], "eval/step": result["step"]}
     where: dict[str, Any] = {
         "project": wandb_project(loaded.config.get("wandb_project")),
         "entity": wandb_entity(loaded.config.get("wandb_entity")),
@@ -362,10 +418,10 @@ def add_to_wandb_run(loaded: Loaded, result: dict, run_dir: Path) -> None:
     (run_dir / "eval").mkdir(exist_ok=True)
     evaluation = wandb.init(
         dir=str(run_dir / "eval"),
-        name=f"{run_dir.name}-eval-step{result['step']}",
+        name=f"{run_dir.name}-eval-step{described['step']}",
         group=loaded.config.get("experiment"),
         job_type="eval",
-        config=scrub({k: v for k, v in result.items() if k in ("checkpoint", "step", "evaluated")}),
+        config=scrub(described),
         settings=wandb.Settings(**quiet),
         **where,
     )
