@@ -1,15 +1,19 @@
 """What the project needs from its libraries that they offer no public API for, in one place.
 
 Each function names the versions it was written against (torch 2.13, lightning 2.6, deepspeed
-0.19, wandb 0.31, torchao 0.18) and has a test in tests/test_compat.py that fails when a library changes
-under it.
+0.19, wandb 0.31, torchao 0.18, jsonargparse 4.49) and has a test in tests/test_compat.py that fails
+when a library changes under it; the parser's message patterns and DeepSpeed's shared-memory name say
+which tests check them.
 Two subclasses override private methods where they are (train/strategy.py's CPUDeepSpeedStrategy,
 observe/progress.py's RichBar); the same tests check those methods still exist.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from datetime import timedelta
+from pathlib import Path
 
 
 def set_timeout_of_every_process_group(timeout: timedelta) -> None:
@@ -132,3 +136,32 @@ def allow_deepspeed_types() -> None:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     torch.serialization.add_safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
+
+
+# jsonargparse 4.49's wording of a parser error, which llm.errors.one_line reads to answer in one line
+# with the fix. tests/test_errors.py drives the real parser into each case (a config file that is not
+# there, an unknown option, a subclass section's unknown option, a bad value): each fails when the
+# wording changes.
+PARSER_MISSING_CONFIG = re.compile(
+    r'Parser key "([\w.]+)": (?:Unable to load config|File does not exist:) [\'"]([^\'"]+)[\'"]'
+)
+PARSER_UNKNOWN_OPTION = re.compile(r"(?:unrecognized arguments|ambiguous option): (\S+)")
+PARSER_NESTED_OPTION = re.compile(
+    r"Parser key \"([\w.]+)\":.* Option '([\w.]+)' is not accepted.*NestedArg\(key='[^']*', val='(.*)'\)"
+)
+PARSER_BAD_VALUE = re.compile(r'Parser key "([\w.]+)":.*(?:Given value|Got value): (.*?)$')
+PARSER_CHOICES = re.compile(r"Literal\[([^\]]*)\]")  # a Literal's values, 'quoted', in a bad value's reasons
+PARSER_EXPECTED_TYPE = re.compile(r"Expected a <class '(\w+)'>")
+
+# DeepSpeed 0.19's CPU backend makes a shared-memory all-reduce buffer per process when its launcher
+# sets LOCAL_SIZE (about 69 MB each in /dev/shm; its csrc/cpu/comm/shm.cpp names it
+# <prefix>_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>) and never removes it. tests/test_multinode.py's
+# DeepSpeed-launcher run fails when /dev/shm keeps a file after the run.
+DEEPSPEED_SHM = Path("/dev/shm")
+DEEPSPEED_SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def deepspeed_shm_buffer(rank: int) -> Path:
+    """The shared-memory buffer DeepSpeed's CPU backend made for this process (`rank`)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return DEEPSPEED_SHM / f"{DEEPSPEED_SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"

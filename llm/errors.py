@@ -14,6 +14,15 @@ import re
 import sys
 from pathlib import Path
 
+from llm.compat import (
+    PARSER_BAD_VALUE,
+    PARSER_CHOICES,
+    PARSER_EXPECTED_TYPE,
+    PARSER_MISSING_CONFIG,
+    PARSER_NESTED_OPTION,
+    PARSER_UNKNOWN_OPTION,
+)
+
 
 class ConfigError(ValueError):
     """A bad input, found before any expensive work."""
@@ -88,7 +97,7 @@ def _unknown_option(arg: str, known: list[str] | None, renamed: dict[str, str] |
 
 
 def _bad_value(key: str, value: str, text: str) -> str:
-    choices = list(dict.fromkeys(re.findall(r"'([^']+)'", " ".join(re.findall(r"Literal\[([^\]]*)\]", text)))))
+    choices = list(dict.fromkeys(re.findall(r"'([^']+)'", " ".join(PARSER_CHOICES.findall(text)))))
     # Lightning's old spellings ("16" beside "16-mixed") are accepted but not suggested
     choices = [c for c in choices if c + "-mixed" not in choices and c + "-true" not in choices]
     if choices:
@@ -96,7 +105,7 @@ def _bad_value(key: str, value: str, text: str) -> str:
         near = near or either(difflib.get_close_matches(value, choices, 2, 0.6))
         hint = f"did you mean {near}? " if near else ""
         return f"{key}={value}: not a valid value; {hint}(one of {', '.join(choices)})"
-    expected = re.search(r"Expected a <class '(\w+)'>", text)
+    expected = PARSER_EXPECTED_TYPE.search(text)
     if expected and "Union subtypes" not in text:  # one type expected (a union's reasons are its own)
         kinds = {"int": "a whole number", "float": "a number", "bool": "true or false"}
         kind = kinds.get(expected[1], f"a {expected[1]}")
@@ -120,25 +129,21 @@ def one_line(message: str, known: list[str] | None = None, renamed: dict[str, st
     option names (`known`, the parser's keys; `renamed`, old names and their new ones), the valid
     values, the config files there are."""
     text = re.sub(r"\s+", " ", str(message)).strip()
-    missing = re.search(
-        r'Parser key "([\w.]+)": (?:Unable to load config|File does not exist:) [\'"]([^\'"]+)[\'"]', text
-    )
+    missing = PARSER_MISSING_CONFIG.search(text)
     if missing:  # e.g. MODEL=nope becomes --model.config=configs/model/nope.yaml
         key, path = missing.groups()
         if key in (renamed or {}):  # an old option that is now a section (--model= for --model.config=)
             return _unknown_option(f"{key}={path}", known, renamed)
         inside = Path(path).is_absolute() and Path(path).is_relative_to(Path.cwd())  # jsonargparse made it absolute
         return _missing_config(key, os.path.relpath(path) if inside else path)
-    unknown = re.match(r"(?:unrecognized arguments|ambiguous option): (\S+)", text)
+    unknown = PARSER_UNKNOWN_OPTION.match(text)
     if unknown:
         return _unknown_option(unknown[1], known, renamed)
-    nested = re.search(
-        r"Parser key \"([\w.]+)\":.* Option '([\w.]+)' is not accepted.*NestedArg\(key='[^']*', val='(.*)'\)", text
-    )
+    nested = PARSER_NESTED_OPTION.search(text)
     if nested:  # a subclass section's option (--data.batchsize)
         section, key, value = nested.groups()
         return _unknown_option(f"{section}.{key}={value}", known)
-    value = re.match(r'Parser key "([\w.]+)":.*(?:Given value|Got value): (.*?)$', text)
+    value = PARSER_BAD_VALUE.match(text)
     said = value and _bad_value(value[1].replace(".init_args.", "."), value[2], text)
     if said:
         return said

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llm.checkpointing.files import Checkpoint
-from support import assert_refused, finish, llm_here, make, snapshot, wandb_records
+from support import assert_refused, finish, llm_here, make, run_llm, snapshot, wandb_records
 
 # the module's export is made once: its tests stay on one test worker
 pytestmark = pytest.mark.xdist_group("benchmarks")
@@ -27,9 +27,9 @@ dataset_kwargs:
     test: {data}
 test_split: test
 output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: label
 metric_list:
   - metric: acc
     aggregation: mean
@@ -197,3 +197,58 @@ def test_an_unknown_task_and_one_whose_data_is_not_here_are_named(exported):
         "tasks=arc_easy: its data could not be loaded",
         "task YAML over a local file",
     )
+
+
+def test_the_held_out_continuation_task_is_built_from_the_runs_validation_split(runs, tmp_path):
+    run = tmp_path / "run"  # a copy: the task's files go into the run folder
+    shutil.copytree(runs("single"), run, ignore=shutil.ignore_patterns("*.lock"))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    result = llm_here("eval", f"--ckpt={ckpt}", "--tasks=val_continuation", "--limit=20", "--wandb=false", env=OFFLINE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = [line.split() for line in result.stdout.splitlines() if line.startswith("val_continuation ")]
+    assert row[1] == "acc" and row[4] == "20"
+    folder = run / "eval" / "tasks" / "val_continuation"
+    questions = [json.loads(line) for line in (folder / "val_continuation.jsonl").read_text().splitlines()]
+    assert len(questions) > 20 and all(len(q["choices"]) == 4 and 0 <= q["label"] < 4 for q in questions)
+    assert len({q["label"] for q in questions}) == 4  # the true continuation is not always first
+    # a passage followed by its true continuation is the split's text; the other choices are not
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from llm.config import RunConfig
+    from llm.data.prepare import load_meta, prepared_dir
+
+    data = prepared_dir(RunConfig.from_yaml(run / "config.yaml").data)
+    meta = load_meta(data)
+    tokens = np.fromfile(data / meta["splits"]["val"]["file"], dtype=meta["dtype"])[: meta["splits"]["val"]["tokens"]]
+    text = Tokenizer.from_file(str(data / meta["tokenizer"])).decode(tokens.tolist())
+    for q in questions[:10]:
+        following = [q["context"] + choice in text for choice in q["choices"]]
+        assert following[q["label"]] and following.count(True) == 1
+
+
+@pytest.mark.long  # a few hundred steps on tiny Shakespeare
+def test_a_trained_model_beats_chance_on_its_held_out_continuations_and_an_untrained_one_does_not(
+    tmp_path, shakespeare
+):
+    from support import TINY
+
+    scores = {}
+    for steps in (1, 300):
+        run = tmp_path / f"run-{steps}"
+        args = ["--config", "configs/experiment/default.yaml", *TINY, f"--data.text={shakespeare}"]
+        args += [f"--data.cache_dir={tmp_path / 'data'}", f"--trainer.max_steps={steps}", f"--run={run}"]
+        args += [
+            "--eval_every=1000",
+            "--model.optimizer.lr=3e-3",
+            "--model.optimizer.warmup_steps=20",
+            "--data.vocab_size=512",
+        ]
+        trained = run_llm("fit", *args)
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        result = run_llm("eval", f"--ckpt={run}", "--tasks=val_continuation", "--wandb=false", env=OFFLINE)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (row,) = [line.split() for line in result.stdout.splitlines() if line.startswith("val_continuation ")]
+        scores[steps] = float(row[2])
+    # 200 questions of 4 choices: chance is 0.25, with a standard error of about 0.03
+    assert scores[1] < 0.35 and scores[300] > 0.4, scores

@@ -33,7 +33,7 @@ def test_between_logging_steps_a_run_reads_nothing_from_the_device(tmp_path, fix
     ]
 
 
-@pytest.mark.slow
+@pytest.mark.long  # a two-process run of its own, traced
 def test_between_logging_steps_two_processes_read_only_what_lightning_and_the_host_group_need(
     tmp_path, fixture_text, data_cache
 ):

@@ -237,7 +237,7 @@ def test_mfu_is_achieved_flops_over_peak(runs, name):
     assert 1e8 < measure_matmul_peak(torch.device("cpu"), torch.float32, n=256) < 1e14  # FLOP/s: a CPU, measured
 
 
-@pytest.mark.slow
+@pytest.mark.long  # make plot in a process of its own (matplotlib); what it draws is tested in-process below
 def test_make_plot_writes_png_charts(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs("single"), run, symlinks=True)

@@ -30,6 +30,7 @@ from llm.hf import from_hf_config, read_config
 from llm.model import ModelConfig, Transformer
 from llm.observe.metrics import bits_per_byte
 from llm.redact import scrub
+from llm.tools import continuation_task
 from llm.tools.quantize import import_torchao
 from llm.wandb_settings import wandb_entity, wandb_mode, wandb_project
 
@@ -201,6 +202,8 @@ def evaluate_tasks(
     if out:
         benchmarks.results_path(out, None, 0)  # refused now, not after the scoring
     ckpt = choose_checkpoint(ckpt)
+    if continuation_task.NAME in chosen.names:  # built from the run's own validation split
+        chosen.include.append(str(build_continuation_task(ckpt)))
     manager = benchmarks.task_manager(chosen)
     benchmarks.load_tasks(chosen, manager)
     if (Path(ckpt) / "config.json").is_file():
@@ -217,6 +220,30 @@ def evaluate_tasks(
     if wandb and run_dir is not None:
         add_to_wandb_run(loaded, values, run_dir, {"checkpoint": str(ckpt), "step": loaded.step, "tasks": tasks})
     return {"checkpoint": str(ckpt), "step": loaded.step, "results": str(path), **values}
+
+
+def build_continuation_task(ckpt: str) -> Path:
+    """TASKS=val_continuation: the task's files in the run folder's eval/tasks/, from the validation
+    split of the data the run folder's config.yaml names (llm/tools/continuation_task.py)."""
+    from tokenizers import Tokenizer
+
+    field = f"tasks={continuation_task.NAME}"
+    run_dir = None if (Path(ckpt) / "config.json").is_file() else Checkpoint(ckpt).run_folder
+    if run_dir is None:
+        raise ConfigError(
+            f"{field}: built from a run's validation split, and ckpt={ckpt} is not in a run folder; give a "
+            "checkpoint in runs/<name>/checkpoints/"
+        )
+    run = Checkpoint(ckpt).header().run_config
+    folder = prepare(run_folder_data(run.data, run_dir, ckpt), log=lambda *_: None)
+    meta = load_meta(folder)
+    info = meta["splits"]["val"]
+    tokens = np.memmap(folder / info["file"], dtype=meta["dtype"], mode="r")[: info["tokens"]]
+    tokenizer = Tokenizer.from_file(str(folder / meta["tokenizer"]))
+    tasks = run_dir / "eval" / "tasks" / continuation_task.NAME
+    if not continuation_task.write_task(tasks, tokens, tokenizer, run.model.block_size, run.loader.seed):
+        raise ConfigError(f"{field}: the validation split of {folder} holds too few tokens for four passages")
+    return tasks
 
 
 class Logits(torch.nn.Module):
@@ -261,13 +288,12 @@ class Counts:
     blocks: int | None = None  # the sequences to evaluate, where known before reading them
 
 
-def run_folder_data(loaded: Loaded, run_dir: Path, ckpt: str) -> PrepareConfig:
+def run_folder_data(theirs: PrepareConfig, run_dir: Path, ckpt: str) -> PrepareConfig:
     """The data a checkpoint's run trained on, as the run folder's config.yaml (which the user's own
     training wrote) names it: the paths inside a checkpoint are never followed, as a checkpoint
     copied into a run folder could name any file to read and any folder to write into. The two must
     agree but for where the cache lies and how it is prepared."""
     ours = RunConfig.from_yaml(run_dir / "config.yaml").data
-    theirs = loaded.run_config.data
     name = ours.first_difference(theirs)
     if name:
         raise ConfigError(
@@ -280,7 +306,7 @@ def run_folder_data(loaded: Loaded, run_dir: Path, ckpt: str) -> PrepareConfig:
 
 def validation_blocks(loaded: Loaded, blocks: str, batch_size: int, ckpt: str, run_dir: Path):
     run = loaded.run_config
-    data = run_folder_data(loaded, run_dir, ckpt)
+    data = run_folder_data(run.data, run_dir, ckpt)
     folder = prepare(data, log=lambda *_: None)  # verifies a cached folder, prepares a missing one
     meta = load_meta(folder)
     info = meta["splits"]["val"]

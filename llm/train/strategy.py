@@ -19,25 +19,15 @@ from pathlib import Path
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
+from llm.compat import DEEPSPEED_SHM, DEEPSPEED_SHM_PREFIX, deepspeed_shm_buffer
 from llm.launch.collectives import DEFAULT_TIMEOUT, STARTUP_TIMEOUT
 from llm.preflight.presets import load_preset
-
-# DeepSpeed's CPU backend makes a shared-memory all-reduce buffer per process when its launcher sets
-# LOCAL_SIZE (about 69 MB each in /dev/shm, named <prefix>_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>)
-# and never removes it; training never uses it (it serves inference's tensor-parallel all-reduce)
-SHM = Path("/dev/shm")
-SHM_PREFIX = "deepspeed_allreduce_buffer"
-
-
-def shm_buffer_of_this_process(rank: int) -> Path:
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return SHM / f"{SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"
 
 
 def remove_stale_shm_buffers(min_age: float = 60.0) -> list[Path]:
     """Remove this user's DeepSpeed all-reduce buffers that no live process maps (left by a run that
     was killed); one younger than `min_age` seconds may be in the making, not yet mapped, and stays."""
-    buffers = list(SHM.glob(f"{SHM_PREFIX}_{os.getuid()}_*"))
+    buffers = list(DEEPSPEED_SHM.glob(f"{DEEPSPEED_SHM_PREFIX}_{os.getuid()}_*"))
     if not buffers:
         return []
     mapped: set[str] = set()
@@ -46,7 +36,7 @@ def remove_stale_shm_buffers(min_age: float = 60.0) -> list[Path]:
             text = maps.read_text()
         except OSError:  # the process ended, or is not ours to read
             continue
-        mapped.update(line.split(None, 5)[-1] for line in text.splitlines() if SHM_PREFIX in line)
+        mapped.update(line.split(None, 5)[-1] for line in text.splitlines() if DEEPSPEED_SHM_PREFIX in line)
     removed = []
     for path in buffers:
         try:
@@ -109,7 +99,7 @@ class CPUDeepSpeedStrategy(RunDeepSpeedStrategy):
             remove_stale_shm_buffers()
         self._init_deepspeed_distributed()
         if "LOCAL_SIZE" in os.environ:  # DeepSpeed made its buffer: remove it when this process ends
-            atexit.register(shm_buffer_of_this_process(self.global_rank).unlink, missing_ok=True)
+            atexit.register(deepspeed_shm_buffer(self.global_rank).unlink, missing_ok=True)
 
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
         import deepspeed
