@@ -157,7 +157,7 @@ def test_unknown_option(existing):
     assert_refused(fit_into(existing, "--trainer.max_stepz=3"), "max_stepz")
 
 
-@pytest.mark.slow  # through make, in a process of its own
+@pytest.mark.long  # through make, in a process of its own (the in-process twin runs in make test)
 def test_unknown_model_preset_through_make(tmp_path):
     result = subprocess.run(
         ["make", "-s", "train", "MODEL=gpt5", f"RUN={tmp_path}/r"],

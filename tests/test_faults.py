@@ -252,7 +252,7 @@ def test_the_command_a_stopped_distillation_prints_continues_it_with_its_teacher
     "signum, devices",
     [
         pytest.param(signal.SIGTERM, 1, id="SIGTERM"),
-        pytest.param(signal.SIGINT, 1, id="Ctrl-C"),
+        pytest.param(signal.SIGINT, 1, id="Ctrl-C", marks=pytest.mark.long),  # the same path as SIGTERM
         # in the long tier (19 s of make test's 10 minutes): make cluster-test signals two tasks
         # and their workers through a real SLURM
         pytest.param(signal.SIGUSR1, 2, id="SIGUSR1 to 2 processes", marks=pytest.mark.long),

@@ -151,16 +151,9 @@ def test_dashboard_panels_show_keys_a_real_run_logged(runs):
     assert all(TOKENS in item for item in history(wandb_records(wandb_run)) if "val/loss" in item)
 
 
-@pytest.mark.slow  # through make, in a process of its own
 def test_wandb_dashboard_offline_refuses_in_one_line(tmp_path):
-    result = subprocess.run(
-        ["make", "-s", "wandb-dashboard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "WANDB_MODE": "offline", "HOME": str(tmp_path)},
-    )
+    # what make wandb-dashboard runs, in this process
+    result = llm_here("wandb-dashboard", env={"WANDB_MODE": "offline", "HOME": str(tmp_path)})
     assert_refused(result, "wandb-dashboard: W&B is offline", "set WANDB_API_KEY")
 
 

@@ -294,7 +294,7 @@ def test_a_bad_hostfile(tmp_path, text, fragment):
     assert line.startswith(f"error: HOSTFILE={hostfile}: ") and fragment in line, line
 
 
-@pytest.mark.slow  # through make, in a process of its own
+@pytest.mark.long  # through make, in a process of its own (the in-process twin runs in make test)
 def test_a_bad_hostfile_through_make(tmp_path):
     line, _ = refused("train-deepspeed", f"HOSTFILE={tmp_path / 'none'}")
     assert line.startswith(f"error: HOSTFILE={tmp_path / 'none'}: ") and "no such file" in line, line
