@@ -55,7 +55,14 @@ def test_every_make_command_names_a_target_and_variables_the_makefile_has(page):
 
 @pytest.mark.parametrize(
     "page, command, answer",
-    [(page, command, answer) for page in PAGES for command, answer in commands(page) if answer],
+    [
+        # Make's own refusals in make test; those of the program, each a Python start (about 15 s on 2
+        # busy cores), in the long tier: tests/test_errors.py checks the same refusals in-process
+        pytest.param(page, command, answer, marks=() if answer.startswith("Makefile:") else pytest.mark.long)
+        for page in PAGES
+        for command, answer in commands(page)
+        if answer
+    ],
     ids=lambda value: value.name if isinstance(value, Path) else None,
 )
 def test_every_refusal_shown_is_the_one_printed(page, command, answer):

@@ -251,7 +251,9 @@ def test_the_command_a_stopped_distillation_prints_continues_it_with_its_teacher
 @pytest.mark.parametrize(
     "signum, devices",
     [
-        pytest.param(signal.SIGTERM, 1, id="SIGTERM"),
+        # in the long tier (26 s of make test's 10 minutes): make test's SIGTERM to the run's process saves
+        # and resumes (test_sigterm_saves_at_the_step_boundary_then_resume_continues)
+        pytest.param(signal.SIGTERM, 1, id="SIGTERM", marks=pytest.mark.long),
         pytest.param(signal.SIGINT, 1, id="Ctrl-C", marks=pytest.mark.long),  # the same path as SIGTERM
         # in the long tier (19 s of make test's 10 minutes): make cluster-test signals two tasks
         # and their workers through a real SLURM
@@ -296,7 +298,7 @@ def test_a_stop_signal_during_preparation_ends_with_a_stopped_line(tmp_path, sha
     assert "Traceback" not in err
 
 
-@pytest.mark.slow  # a run in a process of its own, killed or stopped (make test runs it; test-fast not)
+@pytest.mark.long  # a run in a process of its own (13 s of make test's 10 minutes)
 def test_a_second_signal_exits_at_once(tmp_path, runs):
     def twice(process):  # two different signals: the kernel merges a pending signal with its repeat
         process.send_signal(signal.SIGTERM)

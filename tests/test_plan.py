@@ -100,7 +100,7 @@ def test_cpu_memory_rules_out_offload():
     assert rows["zero3_nvme"].fits  # its states go to disk
 
 
-@pytest.mark.slow  # through make, in a process of its own
+@pytest.mark.long  # through make, in a process of its own (10 s of make test's 10 minutes)
 def test_make_plan_prints_json_and_a_table():
     result = subprocess.run(
         [
