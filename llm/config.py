@@ -195,6 +195,10 @@ class RunOptions:
             the world size the run gets (default: set trainer.accumulate_grad_batches by hand)
         memory_gib: GiB of memory of one device that deepspeed=auto and data.batch_size=auto plan for
             (default: the GPU's; on a CPU the host's, shared by its processes)
+        eval_tasks: lm-eval benchmarks scored at each validation, comma-separated: task or group names, task
+            YAML files, val_continuation (built from the run's validation split); logged as eval/<task>/<metric>
+        eval_limit: examples per task at each validation (default: all of them)
+        eval_fewshot: few-shot examples per question (default: each task's own)
     """
 
     experiment: str = "default"
@@ -215,6 +219,9 @@ class RunOptions:
     seed_everything: int | bool | None = None
     tokens_per_step: int | None = None
     memory_gib: float | None = None
+    eval_tasks: str | None = None
+    eval_limit: int | None = None
+    eval_fewshot: int | None = None
 
 
 # the layout of what this version writes into a checkpoint (its `llm_format`): a later version that

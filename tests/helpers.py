@@ -362,3 +362,43 @@ class SignalHandlers(Callback):
             for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
         }
         Path(self.out).write_text(json.dumps(handlers))
+
+
+class Request:
+    """What lm-eval hands a model: a request's arguments."""
+
+    def __init__(self, *args):
+        self.args = args
+
+
+def score_a_share(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of tests/test_in_loop_eval.py's share test: a share of requests of its own size
+    scored and generated, over gloo; the forward passes it ran and what the collectives gave, in `out`."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+    from tokenizers import Tokenizer, models
+
+    from llm.benchmarks.harness import CheckpointLM
+    from llm.model import ModelConfig, Transformer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=16, vocab_size=64)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[0] = 0  # end-of-text's logit 0 among 63 random ones: generation runs to its limit
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    lm = CheckpointLM(model, Tokenizer(models.BPE()), 0, batch_size=2, rank=rank, world_size=world, progress=False)
+    lm.score([([1, 2, 3], [4, 5])] * (3 if rank == 0 else 9), "log-likelihoods", quiet=True)
+    scored = len(calls)
+    lm.generate_until([Request("", {"until": ["never"], "max_gen_toks": 2 if rank == 0 else 6})])
+    report = {
+        "scored": scored,
+        "generated": len(calls) - scored,
+        "gathered": lm.all_gather(torch.tensor(rank + 10)).tolist(),
+        "objects": lm.gather_object({"rank": rank}, dst=0),
+    }
+    Path(f"{out}{rank}").write_text(json.dumps(report))
+    dist.destroy_process_group()

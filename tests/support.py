@@ -218,6 +218,9 @@ RUN_ENV = {
     "WANDB_PROJECT": "llm-tests",
     "WANDB_ENTITY": "a-team",
 }
+# the benchmark every run can score offline, on a few of its questions (llm/benchmarks/continuation.py)
+EVAL_LIMIT = 16
+IN_LOOP_EVAL = ["--eval_tasks=val_continuation", f"--eval_limit={EVAL_LIMIT}"]
 # name -> what makes it differ from the one-process run
 COMPILE = "--model.compile=true"
 CANONICAL = {
@@ -225,10 +228,12 @@ CANONICAL = {
     # eager, all of them: every curve is compared with DDP's. Each strategy's compiled run is a variant
     # compared with its eager run in make test-long (test_deepspeed.py): a compile on a cold cache (a
     # fresh clone: the cache keys hold the source's path) costs about a minute a process on a CPU
-    "ddp": ["--trainer.devices=2", "--peak_flops=2e9"],
+    # with lm-eval's scores at each validation (--eval_tasks=), as every rank scores a share: the
+    # in-loop scores are compared with make eval's of the same checkpoints (test_in_loop_eval.py)
+    "ddp": ["--trainer.devices=2", "--peak_flops=2e9", *IN_LOOP_EVAL],
     **{p: ["--trainer.devices=2", f"--deepspeed={p}"] for p in ("zero1", "zero2", "zero2_offload")},
     # ZeRO-3 keeps every checkpoint: a test resumes from the one of step 6
-    "zero3": ["--trainer.devices=2", "--deepspeed=zero3", "--keep_last=6"],
+    "zero3": ["--trainer.devices=2", "--deepspeed=zero3", "--keep_last=6", *IN_LOOP_EVAL],
     # recomputing each block in backward is checked here, where ZeRO-3 gathers its partitions twice
     "zero3_offload": ["--trainer.devices=2", "--deepspeed=zero3_offload", "--model.activation_checkpointing=true"],
 }

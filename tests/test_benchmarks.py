@@ -78,12 +78,12 @@ def test_our_model_and_lm_evals_own_agree_on_the_same_checkpoint(exported, task,
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from llm.tools.benchmarks import CheckpointLM
+    from llm.benchmarks.harness import CheckpointLM
 
     for name, value in OFFLINE.items():
         monkeypatch.setenv(name, value)
     ckpt, folder = exported
-    ours = CheckpointLM(Checkpoint(ckpt).load(), batch_size=3)
+    ours = CheckpointLM.of(Checkpoint(ckpt).load(), batch_size=3)
     theirs = HFLM(pretrained=str(folder), batch_size=3, device="cpu", dtype="float32")
     long_context = "x = 1\n" * 40  # longer than the block of 64 tokens: cut from the left by both
     pairs = [(c + "", choice) for c, choices, _ in QUESTIONS for choice in choices]
@@ -109,8 +109,8 @@ def test_our_model_and_lm_evals_own_agree_on_the_same_checkpoint(exported, task,
 
 
 def test_rolling_loglikelihood_is_make_evals_loss_times_its_tokens(exported, tmp_path):
+    from llm.benchmarks.harness import CheckpointLM
     from llm.data.tokenizer import ordinary
-    from llm.tools.benchmarks import CheckpointLM
 
     ckpt, _ = exported
     loaded = Checkpoint(ckpt).load()
@@ -131,16 +131,16 @@ def test_rolling_loglikelihood_is_make_evals_loss_times_its_tokens(exported, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads(result.stdout.strip().splitlines()[-1])
     assert evaluated["tokens_evaluated"] == tokens
-    (rolling,) = CheckpointLM(loaded).loglikelihood_rolling(requests("loglikelihood_rolling", (text,)))
+    (rolling,) = CheckpointLM.of(loaded).loglikelihood_rolling(requests("loglikelihood_rolling", (text,)))
     assert -rolling == pytest.approx(evaluated["loss"] * tokens, rel=1e-5)
 
 
 def test_generation_stops_at_the_tasks_stop_sequence_and_its_token_limit(exported):
-    from llm.tools.benchmarks import CheckpointLM
+    from llm.benchmarks.harness import CheckpointLM
 
     ckpt, _ = exported
     loaded = Checkpoint(ckpt).load()
-    model = CheckpointLM(loaded)
+    model = CheckpointLM.of(loaded)
     free = model.greedy(model.tok_encode("def "), [], 40)
     assert free and len(model.tok_encode(free)) <= 40
     assert len(model.tok_encode(model.greedy(model.tok_encode("def "), [], 3))) <= 3

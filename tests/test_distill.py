@@ -117,7 +117,7 @@ def test_the_student_starts_from_the_teachers_embeddings_and_first_block(distill
 def test_a_distillation_run_logs_both_loss_terms_and_the_kl_to_the_teacher(distilled):
     rows = metrics_rows(distilled)
     logged = {k for row in rows.values() for k, v in row.items() if v} - {"step", "epoch"}
-    assert logged == logged_keys(distill=True)  # declared in llm/observe/metrics.py, for plots and W&B
+    assert logged == logged_keys("distill")  # declared in llm/observe/metrics.py, for plots and W&B
     ce, kd, loss = (
         column(distilled, "train/ce_loss"),
         column(distilled, "train/kd_loss"),

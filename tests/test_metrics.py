@@ -138,11 +138,12 @@ def test_dashboard_panels_show_keys_a_real_run_logged(runs):
     logged = {k for item in history(wandb_records(wandb_run)) for k in item}
     for x in X_AXES:
         workspace = build_workspace("a-team", "llm-tests", x)  # built offline; nothing is sent
-        # distillation's panels show keys a distillation run logs (tests/test_distill.py checks them)
-        keys = panel_keys(workspace) - (logged_keys(distill=True) - logged_keys())
+        # distillation's and benchmarks' panels show keys those runs log (test_distill.py, test_in_loop_eval.py)
+        patterns = {c.pattern for c in CHARTS if c.pattern}
+        keys = panel_keys(workspace) - (logged_keys("distill", "benchmarks") - logged_keys()) - patterns
         assert keys <= logged, sorted(keys - logged)
         sections = {s.name for s in workspace.sections}
-        assert sections == {"Loss", "Optimizer", "Throughput", "Memory", "Distillation"}
+        assert sections == {"Loss", "Optimizer", "Throughput", "Memory", "Distillation", "Benchmarks"}
         assert workspace.settings.x_axis == X_AXES[x] and {p.x for s in workspace.sections for p in s.panels} == {
             X_AXES[x]
         }
@@ -256,7 +257,7 @@ def test_plot_draws_every_logged_series_with_its_values(runs, tmp_path, monkeypa
     plot(str(run))
     sections = {ax.get_title(): ax for figure in figures[:-1] for ax in figure.axes}  # the last is the overview
     rows = csv_rows(run)
-    assert not any(chart.title in sections for chart in CHARTS if chart.distill)  # not a distillation run
+    assert not any(chart.title in sections for chart in CHARTS if chart.only)  # not a distillation run
     for chart in (c for c in CHARTS if not c.distill):
         drawn = {line.get_label(): line for line in sections[chart.title].get_lines()}
         for key, legend in chart.series:
@@ -269,7 +270,7 @@ def test_plot_draws_every_logged_series_with_its_values(runs, tmp_path, monkeypa
             assert list(drawn[legend].get_ydata()) == pytest.approx([float(rows[s][key]) for s in steps]), key
 
 
-@pytest.mark.slow
+@pytest.mark.long  # a terminal and W&B's viewer (8 s of make test's 10 minutes)
 def test_make_tui_opens_the_run_in_a_terminal(runs):
     single = runs("single")
     pid, fd = pty.fork()

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from llm import atomic
+
 NAME = "val_continuation"
 CHOICES = 4
 QUESTIONS = 200  # at most; fewer where the split is short
@@ -23,7 +25,7 @@ CONTEXT_TOKENS = 48  # at most: the block size leaves room for the answer
 # rather than their fit to the passage (measured on tiny Shakespeare, docs/evaluation.md)
 ANSWER_TOKENS = 2
 
-TASK_YAML = f"""# built by make eval TASKS={NAME} from this run's validation split (llm/tools/continuation_task.py)
+TASK_YAML = f"""# built by make eval TASKS={NAME} from this run's validation split (llm/benchmarks/continuation.py)
 task: {NAME}
 dataset_path: json
 dataset_kwargs:
@@ -84,7 +86,5 @@ def write_task(folder: Path, tokens: np.ndarray, tokenizer: Tokenizer, block_siz
     files[folder / f"{NAME}.yaml"] = TASK_YAML.format(data=json.dumps(str(data.resolve())))
     for path, text in files.items():
         if not path.is_file() or path.read_text() != text:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            atomic.write_text(path, text, shared=True)  # every rank of a run builds it (--eval_tasks=)
     return len(rows)

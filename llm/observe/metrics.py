@@ -6,9 +6,10 @@ declared is logged, every key logged is declared), so a new metric is added here
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
-SECTIONS = ("Loss", "Optimizer", "Throughput", "Memory", "Distillation")
+SECTIONS = ("Loss", "Optimizer", "Throughput", "Memory", "Distillation", "Benchmarks")
 STEP = "trainer/global_step"  # the optimizer step, as Lightning's W&B logger writes it beside each row
 TOKENS = "train/tokens"  # tokens trained so far, the whole job's: the other x-axis
 X_AXES = {"step": STEP, "tokens": TOKENS}
@@ -20,11 +21,15 @@ class Chart:
     title: str
     unit: str  # the y axis
     series: tuple[tuple[str, str], ...]  # (key, legend)
-    distill: bool = False  # logged by distillation runs only (make distill)
+    only: str | None = None  # logged by some runs only: "distill" (make distill), "benchmarks" (--eval_tasks=)
+    pattern: str | None = None  # a family of keys, one series each, matched by this regular expression
 
     @property
     def keys(self) -> list[str]:
         return [key for key, _ in self.series]
+
+    def matches(self, key: str) -> bool:
+        return key in self.keys or bool(self.pattern and re.fullmatch(self.pattern, key))
 
 
 def _memory(name: str, title: str) -> Chart:
@@ -58,9 +63,18 @@ CHARTS = (
         "Loss terms",
         "nats per token",
         (("train/ce_loss", "CE on the data"), ("train/kd_loss", "T²·KL to the teacher")),
-        distill=True,
+        only="distill",
     ),
-    Chart("Distillation", "KL to the teacher", "nats per token, T = 1", (("val/kd", "validation"),), distill=True),
+    Chart("Distillation", "KL to the teacher", "nats per token, T = 1", (("val/kd", "validation"),), only="distill"),
+    # --eval_tasks=: each task's metrics at each validation, eval/<task>/<metric> (benchmark_key)
+    Chart("Benchmarks", "Benchmark scores", "score", (), only="benchmarks", pattern=r"eval/[^/]+/[^/]+"),
+    Chart(
+        "Benchmarks",
+        "Benchmark time",
+        "seconds per validation",
+        (("perf/eval_seconds", "lm-eval tasks"),),
+        only="benchmarks",
+    ),
 )
 
 
@@ -68,9 +82,20 @@ def charts(section: str) -> list[Chart]:
     return [c for c in CHARTS if c.section == section]
 
 
-def logged_keys(distill: bool = False) -> set[str]:
-    """The keys every training run logs, and with `distill` those a distillation run adds."""
-    return {TOKENS} | {key for c in CHARTS if distill or not c.distill for key in c.keys}
+def logged_keys(*only: str) -> set[str]:
+    """The keys every training run logs, with those the runs named in `only` add ("distill",
+    "benchmarks"); a pattern's keys are the run's own (declared)."""
+    return {TOKENS} | {key for c in CHARTS if c.only is None or c.only in only for key in c.keys}
+
+
+def declared(key: str) -> bool:
+    """Whether a logged key is one a chart shows."""
+    return key == TOKENS or any(c.matches(key) for c in CHARTS)
+
+
+def benchmark_key(task: str, metric: str) -> str:
+    """A benchmark's score as logged during training (--eval_tasks=) and by make eval TASKS=."""
+    return f"eval/{task}/{metric}"
 
 
 def bits_per_byte(loss_nats, tokens: int, n_bytes: int):

@@ -32,7 +32,11 @@ def build_workspace(entity: str, project: str, x: str = "step", name: str = VIEW
         ws.Section(
             name=section,
             is_open=True,
-            panels=[wr.LinePlot(title=c.title, x=X_AXES[x], y=c.keys, title_y=c.unit) for c in charts(section)],
+            panels=[
+                # a family of keys (each benchmark's scores) by its pattern: every task a run names
+                wr.LinePlot(title=c.title, x=X_AXES[x], y=c.keys, metric_regex=c.pattern, title_y=c.unit)
+                for c in charts(section)
+            ],
         )
         for section in SECTIONS
     ]
@@ -47,12 +51,14 @@ def build_workspace(entity: str, project: str, x: str = "step", name: str = VIEW
 
 
 def panel_keys(workspace) -> set[str]:
-    """Every metric a panel of the workspace plots, its x-axis included."""
-    keys = set()
+    """Every metric a panel of the workspace plots, its x-axis included, and its patterns."""
+    keys: set[str] = set()
     for section in workspace.sections:
         for panel in section.panels:
-            keys.update(panel.y)
+            keys.update(panel.y or [])
             keys.add(panel.x)
+            if panel.metric_regex:
+                keys.add(panel.metric_regex)
     return keys
 
 

@@ -4,15 +4,12 @@ tokenizer and read as a stream, so that a large file never sits in memory at onc
 
 from __future__ import annotations
 
-import contextlib
 import json as jsonlib
 import math
 import re
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
 
 import numpy as np
 import torch
@@ -20,19 +17,13 @@ import torch.nn.functional as F
 
 from llm import bars
 from llm.checkpointing.files import Checkpoint, Loaded, choose_checkpoint
-from llm.config import PrepareConfig, RunConfig
 from llm.data.datamodule import TokenBlocks
 from llm.data.prepare import load_meta, prepare
 from llm.data.sources import resolve_source
 from llm.data.tokenizer import ordinary
 from llm.errors import ConfigError
-from llm.hf import from_hf_config, read_config
-from llm.model import ModelConfig, Transformer
 from llm.observe.metrics import bits_per_byte
-from llm.redact import scrub
-from llm.tools import continuation_task
-from llm.tools.quantize import import_torchao
-from llm.wandb_settings import wandb_entity, wandb_mode, wandb_project
+from llm.tools.loading import add_to_wandb_run, run_folder_data, transformers_folder
 
 TEXT_CHUNK_BYTES = 1 << 20  # a plain-text file is read, and tokenized, about a MiB of lines at a time
 # where a piece of text may end so that tokenizing the pieces gives the tokens of the whole: at a line
@@ -90,7 +81,7 @@ def evaluate(
         json: print one JSON object instead of a table (--json=true)
         wandb: add the result (eval/ keys) to the W&B run of the run folder the checkpoint lies in
         tasks: benchmarks instead of the loss (TASKS=): lm-eval task or group names and task YAML files
-            or folders of them, comma-separated (llm/tools/benchmarks.py)
+            or folders of them, comma-separated (llm/benchmarks/)
         num_fewshot: examples shown before each question (none: each task's own, usually 0)
         limit: score at most this many examples per task (none: all of them)
         seed: of lm-eval's few-shot sampling and its other random choices
@@ -102,6 +93,8 @@ def evaluate(
         raise ConfigError("blocks=run: the run's validation blocks exist only for its own data; drop TEXT=/HF=")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if tasks is not None:
+        from llm.tools.benchmarks import evaluate_tasks  # lm-eval takes seconds to import: only for TASKS=
+
         return evaluate_tasks(ckpt, tasks, batch_size, device, num_fewshot, limit, seed, out, wandb)
     ckpt = choose_checkpoint(ckpt)
     if (Path(ckpt) / "config.json").is_file():
@@ -178,106 +171,6 @@ def evaluate(
     return result
 
 
-def evaluate_tasks(
-    ckpt: str,
-    tasks: str,
-    batch_size: int,
-    device: str,
-    num_fewshot: int | None,
-    limit: int | None,
-    seed: int,
-    out: str | None,
-    wandb: bool,
-) -> dict:
-    """TASKS=: every input checked and every task's data loaded before the model is, then the scores."""
-    from llm.tools import benchmarks  # lm-eval takes seconds to import: only for TASKS=
-
-    if limit is not None and limit < 1:
-        raise ConfigError(f"limit={limit}: out of range; use a positive number of examples per task, e.g. 100")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise ConfigError(f"num_fewshot={num_fewshot}: out of range; use 0 or more examples, e.g. 5")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size}: out of range; use 1 or more requests per forward pass")
-    chosen = benchmarks.Tasks.parse(tasks)
-    if out:
-        benchmarks.results_path(out, None, 0)  # refused now, not after the scoring
-    ckpt = choose_checkpoint(ckpt)
-    if continuation_task.NAME in chosen.names:  # built from the run's own validation split
-        chosen.include.append(str(build_continuation_task(ckpt)))
-    manager = benchmarks.task_manager(chosen)
-    benchmarks.load_tasks(chosen, manager)
-    if (Path(ckpt) / "config.json").is_file():
-        loaded, run_dir = transformers_folder(Path(ckpt), device), None
-    else:
-        checkpoint = Checkpoint(ckpt)
-        loaded, run_dir = checkpoint.load(device), checkpoint.run_folder
-    rows, results = benchmarks.run_tasks(loaded, chosen, manager, batch_size, device, num_fewshot, limit, seed)
-    benchmarks.print_table(rows)
-    path = benchmarks.results_path(out, run_dir, loaded.step)
-    benchmarks.write_results(path, loaded.step, str(ckpt), rows, results)
-    print(f"results: {path}")
-    values = benchmarks.wandb_values(rows)
-    if wandb and run_dir is not None:
-        add_to_wandb_run(loaded, values, run_dir, {"checkpoint": str(ckpt), "step": loaded.step, "tasks": tasks})
-    return {"checkpoint": str(ckpt), "step": loaded.step, "results": str(path), **values}
-
-
-def build_continuation_task(ckpt: str) -> Path:
-    """TASKS=val_continuation: the task's files in the run folder's eval/tasks/, from the validation
-    split of the data the run folder's config.yaml names (llm/tools/continuation_task.py)."""
-    from tokenizers import Tokenizer
-
-    field = f"tasks={continuation_task.NAME}"
-    run_dir = None if (Path(ckpt) / "config.json").is_file() else Checkpoint(ckpt).run_folder
-    if run_dir is None:
-        raise ConfigError(
-            f"{field}: built from a run's validation split, and ckpt={ckpt} is not in a run folder; give a "
-            "checkpoint in runs/<name>/checkpoints/"
-        )
-    run = Checkpoint(ckpt).header().run_config
-    folder = prepare(run_folder_data(run.data, run_dir, ckpt), log=lambda *_: None)
-    meta = load_meta(folder)
-    info = meta["splits"]["val"]
-    tokens = np.memmap(folder / info["file"], dtype=meta["dtype"], mode="r")[: info["tokens"]]
-    tokenizer = Tokenizer.from_file(str(folder / meta["tokenizer"]))
-    tasks = run_dir / "eval" / "tasks" / continuation_task.NAME
-    if not continuation_task.write_task(tasks, tokens, tokenizer, run.model.block_size, run.loader.seed):
-        raise ConfigError(f"{field}: the validation split of {folder} holds too few tokens for four passages")
-    return tasks
-
-
-class Logits(torch.nn.Module):
-    """A transformers causal LM called as this project's Transformer is: tokens in, logits out."""
-
-    def __init__(self, model, config: ModelConfig):
-        super().__init__()
-        self.model, self.config = model, config
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.model(idx).logits
-
-
-def transformers_folder(folder: Path, device: str) -> Loaded:
-    """A GPT-2 or Llama transformers folder (quantized by torchao or not), for evaluation."""
-    from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM
-
-    config = read_config(folder, "ckpt")
-    architecture = from_hf_config(config, f"ckpt={folder}")  # GPT-2 or Llama, as a ModelConfig
-    if "quantization_config" in config:
-        import_torchao()
-    if not (folder / "tokenizer.json").is_file():
-        raise ConfigError(f"ckpt={folder}: no tokenizer.json; evaluate a folder make export wrote")
-    with contextlib.redirect_stdout(sys.stderr):  # transformers' loading bar is not the result
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped `to` is typed for itself
-    eot = config.get("eos_token_id")
-    if not isinstance(eot, int):
-        raise ConfigError(f"ckpt={folder}: config.json names no eos_token_id; evaluate a folder make export wrote")
-    logits = cast(Transformer, Logits(model, architecture))  # called as the Transformer is: tokens in, logits out
-    return Loaded(logits, Tokenizer.from_file(str(folder / "tokenizer.json")), eot, {}, {}, 0)
-
-
 @dataclass
 class Counts:
     """Token and byte counts of what was evaluated, for bits per byte (tokens include end-of-text);
@@ -286,22 +179,6 @@ class Counts:
     tokens: int = 0
     bytes: int = 0
     blocks: int | None = None  # the sequences to evaluate, where known before reading them
-
-
-def run_folder_data(theirs: PrepareConfig, run_dir: Path, ckpt: str) -> PrepareConfig:
-    """The data a checkpoint's run trained on, as the run folder's config.yaml (which the user's own
-    training wrote) names it: the paths inside a checkpoint are never followed, as a checkpoint
-    copied into a run folder could name any file to read and any folder to write into. The two must
-    agree but for where the cache lies and how it is prepared."""
-    ours = RunConfig.from_yaml(run_dir / "config.yaml").data
-    name = ours.first_difference(theirs)
-    if name:
-        raise ConfigError(
-            f"ckpt={ckpt}: its data.{name} ({getattr(theirs, name)}) is not its run folder's "
-            f"({getattr(ours, name)}, {run_dir / 'config.yaml'}), so it is not that run's checkpoint; give "
-            "TEXT= or HF= to evaluate on"
-        )
-    return ours
 
 
 def validation_blocks(loaded: Loaded, blocks: str, batch_size: int, ckpt: str, run_dir: Path):
@@ -418,38 +295,3 @@ def _progress(what: str, total: int | None, by_bytes: bool):
     """Progress on stderr, in lines where it is no terminal: sequences, or a local text's bytes."""
     unit = {"unit": "B", "unit_scale": True, "unit_divisor": 1024} if by_bytes else {"unit": "seq"}
     return bars.bar(desc=f"evaluating {what}", total=total, **unit)
-
-
-def add_to_wandb_run(loaded: Loaded, values: dict, run_dir: Path, described: dict) -> None:
-    """The values (eval/ keys) in the summary of the W&B run of the run folder the checkpoint lies
-    in, where its curves are, and as a W&B run of its own beside it: job_type eval, in the training
-    run's group, `described` as its config (offline without an API key; kept in <run>/eval/wandb/)."""
-    id_file = run_dir / "wandb" / "run_id"
-    if not id_file.is_file():
-        return
-    import wandb
-
-    where: dict[str, Any] = {
-        "project": wandb_project(loaded.config.get("wandb_project")),
-        "entity": wandb_entity(loaded.config.get("wandb_entity")),
-        "mode": wandb_mode(),
-    }
-    # a Settings object per run: wandb.init writes the run's id into the one it is given
-    quiet: dict[str, Any] = {"silent": True, "console": "off"}
-    training = wandb.init(
-        id=id_file.read_text().strip(), resume="allow", dir=str(run_dir), settings=wandb.Settings(**quiet), **where
-    )
-    training.summary.update(values)
-    training.finish()
-    (run_dir / "eval").mkdir(exist_ok=True)
-    evaluation = wandb.init(
-        dir=str(run_dir / "eval"),
-        name=f"{run_dir.name}-eval-step{described['step']}",
-        group=loaded.config.get("experiment"),
-        job_type="eval",
-        config=scrub(described),
-        settings=wandb.Settings(**quiet),
-        **where,
-    )
-    evaluation.summary.update(values)
-    evaluation.finish()

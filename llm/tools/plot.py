@@ -7,7 +7,7 @@ import csv
 from pathlib import Path
 
 from llm.errors import ConfigError
-from llm.observe.metrics import SECTIONS, X_AXES, charts
+from llm.observe.metrics import SECTIONS, X_AXES, Chart, charts
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -27,8 +27,16 @@ def series(rows: list[dict], column: str, x: str = "step") -> tuple[list[float],
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def chart_series(chart: Chart, rows: list[dict]) -> list[tuple[str, str]]:
+    """A chart's (key, legend) pairs: its own, or the run's columns its pattern matches."""
+    if chart.pattern is None:
+        return list(chart.series)
+    columns = dict.fromkeys(k for r in rows for k, v in r.items() if v and chart.matches(k))
+    return [(key, key.removeprefix("eval/")) for key in sorted(columns)]
+
+
 def _draw(ax, chart, rows: list[dict], x: str) -> None:
-    for key, legend in chart.series:
+    for key, legend in chart_series(chart, rows):
         xs, ys = series(rows, key, x)
         if xs:
             ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=legend)
@@ -58,8 +66,9 @@ def plot(run: str, x: str = "step") -> list[str]:
     out = folder / "plots"
     out.mkdir(exist_ok=True)
     written, contents = [], []
-    # a section of charts only some runs log (distillation's) is drawn for the runs that logged them
-    sections = [s for s in SECTIONS if any(not c.distill or series(rows, c.keys[0])[0] for c in charts(s))]
+    # a section of charts only some runs log (distillation's, benchmarks') is drawn for the runs that logged them
+    logged = {k for r in rows for k, v in r.items() if v}
+    sections = [s for s in SECTIONS if any(c.only is None or any(map(c.matches, logged)) for c in charts(s))]
     width = max(len(charts(s)) for s in sections)
     overview, grid = plt.subplots(len(sections), width, figsize=(4.2 * width, 3.2 * len(sections)), squeeze=False)
     for section, row in zip(sections, grid, strict=True):
@@ -72,7 +81,9 @@ def plot(run: str, x: str = "step") -> list[str]:
             unused.axis("off")
         name = f"{section.lower()}.png"
         # a series the run never logged shows as 0 points
-        contents.append(f"{name}: " + ", ".join(f"{k} {len(series(rows, k)[0])}" for c in items for k in c.keys))
+        contents.append(
+            f"{name}: " + ", ".join(f"{k} {len(series(rows, k)[0])}" for c in items for k, _ in chart_series(c, rows))
+        )
         figure.tight_layout()
         figure.savefig(out / name, dpi=90)
         plt.close(figure)

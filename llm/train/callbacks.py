@@ -4,6 +4,8 @@ in order (`run_callbacks`: `make train` and `make bench` alike)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lightning.pytorch.callbacks import Callback
 
 from llm import compat
@@ -14,19 +16,28 @@ from llm.launch.collectives import CollectiveTimeout
 from llm.observe.monitor import PerformanceMonitor
 from llm.observe.progress import progress_bar
 from llm.train.guards import NonFiniteSteps
+from llm.train.in_loop_eval import InLoopBenchmarks
 
 
 def run_callbacks(
-    monitor: PerformanceMonitor, checkpoints: Checkpoints, run_info: RunInfo, options: RunOptions
+    monitor: PerformanceMonitor,
+    checkpoints: Checkpoints,
+    run_info: RunInfo,
+    options: RunOptions,
+    run_dir: Path | None = None,
 ) -> list[Callback]:
     """Every callback of a training run besides the user's (which come first), in the order Lightning
     calls them: the monitor before the progress lines, so that a logging step's line shows what it
     has just measured. Lightning moves every `Checkpoint` subclass to the end of the list, wherever
     it is given, so Checkpoints runs last: a validation is printed and recorded (RunInfo) before its
-    checkpoint is written. Whether a batch ended an optimizer step does not depend on this order
-    (llm/train/clock.py). tests/test_train.py checks the order a run gets."""
+    checkpoint is written. With --eval_tasks= the benchmarks (scored into `run_dir`'s eval/) come
+    after the monitor, whose validation row then carries the tokens they are charted against.
+    Whether a batch ended an optimizer step does not depend on this order (llm/train/clock.py).
+    tests/test_train.py checks the order a run gets."""
+    benchmarks = [InLoopBenchmarks(options, run_dir)] if options.eval_tasks and run_dir else []
     return [
         monitor,
+        *benchmarks,
         NonFiniteSteps(options.max_skipped_steps),
         CollectiveTimeout(options.collective_timeout),
         ValidateAtEnd(),

@@ -19,7 +19,7 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from llm import handoff, ranks
+from llm import atomic, handoff, ranks
 from llm.checkpointing import resume, run_folder, universal
 from llm.checkpointing.files import Checkpoint, CheckpointFolder, content_digest, weights_only_loads
 from llm.checkpointing.saving import Checkpoints
@@ -34,6 +34,7 @@ from llm.observe.monitor import PerformanceMonitor, tokens_per_optimizer_step
 from llm.observe.summary import strategy_label, write_summary
 from llm.preflight import resolve, teacher
 from llm.redact import scrub
+from llm.train import in_loop_eval
 from llm.train.callbacks import RunInfo, run_callbacks
 from llm.train.module import LanguageModel
 from llm.train.strategy import build_strategy
@@ -103,6 +104,7 @@ class LLMCLI(LightningCLI):
             command = self.subcommand or "fit"
             run = self.run_config = resolve.resolve(parsed, command, sizes)  # what the parts are built from
             resolve.check(run, command, logger)
+            in_loop_eval.check(run.options)
             self.agreement.publish("sizes", {"deepspeed": run.options.deepspeed, "batch_size": run.loader.batch_size})
             self.agreement.publish("run", run.options.run)
             self.resume_from = self.choose_resume(run)
@@ -151,7 +153,7 @@ class LLMCLI(LightningCLI):
         self.checkpoints = Checkpoints(folder, every, options.keep_last, options.save_every_minutes)
         digest = content_digest(run.distill.teacher, teacher.FIELD) if run.distill.teacher else None
         self.run_info = RunInfo(resolved, self.data_folder, self.resume_from, digest)
-        callbacks += run_callbacks(self.monitor, self.checkpoints, self.run_info, options)
+        callbacks += run_callbacks(self.monitor, self.checkpoints, self.run_info, options, self.run_dir)
         loggers = make_loggers(
             self.run_dir,
             options.experiment,
@@ -256,9 +258,7 @@ class LLMCLI(LightningCLI):
 
 
 def write_config_file(path: Path, resolved: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")  # a disk that fills here leaves the old one, not an empty one
-    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-    tmp.replace(path)
+    atomic.write_text(path, yaml.safe_dump(resolved, sort_keys=False))  # a full disk leaves the old one
 
 
 def build_from(cfg, run: RunConfig, run_dir: Path) -> None:
