@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 
 import helpers
@@ -43,7 +44,7 @@ def make_eval_score(ckpt, limit: int = EVAL_LIMIT) -> float:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])
-def test_in_loop_scores_of_two_processes_equal_make_evals_of_the_same_checkpoints(runs, strategy):
+def test_in_loop_scores_of_two_processes_equal_make_evals_of_the_same_checkpoints(runs, strategy, tmp_path):
     run = runs(strategy)  # 2 processes, --eval_tasks=val_continuation at validations 4, 8 and 12
     scores, seconds = column(run, SCORE), column(run, "perf/eval_seconds")
     assert sorted(scores) == sorted(seconds) == [4, 8, 12]
@@ -51,6 +52,12 @@ def test_in_loop_scores_of_two_processes_equal_make_evals_of_the_same_checkpoint
     # the table shows 4 decimals; on 16 questions a score is a multiple of 1/16
     ckpt = run / "checkpoints" / "step-000012.ckpt"  # ZeRO-3's: a folder of shards, consolidated to score it
     assert make_eval_score(ckpt) == pytest.approx(scores[12], abs=1e-4)
+    if strategy == "zero3":  # and the same folder consolidated into one file (make export-fp32), in a run folder
+        (tmp_path / "checkpoints").mkdir()
+        shutil.copy(run / "config.yaml", tmp_path / "config.yaml")
+        consolidated = tmp_path / "checkpoints" / "step-000012.ckpt"
+        assert llm_here("export-fp32", f"--ckpt={ckpt}", f"--out={consolidated}").returncode == 0
+        assert make_eval_score(consolidated) == pytest.approx(scores[12], abs=1e-4)
     # charted against tokens as every validation metric is, and declared for make plot and the W&B workspace
     rows = metrics_rows(run)
     assert all(rows[step].get("train/tokens") for step in scores)

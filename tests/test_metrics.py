@@ -257,8 +257,8 @@ def test_plot_draws_every_logged_series_with_its_values(runs, tmp_path, monkeypa
     plot(str(run))
     sections = {ax.get_title(): ax for figure in figures[:-1] for ax in figure.axes}  # the last is the overview
     rows = csv_rows(run)
-    assert not any(chart.title in sections for chart in CHARTS if chart.only)  # not a distillation run
-    for chart in (c for c in CHARTS if not c.distill):
+    assert not any(chart.title in sections for chart in CHARTS if chart.only)  # no distillation, no benchmarks
+    for chart in (c for c in CHARTS if c.only is None):
         drawn = {line.get_label(): line for line in sections[chart.title].get_lines()}
         for key, legend in chart.series:
             # x is steps done, as metrics.csv counts them: 12 steps logged, validations after steps 4, 8
