@@ -18,12 +18,14 @@ import pytest
 from llm.observe.metrics import declared, logged_keys
 from support import (
     EVAL_LIMIT,
+    IN_LOOP_EVAL,
     RUN_ENV,
     assert_refused,
     column,
     data_args,
     finish,
     llm_here,
+    losses,
     make,
     metrics_rows,
     snapshot,
@@ -64,6 +66,16 @@ def test_in_loop_scores_of_two_processes_equal_make_evals_of_the_same_checkpoint
     logged = {key for row in rows.values() for key, value in row.items() if value} - {"step", "epoch"}
     assert all(map(declared, logged)), sorted(k for k in logged if not declared(k))
     assert logged_keys("benchmarks") - logged_keys() <= logged
+
+
+@pytest.mark.long  # a second one-process run, besides the canonical one
+def test_in_loop_benchmarks_leave_the_training_as_it_was(runs):
+    # lm-eval seeds Python's, numpy's and torch's generators; the run's are set back after each eval,
+    # so that dropout draws what it would have without them
+    dropout = "--model.config.dropout=0.1"
+    plain, scored = runs("single", dropout, here=True), runs("single", dropout, *IN_LOOP_EVAL, here=True)
+    assert sorted(column(scored, SCORE)) == [4, 8, 12]
+    assert losses(scored) == losses(plain) and column(scored, "val/loss") == column(plain, "val/loss")
 
 
 def test_bad_in_loop_eval_options_are_refused_in_one_line_before_any_work(runs, tmp_path):
