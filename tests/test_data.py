@@ -201,12 +201,34 @@ def test_batches_depend_only_on_step_and_rank_whatever_the_worker_count(tmp_path
 
 def test_blocks_are_contiguous_windows_of_the_token_stream(tmp_path):
     dataset = blocks_file(tmp_path)
-    starts = {dataset.start(i) for i in range(2000)}
     for i in range(50):
         block = dataset[i]
         assert block.shape == (17,) and torch.equal(block, torch.arange(block[0], block[0] + 17))
-    assert min(starts) >= 0 and max(starts) <= 5000 - 17
-    assert len(starts) > 1500, "sample positions should spread over the file"
+
+
+@pytest.mark.parametrize("n_tokens, block_size", [(5000, 16), (17, 16), (40, 16), (100_003, 7), (64, 64 - 1)])
+def test_each_epoch_reads_every_block_once_in_an_order_of_its_own(n_tokens, block_size):
+    from llm.data.epochs import Epochs
+
+    epochs = Epochs(n_tokens, block_size, seed=7)
+    n = epochs.blocks
+    assert n == max(1, (n_tokens - block_size) // block_size)
+    orders, offsets = [], set()
+    for epoch in range(4):
+        starts = [epochs.start(epoch * n + k) for k in range(n)]
+        offset = min(starts)
+        # the epoch's blocks, each once, none overlapping the next but for the target token
+        assert sorted(starts) == [offset + j * block_size for j in range(n)]
+        assert 0 <= offset and max(starts) + block_size + 1 <= n_tokens
+        orders.append([(s - offset) // block_size for s in starts])
+        offsets.add(offset)
+    if n >= 20:  # an order of its own each epoch, and block edges that move
+        assert len({tuple(o) for o in orders}) == 4 and orders[0] != sorted(orders[0])
+    if block_size >= 16 and n_tokens - n * block_size >= block_size:
+        assert len(offsets) > 1
+    # a sample's block depends on (seed, sample number) alone: the same asked again, in any order
+    assert [epochs.start(i) for i in (3 * n + 1, 5, 0)] == [epochs.start(i) for i in (3 * n + 1, 5, 0)]
+    assert Epochs(n_tokens, block_size, seed=8).start(0) != epochs.start(0) or n < 20
 
 
 def test_datamodule_serves_the_prepared_tokens(tmp_path, code_corpus):

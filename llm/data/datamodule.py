@@ -1,7 +1,8 @@
 """Fixed-length blocks of prepared tokens, sampled deterministically from (step, rank).
 
-Training sample number i (counted over the whole run, all ranks) starts at a position drawn by a
-counter-based hash of (seed, i). Rank r's k-th micro-batch holds samples (k·W + r)·B ... + B - 1,
+Training sample number i (counted over the whole run, all ranks) reads a block of the split chosen
+from (seed, i) alone, every block once per epoch (llm/data/epochs.py). Rank r's k-th micro-batch
+holds samples (k·W + r)·B ... + B - 1,
 so the batch a rank sees at a given step depends on nothing but the step: a resumed run sees exactly
 the data an uninterrupted run would have, whatever the number of loader workers.
 """
@@ -19,24 +20,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from llm import signals
 from llm.config import LoaderConfig, PrepareConfig
+from llm.data.epochs import Epochs
 from llm.data.prepare import load_meta, prepare, prepared_dir
-
-MASK64 = (1 << 64) - 1
-
-
-def splitmix64(x: int) -> int:
-    """A well-mixed 64-bit hash of x (Steele et al., SplitMix64): sample i's offset, from i alone."""
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-    return x ^ (x >> 31)
 
 
 class TokenBlocks(Dataset):
     """Block number i: block_size + 1 tokens (inputs and their next-token targets) from a memmap.
 
-    `offsets`: "random" draws the start from (seed, i) for training; "spread" places `length`
-    blocks evenly over the file, the same every time, for validation."""
+    `offsets`: "epochs" reads every block of the file once per epoch, in an order drawn from the seed
+    (training); "spread" places `length` blocks evenly over the file, the same every time (validation)."""
 
     def __init__(
         self,
@@ -45,13 +37,14 @@ class TokenBlocks(Dataset):
         n_tokens: int,
         block_size: int,
         seed: int = 0,
-        offsets: Literal["random", "spread"] = "random",
+        offsets: Literal["epochs", "spread"] = "epochs",
         length: int | None = None,
     ):
         if n_tokens < block_size + 1:
             raise ValueError(f"{path} holds {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}")
         self.path, self.dtype, self.n_tokens = path, dtype, n_tokens
         self.block_size, self.seed, self.offsets, self.length = block_size, seed, offsets, length
+        self.epochs = Epochs(n_tokens, block_size, seed)
         self._data: np.ndarray | None = None  # opened lazily, once per loader worker
 
     def __len__(self) -> int:
@@ -61,7 +54,7 @@ class TokenBlocks(Dataset):
         span = self.n_tokens - self.block_size  # valid starts: 0 .. span-1
         if self.offsets == "spread":
             return (i * span) // max(self.length or 1, 1)
-        return splitmix64((self.seed << 40) ^ i) % span
+        return self.epochs.start(i)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         data = self._data
@@ -172,7 +165,7 @@ class TokenDataModule(L.LightningDataModule):
     def train_loader(self, rank: int, world_size: int, start_batch: int, end_batch: int) -> DataLoader:
         """Micro-batches start_batch .. end_batch - 1 of this rank."""
         sampler = StepSampler(self.micro_batch, rank, world_size, start_batch, end_batch)
-        return self._loader(self.blocks("train", seed=self.seed, offsets="random"), sampler, StepDataLoader)
+        return self._loader(self.blocks("train", seed=self.seed, offsets="epochs"), sampler, StepDataLoader)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
