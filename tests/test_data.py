@@ -206,6 +206,13 @@ def test_blocks_are_contiguous_windows_of_the_token_stream(tmp_path):
         assert block.shape == (17,) and torch.equal(block, torch.arange(block[0], block[0] + 17))
 
 
+def test_blocks_given_fewer_tokens_after_they_are_built_read_only_those(tmp_path):
+    dataset = blocks_file(tmp_path)  # 5000 tokens
+    dataset.n_tokens = 400  # as docs/extending.md's data budget does
+    starts = [dataset.start(i) for i in range(200)]
+    assert max(starts) + 17 <= 400 and len(set(starts[: (400 - 16) // 16])) == (400 - 16) // 16  # an epoch
+
+
 @pytest.mark.parametrize("n_tokens, block_size", [(5000, 16), (17, 16), (40, 16), (100_003, 7), (64, 64 - 1)])
 def test_each_epoch_reads_every_block_once_in_an_order_of_its_own(n_tokens, block_size):
     from llm.data.epochs import Epochs

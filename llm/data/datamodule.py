@@ -44,8 +44,16 @@ class TokenBlocks(Dataset):
             raise ValueError(f"{path} holds {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}")
         self.path, self.dtype, self.n_tokens = path, dtype, n_tokens
         self.block_size, self.seed, self.offsets, self.length = block_size, seed, offsets, length
-        self.epochs = Epochs(n_tokens, block_size, seed)
+        self._epochs: Epochs | None = None
         self._data: np.ndarray | None = None  # opened lazily, once per loader worker
+
+    @property
+    def epochs(self) -> Epochs:
+        """The blocks of an epoch, for the tokens this dataset has now (a subclass may give it fewer
+        after it is built, docs/extending.md's data budget)."""
+        if self._epochs is None or self._epochs.n_tokens != self.n_tokens:
+            self._epochs = Epochs(self.n_tokens, self.block_size, self.seed)
+        return self._epochs
 
     def __len__(self) -> int:
         return self.length if self.length is not None else 2**62  # training: indexed by sample number

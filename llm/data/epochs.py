@@ -44,7 +44,7 @@ class Epochs:
     def __init__(self, n_tokens: int, block_size: int, seed: int):
         if n_tokens < block_size + 1:
             raise ValueError(f"{n_tokens} tokens are fewer than block_size + 1 = {block_size + 1}")
-        self.block_size, self.seed = block_size, seed
+        self.n_tokens, self.block_size, self.seed = n_tokens, block_size, seed
         self.blocks = max(1, (n_tokens - block_size) // block_size)  # per epoch, whatever its offset
         self.offsets = min(block_size, n_tokens - self.blocks * block_size)  # starts 0 .. offsets-1 all fit
 
