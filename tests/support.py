@@ -348,3 +348,21 @@ def make(*args: str, env: dict | None = None, timeout: int = 600, **kwargs) -> s
 def finish(process: subprocess.Popen, timeout: int = 600) -> tuple[int, str, str]:
     out, err = process.communicate(timeout=timeout)
     return process.returncode, out, err
+
+
+# a multiple-choice task over a local JSONL file, written as a user writes one (docs/evaluation.md)
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""

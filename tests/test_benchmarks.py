@@ -14,27 +14,11 @@ import pytest
 import torch
 
 from llm.checkpointing.files import Checkpoint
-from support import assert_refused, finish, llm_here, make, run_llm, snapshot, wandb_records
+from support import TASK_YAML, assert_refused, finish, llm_here, make, run_llm, snapshot, wandb_records
 
 # the module's export is made once: its tests stay on one test worker
 pytestmark = pytest.mark.xdist_group("benchmarks")
 
-# a multiple-choice task over a local JSONL file, written as a user writes one (docs/evaluation.md)
-TASK_YAML = """task: local_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: context
-doc_to_choice: choices
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 QUESTIONS = [
     ("import ", [" os", " the river", " 42 apples", " ?!"], 0),
     ("def main(", ["):", " blue", " never", " cats"], 0),
@@ -53,7 +37,7 @@ def task(tmp_path_factory) -> Path:
     rows = [{"context": c, "choices": choices, "label": label} for c, choices, label in QUESTIONS]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = folder / "local_choice.yaml"
-    path.write_text(TASK_YAML.format(data=data))
+    path.write_text(TASK_YAML.format(name="local_choice", data=data))
     return path
 
 

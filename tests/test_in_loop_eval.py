@@ -20,6 +20,7 @@ from support import (
     EVAL_LIMIT,
     IN_LOOP_EVAL,
     RUN_ENV,
+    TASK_YAML,
     assert_refused,
     column,
     data_args,
@@ -45,6 +46,7 @@ def make_eval_score(ckpt, limit: int = EVAL_LIMIT) -> float:
     return float(row[2])
 
 
+@pytest.mark.slow  # two 2-process runs: make test runs it, test-fast runs no multi-process run
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])
 def test_in_loop_scores_of_two_processes_equal_make_evals_of_the_same_checkpoints(runs, strategy, tmp_path):
     run = runs(strategy)  # 2 processes, --eval_tasks=val_continuation at validations 4, 8 and 12
@@ -95,22 +97,7 @@ def test_bad_in_loop_eval_options_are_refused_in_one_line_before_any_work(runs, 
 
 # the task's own scoring function stops the run from inside its first in-loop eval, as a scheduler's
 # SIGTERM arriving then would: lm-eval loads it from the file beside the task's YAML
-STOPPING_TASK = """task: stopping_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: context
-doc_to_choice: choices
-doc_to_target: label
-process_results: !function stop.process_results
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
+STOPPING_TASK = TASK_YAML.replace("metric_list:", "process_results: !function stop.process_results\nmetric_list:")
 STOP_PY = """import os
 import signal
 
@@ -137,7 +124,9 @@ def test_a_run_through_make_scores_at_each_validation_survives_a_stop_in_its_eva
             for i in range(8)
         )
     )
-    (tasks / "stopping_choice.yaml").write_text(STOPPING_TASK.format(data=tasks / "choice.jsonl"))
+    (tasks / "stopping_choice.yaml").write_text(
+        STOPPING_TASK.format(name="stopping_choice", data=tasks / "choice.jsonl")
+    )
     (tasks / "stop.py").write_text(STOP_PY)
     marker = tmp_path / "stop-now"
     marker.touch()
@@ -165,6 +154,7 @@ def test_a_run_through_make_scores_at_each_validation_survives_a_stop_in_its_eva
     assert f"{SCORE} 3" in line and "eval/stopping_choice/acc 3" in line and "perf/eval_seconds 3" in line
 
 
+@pytest.mark.slow  # two processes
 def test_every_rank_runs_as_many_forward_passes_as_the_busiest(tmp_path):
     # under ZeRO-3 a forward pass gathers weights from every rank: a rank with a smaller share that
     # stopped early would leave the others waiting for ever
