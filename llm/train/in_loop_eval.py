@@ -66,12 +66,12 @@ class InLoopBenchmarks(Callback):
 
         data = trainer.datamodule
         self.tasks = tasks.Tasks.parse(self.spec, FIELD)
+        self.tokenizer = Tokenizer.from_file(str(data.folder / data.meta["tokenizer"]))
         if continuation.NAME in self.tasks.names:
             folder = self.run_dir / "eval" / "tasks" / continuation.NAME
             val = data.blocks("val")
             tokens = np.memmap(val.path, dtype=val.dtype, mode="r")[: val.n_tokens]
-            tokenizer = Tokenizer.from_file(str(data.folder / data.meta["tokenizer"]))
-            if not continuation.write_task(folder, tokens, tokenizer, data.block_size, data.seed):
+            if not continuation.write_task(folder, tokens, self.tokenizer, data.block_size, data.seed):
                 raise ConfigError(
                     f"{FIELD}={continuation.NAME}: the validation split of {data.folder} holds too few tokens "
                     "for four passages"
@@ -79,7 +79,6 @@ class InLoopBenchmarks(Callback):
             self.tasks.include.append(str(folder))
         self.manager = tasks.task_manager(self.tasks)
         tasks.load_tasks(self.tasks, self.manager)
-        self.tokenizer = Tokenizer.from_file(str(data.folder / data.meta["tokenizer"]))
         self.eot, self.batch_size = data.meta["eot_id"], data.micro_batch
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
